@@ -1,0 +1,38 @@
+# The README names these targets. Each creates .venv and installs what it needs by itself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+# This machine kind keeps its CPU torch wheel in /opt/wheels; uv does not read pip's config, so pass it.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+DATA_DIR ?= .flywheel
+ARGS ?=
+
+.PHONY: install up test lint proto proto-check bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || $(PY) -m pip install --quiet uv
+	$(UV) pip install --quiet --python $(PY) -c constraints.txt $(FIND_LINKS) -e '.[dev]'
+	$(PY) scripts/check_no_cuda.py
+	touch $@
+
+up: install
+	$(VENV)/bin/flywheel up --data-dir $(DATA_DIR) $(ARGS)
+
+test: install
+	$(PY) scripts/gen_proto.py --check
+	$(PY) -m pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy server/flywheel_server learner/flywheel_learner clients/python/flywheel_client
+
+proto: install
+	$(PY) scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

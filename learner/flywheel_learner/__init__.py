@@ -1,0 +1,1 @@
+"""flywheel_learner."""

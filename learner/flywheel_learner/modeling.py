@@ -1,0 +1,169 @@
+"""The model and adapter formats shared by the learner and the server's engine.
+
+Every adapter is a standard PEFT LoRA directory (`adapter_config.json`,
+`adapter_model.safetensors`) on the served causal-LM base, so plain peft and vLLM load it.
+A reward adapter adds `score_head.safetensors`: a linear map from the final (post-norm) hidden
+state of the last token of `prompt + completion + eos` to a scalar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SCORE_HEAD = "score_head.safetensors"
+
+
+def load_base(
+    path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a local Hugging Face causal-LM directory and its tokenizer (never the hub)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def base_fingerprint(path: str | Path) -> str:
+    """A short id of a base model: its config plus the names and sizes of its weight files.
+
+    Cheap enough for multi-GB checkpoints; an adapter records it so the server can refuse one
+    trained on another base.
+    """
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+class ScoreHead(nn.Module):
+    """Hidden state -> scalar (reward model; PPO's value head starts as a copy)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B,)
+        return self.linear(features).squeeze(-1)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.linear.state_dict().items()}
+        save_file(state, str(directory / SCORE_HEAD))
+
+    @classmethod
+    def load(cls, directory: Path, hidden_size: int) -> ScoreHead:
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / SCORE_HEAD))
+        if tuple(state["weight"].shape) != (1, hidden_size):
+            raise ValueError(
+                f"score head in {directory} maps {tuple(state['weight'].shape)[1]} features, "
+                f"the base model has hidden size {hidden_size}"
+            )
+        head = cls(hidden_size)
+        head.linear.load_state_dict(state)
+        return head
+
+
+def last_token_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden state at each row's last attended position (left or right padding).
+
+    hidden: (B, T, H); attention_mask: (B, T) -> (B, H)
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.long() * positions).argmax(dim=-1)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def reward_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int
+) -> list[int]:
+    """Token ids the reward model reads: prompt + completion + eos, truncated from the left."""
+    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    ids = [*ids, tokenizer.eos_token_id]
+    return ids[-max_length:]
+
+
+def score(
+    model: nn.Module, head: ScoreHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Reward of each row. input_ids, attention_mask: (B, T) -> (B,)"""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return head(last_token_features(out.hidden_states[-1], attention_mask))
+
+
+def save_adapter(
+    model: PeftModel,
+    adapter_name: str,
+    out_dir: str | Path,
+    *,
+    head: ScoreHead | None = None,
+    base_model: str = "",
+) -> Path:
+    """Write one adapter as a flat PEFT directory, atomically (temporary name, then rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
+        # peft nests every adapter but "default" in a folder of its name; flatten it.
+        nested = tmp / adapter_name
+        if nested.is_dir():
+            for f in nested.iterdir():
+                f.rename(tmp / f.name)
+            nested.rmdir()
+        if head is not None:
+            head.save(tmp)
+        if base_model:
+            config = json.loads((tmp / ADAPTER_CONFIG).read_text())
+            config["flywheel_base_model"] = base_model
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """The adapter's PEFT config, with a clear error when the directory is not an adapter."""
+    directory = Path(directory)
+    config_path = directory / ADAPTER_CONFIG
+    if not config_path.is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(
+            f"{directory} is not a PEFT adapter: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; only LORA")
+    return config

@@ -1,0 +1,367 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class Chat(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class Prompt(_message.Message):
+    __slots__ = ("text", "chat")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    chat: Chat
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ...) -> None: ...
+
+class Completion(_message.Message):
+    __slots__ = ("id", "index", "text", "finish_reason", "policy", "prompt_tokens", "completion_tokens")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    index: int
+    text: str
+    finish_reason: str
+    policy: str
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "n", "sampling", "policy")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    n: int
+    sampling: SamplingParams
+    policy: str
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., n: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("prompt_id", "completions")
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    prompt_id: str
+    completions: _containers.RepeatedCompositeFieldContainer[Completion]
+    def __init__(self, prompt_id: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("prompt_id", "completion_id", "index", "delta", "finish_reason", "policy")
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    prompt_id: str
+    completion_id: str
+    index: int
+    delta: str
+    finish_reason: str
+    policy: str
+    def __init__(self, prompt_id: _Optional[str] = ..., completion_id: _Optional[str] = ..., index: _Optional[int] = ..., delta: _Optional[str] = ..., finish_reason: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("prompt", "k", "sampling", "policies")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    k: int
+    sampling: SamplingParams
+    policies: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policies: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("prompt_id", "candidates")
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    prompt_id: str
+    candidates: _containers.RepeatedCompositeFieldContainer[Completion]
+    def __init__(self, prompt_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("prompt", "completions", "reward_model")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MODEL_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    completions: _containers.RepeatedScalarFieldContainer[str]
+    reward_model: str
+    def __init__(self, prompt: _Optional[str] = ..., completions: _Optional[_Iterable[str]] = ..., reward_model: _Optional[str] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "reward_model")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MODEL_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    reward_model: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., reward_model: _Optional[str] = ...) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class AdapterVersion(_message.Message):
+    __slots__ = ("name", "version", "id", "state", "sha256", "created_at", "metrics", "base_model")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    id: str
+    state: str
+    sha256: str
+    created_at: float
+    metrics: _containers.ScalarMap[str, float]
+    base_model: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., id: _Optional[str] = ..., state: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., base_model: _Optional[str] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("versions", "live")
+    class LiveEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[AdapterVersion]
+    live: _containers.ScalarMap[str, str]
+    def __init__(self, versions: _Optional[_Iterable[_Union[AdapterVersion, _Mapping]]] = ..., live: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RankTier(_message.Message):
+    __slots__ = ("completion_ids",)
+    COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
+    completion_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, completion_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RankingRequest(_message.Message):
+    __slots__ = ("ranking", "labeler", "idempotency_key")
+    RANKING_FIELD_NUMBER: _ClassVar[int]
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    ranking: _containers.RepeatedCompositeFieldContainer[RankTier]
+    labeler: str
+    idempotency_key: str
+    def __init__(self, ranking: _Optional[_Iterable[_Union[RankTier, _Mapping]]] = ..., labeler: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class RankingResponse(_message.Message):
+    __slots__ = ("ranking_id", "prompt_id", "pairs", "duplicate")
+    RANKING_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ranking_id: str
+    prompt_id: str
+    pairs: int
+    duplicate: bool
+    def __init__(self, ranking_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., pairs: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class DemonstrationRequest(_message.Message):
+    __slots__ = ("prompt", "response", "labeler", "idempotency_key")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    response: str
+    labeler: str
+    idempotency_key: str
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., response: _Optional[str] = ..., labeler: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class DemonstrationResponse(_message.Message):
+    __slots__ = ("demonstration_id", "duplicate")
+    DEMONSTRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    demonstration_id: str
+    duplicate: bool
+    def __init__(self, demonstration_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("after", "limit")
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    after: int
+    limit: int
+    def __init__(self, after: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class RankedCompletion(_message.Message):
+    __slots__ = ("completion_id", "text", "policy", "tier")
+    COMPLETION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    completion_id: str
+    text: str
+    policy: str
+    tier: int
+    def __init__(self, completion_id: _Optional[str] = ..., text: _Optional[str] = ..., policy: _Optional[str] = ..., tier: _Optional[int] = ...) -> None: ...
+
+class RankingRecord(_message.Message):
+    __slots__ = ("cursor", "ranking_id", "prompt_id", "prompt", "completions", "labeler", "created_at")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    RANKING_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    cursor: int
+    ranking_id: str
+    prompt_id: str
+    prompt: str
+    completions: _containers.RepeatedCompositeFieldContainer[RankedCompletion]
+    labeler: str
+    created_at: float
+    def __init__(self, cursor: _Optional[int] = ..., ranking_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[RankedCompletion, _Mapping]]] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class PromptRecord(_message.Message):
+    __slots__ = ("cursor", "prompt_id", "prompt", "created_at")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    cursor: int
+    prompt_id: str
+    prompt: str
+    created_at: float
+    def __init__(self, cursor: _Optional[int] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class DemonstrationRecord(_message.Message):
+    __slots__ = ("cursor", "demonstration_id", "prompt", "response", "labeler", "created_at")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    DEMONSTRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    cursor: int
+    demonstration_id: str
+    prompt: str
+    response: str
+    labeler: str
+    created_at: float
+    def __init__(self, cursor: _Optional[int] = ..., demonstration_id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class AdapterHeader(_message.Message):
+    __slots__ = ("name", "base_model", "sha256", "size", "metrics", "promote")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    base_model: str
+    sha256: str
+    size: int
+    metrics: _containers.ScalarMap[str, float]
+    promote: bool
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., promote: _Optional[bool] = ...) -> None: ...
+
+class AdapterChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: AdapterHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[AdapterHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("base_model", "model_path", "max_tokens_limit", "live")
+    class LiveEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    model_path: str
+    max_tokens_limit: int
+    live: _containers.ScalarMap[str, str]
+    def __init__(self, base_model: _Optional[str] = ..., model_path: _Optional[str] = ..., max_tokens_limit: _Optional[int] = ..., live: _Optional[_Mapping[str, str]] = ...) -> None: ...

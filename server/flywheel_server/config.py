@@ -1,0 +1,127 @@
+"""Server configuration: one typed, validated, immutable class; the command line maps onto it.
+
+Environment variables are read only at the edge (`ServerConfig.from_env`), never at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    default = kw.pop("default", None)
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path | None = _opt(
+        "Hugging Face causal-LM directory to serve; the built-in demo model when omitted "
+        "(built once under --data-dir, no download)"
+    )
+    data_dir: Path = _opt("directory for the store, adapters and the demo model", default=Path(".flywheel"))
+    db: str | None = _opt(
+        "SQLAlchemy database URL; default sqlite:///<data-dir>/flywheel.db",
+    )
+    host: str = _opt(
+        "address both transports bind; without API keys only loopback is allowed",
+        default="127.0.0.1",
+    )
+    http_port: int = _opt("HTTP (OpenAI-compatible) port", default=3000)
+    grpc_port: int = _opt("gRPC port", default=50051)
+    api_keys: Path | None = _opt(
+        "JSON file of API keys and scopes (see README); also FLYWHEEL_API_KEYS"
+    )
+    device: str = _opt("torch device for the engine: cpu, cuda, or auto", default="auto")
+    max_tokens_limit: int = _opt("largest max_tokens a request may ask for", default=512)
+    max_n: int = _opt("largest n (completions per request) and k (comparison candidates)", default=16)
+    max_body_bytes: int = _opt("largest HTTP request body, in bytes", default=1 << 20)
+    max_prompt_tokens: int = _opt("longest prompt, in tokens (longer prompts are refused)", default=1024)
+    log_level: str = _opt("logging level", default="INFO")
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be between 0 and 65535, got {port}")
+        if self.http_port and self.http_port == self.grpc_port:
+            raise ValueError(f"http_port and grpc_port must differ, both are {self.http_port}")
+        for name, low, high in (
+            ("max_tokens_limit", 1, 1 << 16),
+            ("max_n", 2, 256),
+            ("max_body_bytes", 1024, 1 << 30),
+            ("max_prompt_tokens", 1, 1 << 20),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def database_url(self) -> str:
+        return self.db or f"sqlite:///{(self.data_dir / 'flywheel.db').resolve()}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """Fields from FLYWHEEL_<FIELD> variables (for `bentoml serve` and containers)."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"FLYWHEEL_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(hints[f.name], raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _coerce(hint: Any, raw: str) -> Any:
+    text = str(hint)
+    if "Path" in text:
+        return Path(raw)
+    if hint is int or text == "int":
+        return int(raw)
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = ServerConfig) -> None:
+    """One --flag per config field, with the field's help and default."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        conv: Any = int if kind is int else (Path if "Path" in str(kind) else str)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=conv,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+        )
+
+
+def from_arguments(args: argparse.Namespace, cls: type = ServerConfig) -> Any:
+    """Config from parsed flags; flags left out fall back to FLYWHEEL_* variables, then defaults."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+    return cls.from_env(**given)

@@ -1,0 +1,153 @@
+"""Plain values that cross the boundary between transports, the service, the engine and the store."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+AdapterState = Literal["ready", "live", "retired", "refused"]
+ADAPTER_NAMES = ("policy", "reward")
+
+
+def now() -> float:
+    return time.time()
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Validated sampling parameters (see service.validate_sampling for the bounds)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    text: str  # the rendered text the policy saw
+    kind: Literal["text", "chat"]
+    created_at: float = field(default_factory=now)
+
+
+@dataclass(frozen=True)
+class CompletionRecord:
+    id: str
+    prompt_id: str
+    index: int
+    text: str
+    finish_reason: FinishReason
+    policy: str  # "policy-v3"
+    sampling: Sampling
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: float = field(default_factory=now)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Tiers of completion ids, best first; ids within a tier are tied."""
+
+    tiers: tuple[tuple[str, ...], ...]
+    labeler: str
+    idempotency_key: str
+
+    @property
+    def ids(self) -> list[str]:
+        return [cid for tier in self.tiers for cid in tier]
+
+    @property
+    def pairs(self) -> int:
+        """Ordered (better, worse) pairs implied by the tiers."""
+        sizes = [len(t) for t in self.tiers]
+        return sum(a * sum(sizes[i + 1 :]) for i, a in enumerate(sizes))
+
+
+@dataclass(frozen=True)
+class RankingReceipt:
+    ranking_id: str
+    prompt_id: str
+    pairs: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    prompt: str  # rendered
+    response: str
+    labeler: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class DemonstrationReceipt:
+    demonstration_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class RankedCompletion:
+    completion_id: str
+    text: str
+    policy: str
+    tier: int
+
+
+@dataclass(frozen=True)
+class RankingExport:
+    cursor: int
+    ranking_id: str
+    prompt_id: str
+    prompt: str
+    completions: tuple[RankedCompletion, ...]
+    labeler: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PromptExport:
+    cursor: int
+    prompt_id: str
+    prompt: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DemonstrationExport:
+    cursor: int
+    demonstration_id: str
+    prompt: str
+    response: str
+    labeler: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str  # "policy" | "reward"
+    version: int
+    state: AdapterState
+    sha256: str
+    path: str  # directory in standard PEFT format ("" for version 0, the bare base model)
+    base_model: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: float = field(default_factory=now)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-v{self.version}"

@@ -1,0 +1,44 @@
+"""Typed domain errors. Each transport maps them to status codes in exactly one place."""
+
+from __future__ import annotations
+
+
+class FlywheelError(Exception):
+    """Base class; `field` names the offending request field when there is one."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(FlywheelError):
+    """Bad input: INVALID_ARGUMENT / 400."""
+
+
+class NotFound(FlywheelError):
+    """An id the server does not know: NOT_FOUND / 404."""
+
+
+class AdapterNotFound(NotFound):
+    """A policy or reward version that is not loaded."""
+
+
+class Conflict(FlywheelError):
+    """The request is valid but the current state refuses it: FAILED_PRECONDITION / 409."""
+
+
+class AdapterRefused(Conflict):
+    """An adapter failed its checks (checksum, base model, rank, finite logits)."""
+
+
+class Overloaded(FlywheelError):
+    """The queue is full: RESOURCE_EXHAUSTED / 429."""
+
+
+class Unauthenticated(FlywheelError):
+    """Missing or unknown API key: UNAUTHENTICATED / 401."""
+
+
+class PermissionDenied(FlywheelError):
+    """The key lacks the scope: PERMISSION_DENIED / 403."""
