@@ -1,0 +1,145 @@
+"""Plain immutable values the clients return; both transports decode into these."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypedDict
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One completion the server issued; `id` is what `rank` accepts."""
+
+    id: str
+    index: int
+    text: str
+    finish_reason: str  # "stop" | "length"
+    policy: str  # the version that produced it, e.g. "policy-v3"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_id: str
+    completions: tuple[Completion, ...]
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed delta; the last chunk of each completion has `finish_reason` set."""
+
+    prompt_id: str
+    completion_id: str
+    index: int
+    delta: str
+    finish_reason: str  # "" until the completion ends
+    policy: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """K candidates for one prompt, for a labeler to rank."""
+
+    prompt_id: str
+    candidates: tuple[Completion, ...]
+
+
+@dataclass(frozen=True)
+class Scores:
+    scores: tuple[float, ...]
+    reward_model: str
+
+
+@dataclass(frozen=True)
+class RankingReceipt:
+    ranking_id: str
+    prompt_id: str
+    pairs: int  # ordered (better, worse) pairs the ranking implies
+    duplicate: bool  # the idempotency key was seen before; nothing new was stored
+
+
+@dataclass(frozen=True)
+class DemonstrationReceipt:
+    demonstration_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    id: str  # "policy-v3"
+    name: str  # "policy" | "reward"
+    version: int
+    state: str  # "ready" | "live" | "retired" | "refused"
+    sha256: str
+    created_at: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    base_model: str = ""
+
+
+@dataclass(frozen=True)
+class Versions:
+    versions: tuple[AdapterVersion, ...]
+    live: Mapping[str, str]  # name -> live id, e.g. "policy" -> "policy-v3"
+
+
+@dataclass(frozen=True)
+class RankedCompletion:
+    completion_id: str
+    text: str
+    policy: str
+    tier: int  # 0 = best
+
+
+@dataclass(frozen=True)
+class RankingRecord:
+    cursor: int
+    ranking_id: str
+    prompt_id: str
+    prompt: str  # the rendered prompt text the policy saw
+    completions: tuple[RankedCompletion, ...]
+    labeler: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    cursor: int
+    prompt_id: str
+    prompt: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DemonstrationRecord:
+    cursor: int
+    demonstration_id: str
+    prompt: str
+    response: str
+    labeler: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    base_model: str  # the fingerprint adapter publishers must match
+    model_path: str
+    max_tokens_limit: int
+    live: Mapping[str, str]
+
+
+class SamplingOptions(TypedDict, total=False):
+    """Keyword arguments every generation method accepts; unset ones take the server's defaults
+    (temperature 1, top_p 1, top_k 0 = off, max_tokens 64)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    stop: str | Sequence[str]
+    seed: int

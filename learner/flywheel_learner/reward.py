@@ -1,0 +1,260 @@
+"""Reward-model fitting (InstructGPT step 2): base + LoRA adapter + scalar head.
+
+The base weights stay frozen and shared with the policy; only the adapter and the head learn.
+Each batch holds whole rankings and every completion is forwarded once, with the K-way loss
+taken over all pairs of each ranking (`losses.ranking_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flywheel_learner import modeling
+from flywheel_learner.losses import pairwise_accuracy, ranking_loss
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+# (prompt_text, tiers of completion texts, best first; texts within a tier are tied)
+RankingText = tuple[str, Sequence[Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward-model hyper-parameters.
+
+    batch_rankings: rankings (not completions) per step, so each prompt's pairs stay together.
+    held_out: share of the rankings kept out of training to report pairwise accuracy on.
+    """
+
+    steps: int = 300
+    lr: float = 2e-3
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
+    batch_rankings: int = 32
+    max_length: int = 256
+    held_out: float = 0.1
+    seed: int = 0
+    warmup: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.r < 1:
+            raise ValueError(f"r (LoRA rank) must be >= 1, got {self.r}")
+        if self.alpha < 1:
+            raise ValueError(f"alpha must be >= 1, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module, e.g. ('q_proj',)")
+        if self.batch_rankings < 1:
+            raise ValueError(f"batch_rankings must be >= 1, got {self.batch_rankings}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if not 0.0 <= self.held_out < 1.0:
+            raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup}")
+
+
+class RewardFit(NamedTuple):
+    model: PeftModel  # the base with the reward adapter added (and active)
+    head: modeling.ScoreHead
+    adapter_name: str
+    train_loss: float  # mean over the last few steps
+    held_out_accuracy: float  # NaN when nothing was held out
+    steps: int
+    seconds: float
+
+
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (N, T), right-padded
+    attention_mask: torch.Tensor  # (N, T)
+    tiers: torch.Tensor  # (N,)
+    group: torch.Tensor  # (N,)
+
+
+def _validate(rankings: Sequence[RankingText]) -> None:
+    for i, (_, tiers) in enumerate(rankings):
+        if sum(len(t) for t in tiers) < 2 or len([t for t in tiers if t]) < 2:
+            raise ValueError(
+                f"ranking {i} must hold at least two non-empty tiers to give a pair, got {tiers!r}"
+            )
+
+
+def make_batch(
+    tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
+) -> Batch:
+    """Flatten rankings into one row per completion, tagged with its tier and group."""
+    rows, tiers, group = [], [], []
+    for g, (prompt, ranked) in enumerate(rankings):
+        for tier, completions in enumerate(ranked):
+            for completion in completions:
+                rows.append(modeling.reward_token_ids(tokenizer, prompt, completion, max_length))
+                tiers.append(tier)
+                group.append(g)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+    return Batch(input_ids, attention, torch.tensor(tiers), torch.tensor(group))
+
+
+def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str) -> PeftModel:
+    """Add a fresh LoRA adapter named `adapter_name` (a new peft model, or one more adapter)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    if isinstance(model, PeftModel):
+        if adapter_name in model.peft_config:
+            raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+        model.add_adapter(adapter_name, lora)
+        model.set_adapter(adapter_name)
+        return model
+    return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def split_held_out(
+    rankings: Sequence[RankingText], share: float, seed: int
+) -> tuple[list[RankingText], list[RankingText]]:
+    """(train, held_out), split by ranking so no prompt's pairs leak across."""
+    order = list(rankings)
+    random.Random(seed).shuffle(order)
+    n_held = math.floor(len(order) * share) if len(order) > 1 else 0
+    return order[n_held:], order[:n_held]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    head: modeling.ScoreHead,
+    tokenizer: PreTrainedTokenizerBase,
+    rankings: Sequence[RankingText],
+    config: RewardConfig,
+) -> float:
+    """Pairwise accuracy of the reward model on `rankings` (NaN when empty)."""
+    if not rankings:
+        return float("nan")
+    device = next(model.parameters()).device
+    correct = total = 0.0
+    for start in range(0, len(rankings), config.batch_rankings):
+        batch = make_batch(tokenizer, rankings[start : start + config.batch_rankings], config.max_length)
+        rewards = modeling.score(model, head, batch.input_ids.to(device), batch.attention_mask.to(device))
+        pairs = _pair_count(batch)
+        correct += pairwise_accuracy(rewards.cpu(), batch.tiers, batch.group) * pairs
+        total += pairs
+    return correct / total
+
+
+def _pair_count(batch: Batch) -> int:
+    same = batch.group[:, None] == batch.group[None, :]
+    return int((same & (batch.tiers[:, None] < batch.tiers[None, :])).sum())
+
+
+def _lr_factor(step: int, config: RewardConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit_reward_model(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rankings: Sequence[RankingText],
+    config: RewardConfig = RewardConfig(),
+    *,
+    adapter_name: str = "reward",
+    progress: bool = True,
+) -> RewardFit:
+    """Add a reward adapter + score head to `model` and fit them on K-way `rankings`.
+
+    `model` is modified in place (peft injects the LoRA layers); the returned peft model wraps
+    it. Save with `modeling.save_adapter(fit.model, fit.adapter_name, dir, head=fit.head, ...)`.
+    """
+    _validate(rankings)
+    train, held_out = split_held_out(rankings, config.held_out, config.seed)
+    torch.manual_seed(config.seed)
+    peft_model = add_reward_adapter(model, config, adapter_name)
+    device = next(peft_model.parameters()).device
+    head = modeling.ScoreHead(peft_model.config.hidden_size).to(device)
+    params = [p for p in peft_model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    rng = random.Random(config.seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    peft_model.train()
+    bar = tqdm(range(config.steps), desc="reward", disable=not progress, leave=False)
+    for _ in bar:
+        batch = make_batch(tokenizer, rng.sample(train, min(config.batch_rankings, len(train))), config.max_length)
+        rewards = modeling.score(
+            peft_model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
+        )  # (N,)
+        loss = ranking_loss(rewards, batch.tiers.to(device), batch.group.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    peft_model.eval()
+    accuracy = evaluate(peft_model, head, tokenizer, held_out, config)
+    tail = losses[-10:]
+    seconds = time.perf_counter() - start
+    return RewardFit(peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, config.steps, seconds)
+
+
+@torch.no_grad()
+def normalise_head_bias(
+    model: nn.Module,
+    head: modeling.ScoreHead,
+    tokenizer: PreTrainedTokenizerBase,
+    demonstrations: Sequence[tuple[str, str]],
+    *,
+    max_length: int = 256,
+    batch_size: int = 64,
+) -> float:
+    """Shift the head's bias so the demonstrations score mean 0; return the shift removed.
+
+    InstructGPT normalises its reward model this way so PPO's rewards are centred on what a
+    good response earns, independent of the arbitrary offset the ranking loss leaves.
+    """
+    if not demonstrations:
+        raise ValueError("normalise_head_bias needs at least one (prompt, response) demonstration")
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(demonstrations), batch_size):
+        chunk = [(p, [[r]]) for p, r in demonstrations[start : start + batch_size]]
+        batch = make_batch(tokenizer, chunk, max_length)
+        total += float(modeling.score(model, head, batch.input_ids.to(device), batch.attention_mask.to(device)).sum())
+    mean = total / len(demonstrations)
+    head.linear.bias -= mean
+    return mean

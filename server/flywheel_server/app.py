@@ -1,0 +1,144 @@
+"""`flywheel serve`: one process, one engine, two transports (BentoML HTTP and grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from flywheel_server.auth import Authenticator
+from flywheel_server.config import ServerConfig
+from flywheel_server.engine import TorchEngine
+from flywheel_server.service import FlywheelService
+from flywheel_server.store import Store
+
+log = logging.getLogger("flywheel")
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: this process stops both transports together."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+@dataclass
+class Runtime:
+    service: FlywheelService
+    auth: Authenticator
+    ready: bool = False
+    addresses: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_model(config: ServerConfig, *, progress: bool = True) -> tuple[Path, Path | None]:
+    """The model directory to serve and, for the demo, its initial reward adapter."""
+    if config.model is not None:
+        return config.model, None
+    from flywheel_learner.demo_model import ensure_demo_model
+
+    demo = ensure_demo_model(config.data_dir, progress=progress)
+    return demo.model_dir, demo.reward_dir
+
+
+def check_exposure(config: ServerConfig, auth: Authenticator) -> None:
+    if auth.enabled:
+        log.info("API keys loaded: %d", len(auth.keys))
+        return
+    if not config.is_loopback:
+        raise SystemExit(
+            f"refusing to bind {config.host} without API keys: give --api-keys FILE or set "
+            "FLYWHEEL_API_KEYS, or bind 127.0.0.1"
+        )
+    log.warning("no API keys configured: auth is off, serving on loopback only (%s)", config.host)
+
+
+async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> None:
+    from flywheel_server import bento_service
+    from flywheel_server.grpc_service import start_grpc
+
+    auth = Authenticator.load(config.api_keys, os.environ)
+    check_exposure(config, auth)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, seed_reward = await asyncio.to_thread(resolve_model, config)
+    store = await asyncio.to_thread(Store.open, config.database_url)
+    engine = await asyncio.to_thread(TorchEngine, model_dir, device=config.device)
+    service = FlywheelService(engine, store, config)
+    await service.start(seed_reward=seed_reward)
+    runtime = Runtime(service, auth)
+    bento_service.install(runtime)
+
+    grpc_server, grpc_port, health = await start_grpc(service, auth, config.host, config.grpc_port)
+    http = _HttpServer(
+        uvicorn.Config(
+            bento_service.Flywheel.to_asgi(),
+            host=config.host,
+            port=config.http_port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=30,
+        )
+    )
+    http_task = asyncio.create_task(http.serve())
+    while not http.started:
+        if http_task.done():
+            await http_task
+            raise SystemExit(f"HTTP server could not start on {config.host}:{config.http_port}")
+        await asyncio.sleep(0.05)
+    http_port = http.servers[0].sockets[0].getsockname()[1]
+    runtime.addresses = {"http": f"http://{config.host}:{http_port}", "grpc": f"{config.host}:{grpc_port}"}
+    runtime.ready = True
+    live = service.registry.live()
+    print(
+        f"flywheel: serving {engine.model_dir} ({engine.device}); live {', '.join(live.values())}\n"
+        f"  HTTP (OpenAI-compatible): {runtime.addresses['http']}/v1\n"
+        f"  gRPC:                     {runtime.addresses['grpc']}\n"
+        f"  store:                    {config.database_url}",
+        flush=True,
+    )
+
+    stop = stop or _stop_on_signals()
+    await asyncio.wait([asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down")
+    runtime.ready = False
+    await health.enter_graceful_shutdown()
+    http.should_exit = True
+    await grpc_server.stop(grace=30)
+    with contextlib.suppress(asyncio.CancelledError):
+        await http_task
+    engine.close()
+    store.close()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def run(config: ServerConfig, *, up: bool = False) -> None:
+    """Entry point of `flywheel serve` (and `flywheel up`, which will also start the learner)."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_process(config)
+    asyncio.run(serve(config))
+
+
+def prepare_process(config: ServerConfig) -> None:
+    """Process-wide settings that must exist before bentoml or prometheus-client is imported."""
+    # BentoML exposes prometheus-client in multiprocess mode, which reads this directory at
+    # import time; files left by an earlier process would leak stale samples into /metrics.
+    metrics_dir = config.data_dir.resolve() / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

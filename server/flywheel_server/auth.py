@@ -1,0 +1,88 @@
+"""API keys with scopes, from a JSON file and/or the FLYWHEEL_API_KEYS variable.
+
+File: {"keys": [{"name": "app", "key": "…", "scopes": ["generate", "feedback"]}]}
+Variable: "KEY1=generate+feedback,KEY2=admin". The admin scope implies the other two.
+With no keys at all, auth is off and the server refuses to bind anything but loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from flywheel_server.errors import PermissionDenied, Unauthenticated
+
+SCOPES = ("generate", "feedback", "admin")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    key: str
+    scopes: frozenset[str]
+
+
+def _scopes(raw: object, where: str) -> frozenset[str]:
+    scopes = frozenset(raw) if isinstance(raw, list | tuple) else frozenset()
+    bad = scopes - set(SCOPES)
+    if not scopes or bad:
+        raise ValueError(f"{where}: scopes must be a non-empty list of {', '.join(SCOPES)}; got {raw!r}")
+    return scopes
+
+
+def parse_env(value: str) -> list[ApiKey]:
+    keys = []
+    for i, item in enumerate(filter(None, (p.strip() for p in value.split(",")))):
+        key, sep, scopes = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"FLYWHEEL_API_KEYS entry {i + 1} must look like KEY=scope+scope")
+        keys.append(ApiKey(f"env-{i + 1}", key, _scopes(scopes.split("+"), f"FLYWHEEL_API_KEYS entry {i + 1}")))
+    return keys
+
+
+def parse_file(path: Path) -> list[ApiKey]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read API keys from {path}: {e}") from e
+    entries = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f'{path} must hold {{"keys": [{{"name", "key", "scopes"}}, ...]}}')
+    keys = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("key"), str) or len(e["key"]) < 8:
+            raise ValueError(f"{path}: keys[{i}].key must be a string of at least 8 characters")
+        keys.append(ApiKey(str(e.get("name", f"key-{i}")), e["key"], _scopes(e.get("scopes"), f"{path}: keys[{i}]")))
+    return keys
+
+
+class Authenticator:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self.keys = keys
+
+    @classmethod
+    def load(cls, path: Path | None, environ: Mapping[str, str]) -> Authenticator:
+        keys = parse_file(path) if path else []
+        keys += parse_env(environ.get("FLYWHEEL_API_KEYS", ""))
+        return cls(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def check(self, authorization: str | None, scope: str) -> str:
+        """Name of the caller; raises Unauthenticated or PermissionDenied."""
+        if not self.enabled:
+            return "anonymous"
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not token:
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
+        for k in self.keys:
+            if hmac.compare_digest(k.key.encode(), token.encode()):
+                if scope in k.scopes or "admin" in k.scopes:
+                    return k.name
+                raise PermissionDenied(f"API key {k.name!r} lacks the {scope!r} scope")
+        raise Unauthenticated("unknown API key")

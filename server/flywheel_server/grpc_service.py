@@ -1,0 +1,280 @@
+"""The gRPC transport: wire <-> service calls, with one error boundary and auth per method.
+
+Handlers are built from the service descriptors with a deserializer that never raises, so a
+malformed message becomes INVALID_ARGUMENT naming the message type (grpc's own handling would
+report INTERNAL).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message as pb_message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flywheel_proto.v1 import flywheel_pb2 as pb
+from flywheel_server import domain, errors
+from flywheel_server.auth import Authenticator
+from flywheel_server.service import FlywheelService, PromptInput, PublishHeader
+from flywheel_server.validation import RawSampling
+
+log = logging.getLogger(__name__)
+
+STATUS: list[tuple[type[errors.FlywheelError], grpc.StatusCode]] = [
+    (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+]
+SCOPES = {"Inference": "generate", "Feedback": "feedback", "Learner": "admin"}
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SCOPES]
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+def status_of(e: errors.FlywheelError) -> grpc.StatusCode:
+    return next(code for cls, code in STATUS if isinstance(e, cls))
+
+
+@dataclass(frozen=True)
+class Malformed:
+    type_name: str
+    error: str
+
+
+def _parser(cls: type[pb_message.Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as e:  # DecodeError and friends
+            return Malformed(cls.DESCRIPTOR.full_name, str(e) or type(e).__name__)
+
+    return parse
+
+
+def _check(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise errors.InvalidRequest(f"request is not a valid {request.type_name}: {request.error}")
+    return request
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: errors.FlywheelError) -> None:
+    # The offending field travels as trailing metadata, so clients can point at it.
+    await context.abort(status_of(e), e.message, trailing_metadata=(("field", e.field),) if e.field else ())
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    return dict(context.invocation_metadata() or ()).get("authorization")
+
+
+def _guard(fn: Callable[..., Any], auth: Authenticator, scope: str, request_stream: bool) -> Callable[..., Any]:
+    """Auth, malformed-input check and error mapping around one handler (unary or streaming)."""
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                auth.check(_authorization(context), scope)
+                async for item in fn(_check(request), context):
+                    yield item
+            except errors.FlywheelError as e:
+                await _abort(context, e)
+
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            auth.check(_authorization(context), scope)
+            return await fn(request if request_stream else _check(request), context)
+        except errors.FlywheelError as e:
+            await _abort(context, e)
+
+    return unary
+
+
+def handlers(servicer: Any, auth: Authenticator) -> list[grpc.GenericRpcHandler]:
+    out = []
+    for short, scope in SCOPES.items():
+        service = pb.DESCRIPTOR.services_by_name[short]
+        methods = {}
+        for m in service.methods:
+            fn = _guard(getattr(servicer, m.name), auth, scope, m.client_streaming)
+            parse = _parser(getattr(pb, m.input_type.name))
+            serialize = getattr(pb, m.output_type.name).SerializeToString
+            if m.client_streaming:
+                make = grpc.stream_unary_rpc_method_handler
+            elif m.server_streaming:
+                make = grpc.unary_stream_rpc_method_handler
+            else:
+                make = grpc.unary_unary_rpc_method_handler
+            methods[m.name] = make(fn, request_deserializer=parse, response_serializer=serialize)
+        out.append(grpc.method_handlers_generic_handler(service.full_name, methods))
+    return out
+
+
+# -- wire <-> domain ---------------------------------------------------------------------------
+
+
+def prompt_input(p: pb.Prompt) -> PromptInput:
+    kind = p.WhichOneof("kind")
+    if kind == "text":
+        return PromptInput(text=p.text)
+    if kind == "chat":
+        return PromptInput(messages=[{"role": m.role, "content": m.content} for m in p.chat.messages])
+    raise errors.InvalidRequest("prompt must hold text or chat messages", field="prompt")
+
+
+def raw_sampling(s: pb.SamplingParams) -> RawSampling:
+    opt = lambda name: getattr(s, name) if s.HasField(name) else None  # noqa: E731
+    return RawSampling(opt("temperature"), opt("top_p"), opt("top_k"), opt("max_tokens"), list(s.stop), opt("seed"))
+
+
+def completion_pb(c: domain.CompletionRecord) -> pb.Completion:
+    return pb.Completion(
+        id=c.id, index=c.index, text=c.text, finish_reason=c.finish_reason, policy=c.policy,
+        prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+    )
+
+
+def version_pb(v: domain.AdapterVersion) -> pb.AdapterVersion:
+    return pb.AdapterVersion(
+        name=v.name, version=v.version, id=v.id, state=v.state, sha256=v.sha256,
+        created_at=v.created_at, metrics=v.metrics, base_model=v.base_model,
+    )
+
+
+class Servicer:
+    """Every flywheel.v1 method, each a few lines of conversion around one service call."""
+
+    def __init__(self, service: FlywheelService) -> None:
+        self.service = service
+
+    # Inference
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        result = await self.service.generate(
+            prompt_input(request.prompt), n=request.n or 1,
+            sampling=self.service.sampling(raw_sampling(request.sampling)), policy=request.policy,
+        )
+        return pb.GenerateResponse(prompt_id=result.prompt_id, completions=[completion_pb(c) for c in result.completions])
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+        stream = self.service.generate_stream(
+            prompt_input(request.prompt), n=request.n or 1,
+            sampling=self.service.sampling(raw_sampling(request.sampling)), policy=request.policy,
+        )
+        async for e in stream:
+            yield pb.GenerateChunk(
+                prompt_id=e.prompt_id, completion_id=e.completion_id, index=e.index, delta=e.delta,
+                finish_reason=e.finish_reason or "", policy=e.policy,
+            )
+
+    async def Compare(self, request: pb.CompareRequest, context: Any) -> pb.CompareResponse:
+        result = await self.service.compare(
+            prompt_input(request.prompt), k=request.k,
+            sampling=self.service.sampling(raw_sampling(request.sampling)), policies=list(request.policies),
+        )
+        return pb.CompareResponse(prompt_id=result.prompt_id, candidates=[completion_pb(c) for c in result.completions])
+
+    async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
+        scores, model = await self.service.score(request.prompt, list(request.completions), request.reward_model)
+        return pb.ScoreResponse(scores=scores, reward_model=model)
+
+    async def ListVersions(self, request: pb.ListVersionsRequest, context: Any) -> pb.ListVersionsResponse:
+        versions, live = self.service.versions(request.name)
+        return pb.ListVersionsResponse(versions=[version_pb(v) for v in versions], live=live)
+
+    # Feedback
+    async def SubmitRanking(self, request: pb.RankingRequest, context: Any) -> pb.RankingResponse:
+        r = await self.service.rank(
+            [list(t.completion_ids) for t in request.ranking],
+            labeler=request.labeler, idempotency_key=request.idempotency_key,
+        )
+        return pb.RankingResponse(ranking_id=r.ranking_id, prompt_id=r.prompt_id, pairs=r.pairs, duplicate=r.duplicate)
+
+    async def SubmitDemonstration(self, request: pb.DemonstrationRequest, context: Any) -> pb.DemonstrationResponse:
+        r = await self.service.demonstrate(
+            prompt_input(request.prompt), request.response,
+            labeler=request.labeler, idempotency_key=request.idempotency_key,
+        )
+        return pb.DemonstrationResponse(demonstration_id=r.demonstration_id, duplicate=r.duplicate)
+
+    # Learner
+    async def ExportRankings(self, request: pb.ExportRequest, context: Any) -> AsyncIterator[pb.RankingRecord]:
+        for r in await self.service.export_rankings(request.after, request.limit):
+            yield pb.RankingRecord(
+                cursor=r.cursor, ranking_id=r.ranking_id, prompt_id=r.prompt_id, prompt=r.prompt,
+                labeler=r.labeler, created_at=r.created_at,
+                completions=[
+                    pb.RankedCompletion(completion_id=c.completion_id, text=c.text, policy=c.policy, tier=c.tier)
+                    for c in r.completions
+                ],
+            )
+
+    async def ExportPrompts(self, request: pb.ExportRequest, context: Any) -> AsyncIterator[pb.PromptRecord]:
+        for p in await self.service.export_prompts(request.after, request.limit):
+            yield pb.PromptRecord(cursor=p.cursor, prompt_id=p.prompt_id, prompt=p.prompt, created_at=p.created_at)
+
+    async def ExportDemonstrations(self, request: pb.ExportRequest, context: Any) -> AsyncIterator[pb.DemonstrationRecord]:
+        for d in await self.service.export_demonstrations(request.after, request.limit):
+            yield pb.DemonstrationRecord(
+                cursor=d.cursor, demonstration_id=d.demonstration_id, prompt=d.prompt,
+                response=d.response, labeler=d.labeler, created_at=d.created_at,
+            )
+
+    async def PublishAdapter(self, request_iterator: AsyncIterator[Any], context: Any) -> pb.AdapterVersion:
+        first = _check(await anext(request_iterator, None) or Malformed("flywheel.v1.AdapterChunk", "empty upload"))
+        if first.WhichOneof("part") != "header":
+            raise errors.InvalidRequest("the first AdapterChunk must carry the header", field="header")
+        h = first.header
+        header = PublishHeader(h.name, h.base_model, h.sha256, h.size, dict(h.metrics), h.promote)
+
+        async def data() -> AsyncIterator[bytes]:
+            async for chunk in request_iterator:
+                chunk = _check(chunk)
+                if chunk.WhichOneof("part") != "data":
+                    raise errors.InvalidRequest("only the first AdapterChunk may carry a header", field="header")
+                yield chunk.data
+
+        return version_pb(await self.service.publish(header, data()))
+
+    async def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.AdapterVersion:
+        return version_pb(await self.service.promote(request.name, request.version))
+
+    async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.AdapterVersion:
+        return version_pb(await self.service.rollback(request.name))
+
+    async def GetServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfo:
+        s = self.service
+        return pb.ServerInfo(
+            base_model=s.engine.base_model, model_path=str(s.engine.model_dir),
+            max_tokens_limit=s.config.max_tokens_limit, live=s.registry.live(),
+        )
+
+
+async def start_grpc(service: FlywheelService, auth: Authenticator, host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    server.add_generic_rpc_handlers(handlers(Servicer(service), auth))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer

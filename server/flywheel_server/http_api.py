@@ -1,0 +1,340 @@
+"""The HTTP transport: OpenAI-compatible routes plus plain JSON routes, mounted at /v1.
+
+Handlers parse and validate the body, call the service, and shape the answer. Errors map to
+status codes in one place (`error_response`), in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from flywheel_server import errors
+from flywheel_server.auth import Authenticator
+from flywheel_server.domain import AdapterVersion
+from flywheel_server.service import FlywheelService, Generation, PromptInput, StreamEvent
+from flywheel_server.validation import RawSampling
+
+STATUS: list[tuple[type[errors.FlywheelError], int, str]] = [
+    (errors.InvalidRequest, 400, "invalid_request_error"),
+    (errors.NotFound, 404, "not_found_error"),
+    (errors.Conflict, 409, "conflict_error"),
+    (errors.Overloaded, 429, "rate_limit_error"),
+    (errors.Unauthenticated, 401, "authentication_error"),
+    (errors.PermissionDenied, 403, "permission_error"),
+]
+
+
+class BodyTooLarge(errors.InvalidRequest):
+    pass
+
+
+def error_response(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def from_error(e: errors.FlywheelError) -> JSONResponse:
+    if isinstance(e, BodyTooLarge):
+        return error_response(413, "invalid_request_error", e.message, e.field)
+    status, kind = next((s, k) for cls, s, k in STATUS if isinstance(e, cls))
+    return error_response(status, kind, e.message, e.field)
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+
+class _OpenAI(BaseModel):
+    """Fields OpenAI clients send that we do not use are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = "policy"
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    def raw_sampling(self) -> RawSampling:
+        return RawSampling(self.temperature, self.top_p, self.top_k, self.max_tokens, self.stop, self.seed)
+
+
+class CompletionBody(_OpenAI):
+    prompt: str | list[str]
+
+
+class ChatBody(_OpenAI):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CompareBody(_Strict):
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    k: int = 4
+    policies: list[str] = []
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class RewardsBody(_Strict):
+    prompt: str
+    completions: list[str]
+    model: str = ""
+
+
+class FeedbackBody(_Strict):
+    ranking: list[str | list[str]]
+    labeler: str
+    idempotency_key: str = ""
+
+
+class DemonstrationBody(_Strict):
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    response: str
+    labeler: str
+    idempotency_key: str = ""
+
+
+class PromoteBody(_Strict):
+    name: Literal["policy", "reward"]
+    version: int
+
+
+class RollbackBody(_Strict):
+    name: Literal["policy", "reward"]
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+
+def create_app(get_runtime: Callable[[], Any]) -> Starlette:
+    """`get_runtime()` returns the object holding `.service` and `.auth` once the server started."""
+
+    async def body(request: Request, model: type[BaseModel], limit: int) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"request body is {declared} bytes; at most {limit}", field="body")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise BodyTooLarge(f"request body exceeds {limit} bytes", field="body")
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise errors.InvalidRequest(f"request body is not valid JSON: {e}", field="body") from e
+        if not isinstance(doc, dict):
+            raise errors.InvalidRequest("request body must be a JSON object", field="body")
+        return model.model_validate(doc)
+
+    def route(scope: str, model: type[BaseModel] | None = None) -> Callable[..., Callable[[Request], Awaitable[Response]]]:
+        def wrap(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+            async def endpoint(request: Request) -> Response:
+                runtime = get_runtime()
+                try:
+                    runtime.auth.check(request.headers.get("authorization"), scope)
+                    if model is None:
+                        return await handler(runtime.service, request)
+                    parsed = await body(request, model, runtime.service.config.max_body_bytes)
+                    return await handler(runtime.service, parsed)
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    field = str(first["loc"][0]) if first["loc"] else "body"
+                    got = repr(first.get("input"))[:80]
+                    return error_response(422, "invalid_request_error", f"{field}: {first['msg']} (got {got})", field)
+                except errors.FlywheelError as e:
+                    return from_error(e)
+
+            return endpoint
+
+        return wrap
+
+    @route("generate", CompletionBody)
+    async def completions(service: FlywheelService, b: CompletionBody) -> Response:
+        prompt = b.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise errors.InvalidRequest(f"prompt must be one string (got a list of {len(prompt)})", field="prompt")
+            prompt = prompt[0]
+        return await _generate(service, b, PromptInput(text=prompt), chat=False)
+
+    @route("generate", ChatBody)
+    async def chat_completions(service: FlywheelService, b: ChatBody) -> Response:
+        if b.max_tokens is None and b.max_completion_tokens is not None:
+            b = b.model_copy(update={"max_tokens": b.max_completion_tokens})
+        return await _generate(service, b, PromptInput(messages=b.messages), chat=True)
+
+    @route("generate")
+    async def models(service: FlywheelService, request: Request) -> Response:
+        versions, live = service.versions()
+        ids = [*live, *(v.id for v in versions)]
+        return JSONResponse(
+            {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "flywheel"} for i in ids]}
+        )
+
+    @route("generate")
+    async def policies(service: FlywheelService, request: Request) -> Response:
+        versions, live = service.versions(request.query_params.get("name", ""))
+        return JSONResponse({"live": live, "versions": [version_json(v) for v in versions]})
+
+    @route("generate", CompareBody)
+    async def compare(service: FlywheelService, b: CompareBody) -> Response:
+        sampling = service.sampling(RawSampling(b.temperature, b.top_p, b.top_k, b.max_tokens, b.stop, b.seed))
+        result = await service.compare(PromptInput(b.prompt, b.messages), k=b.k, sampling=sampling, policies=b.policies)
+        return JSONResponse(
+            {
+                "prompt_id": result.prompt_id,
+                "candidates": [
+                    {"completion_id": c.id, "index": c.index, "text": c.text, "finish_reason": c.finish_reason, "policy": c.policy}
+                    for c in result.completions
+                ],
+            }
+        )
+
+    @route("generate", RewardsBody)
+    async def rewards(service: FlywheelService, b: RewardsBody) -> Response:
+        scores, model = await service.score(b.prompt, b.completions, b.model)
+        return JSONResponse({"scores": scores, "model": model})
+
+    @route("feedback", FeedbackBody)
+    async def feedback(service: FlywheelService, b: FeedbackBody) -> Response:
+        tiers = [[item] if isinstance(item, str) else item for item in b.ranking]
+        r = await service.rank(tiers, labeler=b.labeler, idempotency_key=b.idempotency_key)
+        return JSONResponse(
+            {"ranking_id": r.ranking_id, "prompt_id": r.prompt_id, "pairs": r.pairs, "duplicate": r.duplicate},
+            status_code=200 if r.duplicate else 201,
+        )
+
+    @route("feedback", DemonstrationBody)
+    async def demonstrations(service: FlywheelService, b: DemonstrationBody) -> Response:
+        r = await service.demonstrate(
+            PromptInput(b.prompt, b.messages), b.response, labeler=b.labeler, idempotency_key=b.idempotency_key
+        )
+        return JSONResponse(
+            {"demonstration_id": r.demonstration_id, "duplicate": r.duplicate}, status_code=200 if r.duplicate else 201
+        )
+
+    @route("admin", PromoteBody)
+    async def promote(service: FlywheelService, b: PromoteBody) -> Response:
+        return JSONResponse(version_json(await service.promote(b.name, b.version)))
+
+    @route("admin", RollbackBody)
+    async def rollback(service: FlywheelService, b: RollbackBody) -> Response:
+        return JSONResponse(version_json(await service.rollback(b.name)))
+
+    return Starlette(
+        routes=[
+            Route("/completions", completions, methods=["POST"]),
+            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/models", models, methods=["GET"]),
+            Route("/policies", policies, methods=["GET"]),
+            Route("/policies/promote", promote, methods=["POST"]),
+            Route("/policies/rollback", rollback, methods=["POST"]),
+            Route("/compare", compare, methods=["POST"]),
+            Route("/rewards", rewards, methods=["POST"]),
+            Route("/feedback", feedback, methods=["POST"]),
+            Route("/demonstrations", demonstrations, methods=["POST"]),
+        ]
+    )
+
+
+def version_json(v: AdapterVersion) -> dict[str, Any]:
+    return {
+        "id": v.id, "name": v.name, "version": v.version, "state": v.state, "sha256": v.sha256,
+        "created_at": v.created_at, "metrics": v.metrics, "base_model": v.base_model,
+    }
+
+
+# -- OpenAI shapes -----------------------------------------------------------------------------
+
+
+async def _generate(service: FlywheelService, b: _OpenAI, prompt: PromptInput, *, chat: bool) -> Response:
+    sampling = service.sampling(b.raw_sampling())
+    stream = service.generate_stream(prompt, n=b.n, sampling=sampling, policy=b.model)
+    if b.stream:
+        # Pull the first event before answering, so overload and engine errors get a status code.
+        first = await anext(stream, None)
+        return StreamingResponse(_sse(stream, first, chat=chat), media_type="text/event-stream")
+    async for _ in stream:
+        pass
+    return JSONResponse(_completion_json(stream.result, chat=chat))
+
+
+def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
+    choices = []
+    for c in result.completions:
+        choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason, "completion_id": c.id}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice |= {"text": c.text, "logprobs": None}
+        choices.append(choice)
+    generated = sum(c.completion_tokens for c in result.completions)
+    return {
+        "id": result.prompt_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": result.completions[0].policy,
+        "prompt_id": result.prompt_id,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": result.prompt_tokens + generated,
+        },
+    }
+
+
+async def _sse(stream: AsyncIterator[StreamEvent], first: StreamEvent | None, *, chat: bool) -> AsyncIterator[bytes]:
+    started: set[int] = set()
+    created = int(time.time())
+
+    def chunk(e: StreamEvent) -> bytes:
+        choice: dict[str, Any] = {"index": e.index, "finish_reason": e.finish_reason, "completion_id": e.completion_id}
+        if chat:
+            delta: dict[str, Any] = {"content": e.delta}
+            if e.index not in started:
+                delta["role"] = "assistant"
+            choice["delta"] = delta
+        else:
+            choice |= {"text": e.delta, "logprobs": None}
+        started.add(e.index)
+        doc = {
+            "id": e.prompt_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": e.policy,
+            "prompt_id": e.prompt_id,
+            "choices": [choice],
+        }
+        return f"data: {json.dumps(doc)}\n\n".encode()
+
+    try:
+        if first is not None:
+            yield chunk(first)
+        async for e in stream:
+            yield chunk(e)
+        yield b"data: [DONE]\n\n"
+    except errors.FlywheelError as e:
+        # Headers are gone; report in-band as OpenAI does, then end the stream.
+        yield f"data: {from_error(e).body.decode()}\n\n".encode()

@@ -1,0 +1,86 @@
+"""Which adapter versions are loaded, and which one each alias ("policy", "reward") points to.
+
+Versions are addressed by id ("policy-v3"). "policy-v0" is the bare base model: always there,
+live until a policy adapter is promoted. The registry only resolves names; loading is the
+engine's job and persistence the store's.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flywheel_server.domain import ADAPTER_NAMES, AdapterVersion
+from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
+
+ID_PATTERN = re.compile(r"^(policy|reward)(?:-v(\d+))?$")
+
+
+def parse_id(text: str, *, field: str) -> tuple[str, int | None]:
+    """'policy' -> ('policy', None); 'reward-v2' -> ('reward', 2)."""
+    m = ID_PATTERN.match(text)
+    if not m:
+        raise AdapterNotFound(
+            f"{field} {text!r} is not a model id: use 'policy', 'reward' or a version such as "
+            "'policy-v3' (GET /v1/policies lists them)",
+            field=field,
+        )
+    return m.group(1), (int(m.group(2)) if m.group(2) is not None else None)
+
+
+class AdapterRegistry:
+    def __init__(self, base_model: str) -> None:
+        self.base = AdapterVersion("policy", 0, "ready", "", "", base_model)
+        self._loaded: dict[str, AdapterVersion] = {}
+        self._live: dict[str, str] = {}
+
+    def add(self, version: AdapterVersion) -> None:
+        self._loaded[version.id] = version
+
+    def remove(self, adapter_id: str) -> None:
+        self._loaded.pop(adapter_id, None)
+        for name, live in list(self._live.items()):
+            if live == adapter_id:
+                del self._live[name]
+
+    def set_live(self, version: AdapterVersion) -> None:
+        self._loaded[version.id] = version
+        self._live[version.name] = version.id
+
+    def live(self) -> dict[str, str]:
+        return {"policy": self._live.get("policy", self.base.id)} | (
+            {"reward": self._live["reward"]} if "reward" in self._live else {}
+        )
+
+    def versions(self, name: str = "") -> list[AdapterVersion]:
+        if name and name not in ADAPTER_NAMES:
+            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
+        live = set(self._live.values())
+        base_state = "live" if "policy" not in self._live else "ready"
+        everything = [AdapterVersion(**{**self.base.__dict__, "state": base_state})]
+        everything += [
+            v if v.id not in live else AdapterVersion(**{**v.__dict__, "state": "live"})
+            for v in self._loaded.values()
+        ]
+        everything.sort(key=lambda v: (v.name, v.version))
+        return [v for v in everything if not name or v.name == name]
+
+    def resolve(self, requested: str, *, kind: str, field: str) -> tuple[str, str | None]:
+        """(version id, engine adapter id or None for the base) for a request's model field."""
+        name, version = parse_id(requested or kind, field=field)
+        if name != kind:
+            raise InvalidRequest(f"{field} must name a {kind} model, got {requested!r}", field=field)
+        if version is None:
+            adapter_id = self.live().get(kind)
+            if adapter_id is None:
+                raise Conflict(
+                    f"no {kind} model is live yet; the learner publishes one after its first refit",
+                    field=field,
+                )
+        else:
+            adapter_id = f"{kind}-v{version}"
+        if adapter_id == self.base.id:
+            return adapter_id, None
+        if adapter_id not in self._loaded:
+            known = ", ".join(v.id for v in self.versions(kind))
+            raise AdapterNotFound(f"{field} {adapter_id!r} is not loaded; available: {known}", field=field)
+        return adapter_id, adapter_id

@@ -1,0 +1,62 @@
+"""Next-token sampling as pure functions of logits (imports only torch).
+
+Each row carries its own temperature, top-p, top-k and random generator, so rows of one batch
+can belong to different requests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and nucleus (top-p) to -inf.
+
+    logits: (B, V); top_k: (B,) int, 0 = off; top_p: (B,) float in (0, 1], 1 = off -> (B, V)
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(-1)  # (B, 1)
+    drop = ranks >= k
+    # Nucleus: keep the smallest prefix whose probability reaches top_p (the first token always).
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p.unsqueeze(-1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """One token per row. Temperature 0 is greedy. logits: (B, V) -> (B,) int64"""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)  # (B,)
+    scaled = logits / temperature.clamp_min(1e-6).unsqueeze(-1)
+    probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)  # (B, V)
+    drawn = torch.stack(
+        [torch.multinomial(p, 1, generator=g).squeeze(0) for p, g in zip(probs, generators, strict=True)]
+    )
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index where the earliest stop string starts in text, or -1."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else -1
+
+
+def safe_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of text can be streamed without emitting a partial stop string."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return len(text) - hold

@@ -1,0 +1,404 @@
+"""The service: every business rule of serving and feedback, behind both transports.
+
+Transports convert wire <-> these calls; the service validates, asks the engine, and records in
+the store. A request that fails validation stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flywheel_proto import archive
+from flywheel_server import validation
+from flywheel_server.config import ServerConfig
+from flywheel_server.domain import (
+    ADAPTER_NAMES,
+    AdapterVersion,
+    CompletionRecord,
+    Demonstration,
+    DemonstrationExport,
+    DemonstrationReceipt,
+    PromptExport,
+    PromptRecord,
+    Ranking,
+    RankingExport,
+    RankingReceipt,
+    Sampling,
+)
+from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine
+from flywheel_server.errors import AdapterRefused, Conflict, InvalidRequest, NotFound
+from flywheel_server.registry import AdapterRegistry
+from flywheel_server.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 4
+EXPORT_PAGE = 500
+MAX_ADAPTER_BYTES = 2 << 30
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """Raw text, or chat messages rendered with the model's chat template."""
+
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_id: str
+    prompt_tokens: int
+    completions: list[CompletionRecord]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    prompt_id: str
+    completion_id: str
+    index: int
+    delta: str
+    finish_reason: str | None
+    policy: str
+
+
+@dataclass(frozen=True)
+class PublishHeader:
+    name: str
+    base_model: str
+    sha256: str
+    size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    promote: bool = False
+
+
+@dataclass
+class _Row:
+    """One completion being produced."""
+
+    id: str
+    index: int
+    policy: str
+    adapter: str | None
+    text: str = ""
+    finish_reason: str = "length"
+    tokens: int = 0
+
+
+class FlywheelService:
+    def __init__(self, engine: TorchEngine, store: Store, config: ServerConfig) -> None:
+        self.engine = engine
+        self.store = store
+        self.config = config
+        self.registry = AdapterRegistry(engine.base_model)
+        self.adapters_dir = config.data_dir / "adapters"
+        self._admin = asyncio.Lock()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def start(self, *, seed_reward: Path | None = None) -> None:
+        """Load every stored version that is not refused; seed the demo's reward model once."""
+        versions = await asyncio.to_thread(self.store.list_adapter_versions)
+        if seed_reward is not None and not any(v.name == "reward" for v in versions):
+            data = archive.pack_directory(seed_reward)
+            await self.publish(
+                PublishHeader("reward", self.engine.base_model, archive.sha256(data), len(data), promote=True),
+                _once(data),
+            )
+            versions = await asyncio.to_thread(self.store.list_adapter_versions)
+        for v in versions:
+            if v.state == "refused":
+                continue
+            try:
+                await self.engine.load_adapter(v.id, v.path, reward=v.name == "reward")
+            except AdapterRefused as e:
+                log.error("stored adapter %s refused at start-up: %s", v.id, e.message)
+                await asyncio.to_thread(self.store.set_adapter_state, v.name, v.version, "refused")
+                continue
+            (self.registry.set_live if v.state == "live" else self.registry.add)(v)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def render(self, prompt: PromptInput) -> tuple[str, str]:
+        """(kind, prompt text the policy sees)."""
+        if (prompt.text is None) == (prompt.messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages", field="prompt")
+        if prompt.text is not None:
+            return "text", validation.text("prompt", prompt.text)
+        return "chat", self.engine.render_chat(validation.messages(prompt.messages))
+
+    def _encode_prompt(self, text: str, sampling: Sampling) -> tuple[int, ...]:
+        ids = self.engine.encode(text)
+        limit = min(self.config.max_prompt_tokens, self.engine.max_positions - sampling.max_tokens)
+        if len(ids) > limit:
+            raise InvalidRequest(
+                f"prompt is {len(ids)} tokens; with max_tokens={sampling.max_tokens} at most {limit} fit",
+                field="prompt",
+            )
+        return tuple(ids)
+
+    def sampling(self, raw: validation.RawSampling) -> Sampling:
+        return validation.sampling(raw, max_tokens_limit=self.config.max_tokens_limit)
+
+    async def generate(
+        self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
+    ) -> Generation:
+        events = self.generate_stream(prompt, n=n, sampling=sampling, policy=policy)
+        async for _ in events:
+            pass
+        return events.result  # type: ignore[attr-defined]
+
+    def generate_stream(
+        self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
+    ) -> _Stream:
+        """Validate now (errors raise before any event), then stream as the caller iterates."""
+        n = validation.integer("n", n, 1, self.config.max_n)
+        kind, text = self.render(prompt)
+        policy_id, adapter = self.registry.resolve(policy, kind="policy", field="model")
+        rows = [_Row(new_id("cmpl"), i, policy_id, adapter) for i in range(n)]
+        return _Stream(self, PromptRecord(new_id("prm"), text, kind), self._encode_prompt(text, sampling), sampling, rows)
+
+    async def compare(
+        self, prompt: PromptInput, *, k: int, sampling: Sampling, policies: Sequence[str] = ()
+    ) -> Generation:
+        """K candidates; candidate i from policies[i % len(policies)] (champion vs challenger)."""
+        k = validation.integer("k", k or DEFAULT_K, 2, self.config.max_n)
+        kind, text = self.render(prompt)
+        chosen = [self.registry.resolve(p, kind="policy", field="policies") for p in (policies or [""])]
+        rows = [_Row(new_id("cmpl"), i, *chosen[i % len(chosen)]) for i in range(k)]
+        stream = _Stream(self, PromptRecord(new_id("prm"), text, kind), self._encode_prompt(text, sampling), sampling, rows)
+        async for _ in stream:
+            pass
+        return stream.result
+
+    async def score(self, prompt: str, completions: Sequence[str], reward_model: str = "") -> tuple[list[float], str]:
+        prompt = validation.text("prompt", prompt)
+        if not completions:
+            raise InvalidRequest("completions must hold at least one string", field="completions")
+        validation.integer("completions", len(completions), 1, self.config.max_n * 4)
+        for i, c in enumerate(completions):
+            validation.text(f"completions[{i}]", c, allow_empty=True)
+        reward_id, adapter = self.registry.resolve(reward_model, kind="reward", field="model")
+        assert adapter is not None
+        return await self.engine.score(adapter, prompt, list(completions)), reward_id
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    async def rank(
+        self, tiers: Sequence[Sequence[str]], *, labeler: str, idempotency_key: str = ""
+    ) -> RankingReceipt:
+        labeler = validation.label("labeler", labeler)
+        key = validation.label("idempotency_key", idempotency_key) if idempotency_key else new_id("key")
+        clean = validation.ranking(tiers)
+        ranking = Ranking(clean, labeler, key)
+        found = await asyncio.to_thread(self.store.get_completions, ranking.ids)
+        unknown = [cid for cid in ranking.ids if cid not in found]
+        if unknown:
+            raise NotFound(
+                f"unknown completion id(s): {', '.join(unknown)}; only ids this service issued can be ranked",
+                field="ranking",
+            )
+        prompts = {c.prompt_id for c in found.values()}
+        if len(prompts) > 1:
+            raise InvalidRequest(
+                f"ranking mixes completions of {len(prompts)} different prompts; rank completions of one prompt",
+                field="ranking",
+            )
+        return await asyncio.to_thread(self.store.add_ranking, ranking, prompts.pop())
+
+    async def demonstrate(
+        self, prompt: PromptInput, response: str, *, labeler: str, idempotency_key: str = ""
+    ) -> DemonstrationReceipt:
+        _, text = self.render(prompt)
+        demo = Demonstration(
+            text,
+            validation.text("response", response),
+            validation.label("labeler", labeler),
+            validation.label("idempotency_key", idempotency_key) if idempotency_key else new_id("key"),
+        )
+        return await asyncio.to_thread(self.store.add_demonstration, demo)
+
+    # -- learner-facing ---------------------------------------------------------------------
+
+    def versions(self, name: str = "") -> tuple[list[AdapterVersion], dict[str, str]]:
+        return self.registry.versions(name), self.registry.live()
+
+    async def export_rankings(self, after: int, limit: int) -> list[RankingExport]:
+        return await asyncio.to_thread(self.store.export_rankings, after, self._page(limit))
+
+    async def export_prompts(self, after: int, limit: int) -> list[PromptExport]:
+        return await asyncio.to_thread(self.store.export_prompts, after, self._page(limit))
+
+    async def export_demonstrations(self, after: int, limit: int) -> list[DemonstrationExport]:
+        return await asyncio.to_thread(self.store.export_demonstrations, after, self._page(limit))
+
+    @staticmethod
+    def _page(limit: int) -> int:
+        return validation.integer("limit", limit or EXPORT_PAGE, 1, 10 * EXPORT_PAGE)
+
+    async def publish(self, header: PublishHeader, chunks: AsyncIterator[bytes]) -> AdapterVersion:
+        """Receive, verify, store under the next version, load and smoke-check, maybe promote.
+
+        Checksum, size and archive errors store nothing. An adapter that loads but fails its
+        checks is recorded as "refused" and the live version stays.
+        """
+        if header.name not in ADAPTER_NAMES:
+            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {header.name!r}", field="name")
+        if header.base_model != self.engine.base_model:
+            raise AdapterRefused(
+                f"adapter was trained on base model {header.base_model!r}; this server serves "
+                f"{self.engine.base_model!r}",
+                field="base_model",
+            )
+        validation.integer("size", header.size, 1, MAX_ADAPTER_BYTES)
+        data = bytearray()
+        async for chunk in chunks:
+            data += chunk
+            if len(data) > header.size:
+                raise InvalidRequest(f"upload is larger than the declared size {header.size}", field="size")
+        if len(data) != header.size:
+            raise InvalidRequest(f"upload is {len(data)} bytes, the header declared {header.size}", field="size")
+        digest = archive.sha256(bytes(data))
+        if digest != header.sha256:
+            raise InvalidRequest(f"checksum mismatch: header says {header.sha256}, received {digest}", field="sha256")
+        async with self._admin:
+            return await self._install(header, bytes(data), digest)
+
+    async def _install(self, header: PublishHeader, data: bytes, digest: str) -> AdapterVersion:
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.adapters_dir))
+        try:
+            archive.unpack_archive(data, incoming)
+        except ValueError as e:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise InvalidRequest(str(e), field="data") from e
+        # Allocate the version, then rename into place: a crash leaves at worst a stray folder.
+        version = await asyncio.to_thread(
+            self.store.add_adapter_version,
+            header.name,
+            sha256=digest,
+            path="",
+            base_model=header.base_model,
+            metrics=dict(header.metrics),
+        )
+        final = self.adapters_dir / header.name / f"v{version.version}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        incoming.rename(final)
+        version = await asyncio.to_thread(self.store.set_adapter_path, header.name, version.version, str(final))
+        try:
+            await self.engine.load_adapter(version.id, final, reward=header.name == "reward")
+        except AdapterRefused:
+            await asyncio.to_thread(self.store.set_adapter_state, header.name, version.version, "refused")
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        self.registry.add(version)
+        log.info("adapter %s loaded (sha256 %s)", version.id, digest[:12])
+        if header.promote:
+            return await self._promote(header.name, version.version)
+        return version
+
+    async def promote(self, name: str, version: int) -> AdapterVersion:
+        async with self._admin:
+            return await self._promote(name, version)
+
+    async def _promote(self, name: str, version: int) -> AdapterVersion:
+        if name not in ADAPTER_NAMES:
+            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
+        if f"{name}-v{version}" not in {v.id for v in self.registry.versions(name)} or version == 0:
+            raise NotFound(f"{name}-v{version} is not a loaded version", field="version")
+        live = await asyncio.to_thread(self.store.promote, name, version)
+        self.registry.set_live(live)
+        log.info("%s is live", live.id)
+        return live
+
+    async def rollback(self, name: str) -> AdapterVersion:
+        if name not in ADAPTER_NAMES:
+            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
+        async with self._admin:
+            live = await asyncio.to_thread(self.store.rollback, name)
+            if live.id not in {v.id for v in self.registry.versions(name)}:
+                raise Conflict(f"{live.id} is not loaded on this server", field="name")
+            self.registry.set_live(live)
+            return live
+
+
+class _Stream:
+    """An async iterator of StreamEvents; records every completion once all have finished.
+
+    Finishing events are held back until the completions are in the store, so an id a client
+    has seen finish can always be ranked.
+    """
+
+    def __init__(
+        self, service: FlywheelService, prompt: PromptRecord, prompt_ids: tuple[int, ...], sampling: Sampling, rows: list[_Row]
+    ) -> None:
+        self.service = service
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.rows = rows
+        self._iter = self._run()
+        self.result: Generation
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        return await self._iter.__anext__()
+
+    async def aclose(self) -> None:
+        await self._iter.aclose()
+
+    async def _run(self) -> AsyncIterator[StreamEvent]:
+        groups: dict[str | None, list[_Row]] = {}
+        for row in self.rows:
+            groups.setdefault(row.adapter, []).append(row)
+        held: list[StreamEvent] = []
+        for adapter, rows in groups.items():
+            request = EngineRequest(self.prompt_ids, len(rows), self._group_sampling(rows[0].index), adapter)
+            async for event in self.service.engine.generate(request):
+                out = self._apply(rows[event.index], event)
+                if out.finish_reason is None:
+                    yield out
+                else:
+                    held.append(out)
+        completions = [
+            CompletionRecord(
+                r.id, self.prompt.id, r.index, r.text, r.finish_reason,  # type: ignore[arg-type]
+                r.policy, self.sampling, len(self.prompt_ids), r.tokens,
+            )
+            for r in self.rows
+        ]
+        await asyncio.to_thread(self.service.store.record_generation, self.prompt, completions)
+        self.result = Generation(self.prompt.id, len(self.prompt_ids), completions)
+        for out in held:
+            yield out
+
+    def _group_sampling(self, first_index: int) -> Sampling:
+        s = self.sampling
+        if s.seed is None or first_index == 0:
+            return s
+        return Sampling(s.temperature, s.top_p, s.top_k, s.max_tokens, s.stop, s.seed + first_index)
+
+    def _apply(self, row: _Row, event: TokenEvent) -> StreamEvent:
+        row.text += event.delta
+        row.tokens = event.completion_tokens
+        if event.finish_reason is not None:
+            row.finish_reason = event.finish_reason
+        return StreamEvent(self.prompt.id, row.id, row.index, event.delta, event.finish_reason, row.policy)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

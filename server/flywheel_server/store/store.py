@@ -1,0 +1,597 @@
+"""The Store: one SQLAlchemy engine, migrated to head on open, safe to call from many threads.
+
+Every public method is one transaction. The async server calls them through asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, cast, get_args
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from flywheel_server.domain import (
+    ADAPTER_NAMES,
+    AdapterState,
+    AdapterVersion,
+    CompletionRecord,
+    Demonstration,
+    DemonstrationExport,
+    DemonstrationReceipt,
+    FinishReason,
+    PromptExport,
+    PromptRecord,
+    RankedCompletion,
+    Ranking,
+    RankingExport,
+    RankingReceipt,
+    Sampling,
+    now,
+)
+from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
+from flywheel_server.store.schema import (
+    AdapterVersionRow,
+    Base,
+    CompletionRow,
+    DemonstrationRow,
+    PromotionRow,
+    PromptRow,
+    RankingItemRow,
+    RankingRow,
+)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+BUSY_TIMEOUT_MS = 10_000
+MAX_KEY_CHARS = 256  # matches schema.KEY
+ADAPTER_STATES: tuple[str, ...] = get_args(AdapterState)
+_COUNTED: tuple[type[Base], ...] = (
+    PromptRow,
+    CompletionRow,
+    RankingRow,
+    RankingItemRow,
+    DemonstrationRow,
+    AdapterVersionRow,
+)
+_WRITE = "flywheel_write"  # execution option: this transaction will write
+
+_SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    # FULL syncs the WAL on every commit: a ranking is on disk before it is acknowledged.
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+)
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(**{_WRITE: True})
+        self._postgres = engine.dialect.name == "postgresql"
+        # An in-memory SQLite database is one shared connection: take turns on it.
+        self._turns: AbstractContextManager[Any] = (
+            threading.Lock() if isinstance(engine.pool, StaticPool) else nullcontext()
+        )
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Connect to `url` (sqlite:///path or postgresql://...) and migrate the schema to head."""
+        engine = _create_engine(make_url(url))
+        try:
+            _upgrade_to_head(engine)
+        except Exception:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # --- generations ------------------------------------------------------------------------
+
+    def record_generation(
+        self, prompt: PromptRecord, completions: Sequence[CompletionRecord]
+    ) -> None:
+        for c in completions:
+            if c.prompt_id != prompt.id:
+                raise InvalidRequest(
+                    f"completion {c.id} belongs to prompt {c.prompt_id}, not to {prompt.id}"
+                )
+        try:
+            with self._write(PromptRow) as s:
+                s.add(_prompt_row(prompt))
+                s.flush()  # the prompt row must exist before its completions reference it
+                s.add_all(_completion_row(c) for c in completions)
+        except IntegrityError as e:
+            raise Conflict(
+                f"generation for prompt {prompt.id} was not stored: an id is already taken"
+            ) from e
+
+    def get_completions(self, ids: Sequence[str]) -> dict[str, CompletionRecord]:
+        if not ids:
+            return {}
+        with self._read() as s:
+            rows = s.scalars(select(CompletionRow).where(CompletionRow.id.in_(set(ids)))).all()
+            return {row.id: _completion_record(row) for row in rows}
+
+    # --- feedback ---------------------------------------------------------------------------
+
+    def add_ranking(self, ranking: Ranking, prompt_id: str) -> RankingReceipt:
+        """Store a ranking once per idempotency key; a replay returns the first receipt."""
+        _check_key("labeler", ranking.labeler)
+        _check_key("idempotency_key", ranking.idempotency_key)
+        try:
+            with self._write(RankingRow) as s:
+                first = self._ranking_by_key(s, ranking.idempotency_key)
+                if first is not None:
+                    return _ranking_receipt(first, duplicate=True)
+                row = RankingRow(
+                    id=f"rnk-{uuid.uuid4().hex}",
+                    prompt_id=prompt_id,
+                    labeler=ranking.labeler,
+                    idempotency_key=ranking.idempotency_key,
+                    pairs=ranking.pairs,
+                    created_at=now(),
+                )
+                s.add(row)
+                s.flush()
+                s.add_all(
+                    RankingItemRow(ranking_id=row.id, completion_id=cid, tier=tier)
+                    for tier, ids in enumerate(ranking.tiers)
+                    for cid in ids
+                )
+                s.flush()
+                return _ranking_receipt(row, duplicate=False)
+        except IntegrityError as e:
+            return self._replay_ranking(ranking.idempotency_key, e)
+
+    def _replay_ranking(self, key: str, error: IntegrityError) -> RankingReceipt:
+        # Another writer stored this key between our check and our insert: theirs is the first.
+        with self._read() as s:
+            first = self._ranking_by_key(s, key)
+            if first is not None:
+                return _ranking_receipt(first, duplicate=True)
+        raise InvalidRequest(
+            f"ranking with idempotency_key {key!r} was not stored: it names a prompt or completion "
+            f"the store does not hold, or names a completion twice ({error.orig})"
+        ) from error
+
+    @staticmethod
+    def _ranking_by_key(s: Session, key: str) -> RankingRow | None:
+        return s.scalars(select(RankingRow).where(RankingRow.idempotency_key == key)).first()
+
+    def add_demonstration(self, demo: Demonstration) -> DemonstrationReceipt:
+        """Store a demonstration once per idempotency key; a replay returns the first receipt."""
+        _check_key("labeler", demo.labeler)
+        _check_key("idempotency_key", demo.idempotency_key)
+        try:
+            with self._write(DemonstrationRow) as s:
+                first = self._demonstration_by_key(s, demo.idempotency_key)
+                if first is not None:
+                    return DemonstrationReceipt(first.id, duplicate=True)
+                row = DemonstrationRow(
+                    id=f"dem-{uuid.uuid4().hex}",
+                    prompt=demo.prompt,
+                    response=demo.response,
+                    labeler=demo.labeler,
+                    idempotency_key=demo.idempotency_key,
+                    created_at=now(),
+                )
+                s.add(row)
+                s.flush()
+                return DemonstrationReceipt(row.id)
+        except IntegrityError:
+            with self._read() as s:
+                first = self._demonstration_by_key(s, demo.idempotency_key)
+                if first is not None:
+                    return DemonstrationReceipt(first.id, duplicate=True)
+            raise
+
+    @staticmethod
+    def _demonstration_by_key(s: Session, key: str) -> DemonstrationRow | None:
+        query = select(DemonstrationRow).where(DemonstrationRow.idempotency_key == key)
+        return s.scalars(query).first()
+
+    # --- export (cursor = seq) --------------------------------------------------------------
+
+    def export_rankings(self, after: int, limit: int) -> list[RankingExport]:
+        _check_page(after, limit)
+        with self._read() as s:
+            rows = s.execute(
+                select(RankingRow, PromptRow.text)
+                .join(PromptRow, PromptRow.id == RankingRow.prompt_id)
+                .where(RankingRow.seq > after)
+                .order_by(RankingRow.seq)
+                .limit(limit)
+            ).all()
+            ranked = self._ranked_completions(s, [r.id for r, _ in rows])
+            return [
+                RankingExport(
+                    cursor=r.seq,
+                    ranking_id=r.id,
+                    prompt_id=r.prompt_id,
+                    prompt=prompt_text,
+                    completions=tuple(ranked.get(r.id, [])),
+                    labeler=r.labeler,
+                    created_at=r.created_at,
+                )
+                for r, prompt_text in rows
+            ]
+
+    @staticmethod
+    def _ranked_completions(
+        s: Session, ranking_ids: list[str]
+    ) -> dict[str, list[RankedCompletion]]:
+        if not ranking_ids:
+            return {}
+        rows = s.execute(
+            select(RankingItemRow.ranking_id, RankingItemRow.tier, CompletionRow)
+            .join(CompletionRow, CompletionRow.id == RankingItemRow.completion_id)
+            .where(RankingItemRow.ranking_id.in_(ranking_ids))
+            .order_by(RankingItemRow.tier, CompletionRow.index, CompletionRow.id)
+        ).all()
+        ranked: dict[str, list[RankedCompletion]] = {}
+        for ranking_id, tier, c in rows:
+            ranked.setdefault(ranking_id, []).append(
+                RankedCompletion(completion_id=c.id, text=c.text, policy=c.policy, tier=tier)
+            )
+        return ranked
+
+    def export_prompts(self, after: int, limit: int) -> list[PromptExport]:
+        _check_page(after, limit)
+        query = select(PromptRow).where(PromptRow.seq > after).order_by(PromptRow.seq).limit(limit)
+        with self._read() as s:
+            return [
+                PromptExport(cursor=p.seq, prompt_id=p.id, prompt=p.text, created_at=p.created_at)
+                for p in s.scalars(query)
+            ]
+
+    def export_demonstrations(self, after: int, limit: int) -> list[DemonstrationExport]:
+        _check_page(after, limit)
+        query = (
+            select(DemonstrationRow)
+            .where(DemonstrationRow.seq > after)
+            .order_by(DemonstrationRow.seq)
+            .limit(limit)
+        )
+        with self._read() as s:
+            return [
+                DemonstrationExport(
+                    cursor=d.seq,
+                    demonstration_id=d.id,
+                    prompt=d.prompt,
+                    response=d.response,
+                    labeler=d.labeler,
+                    created_at=d.created_at,
+                )
+                for d in s.scalars(query)
+            ]
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as s:
+            return {
+                model.__tablename__: s.scalar(select(func.count()).select_from(model)) or 0
+                for model in _COUNTED
+            }
+
+    # --- adapter versions -------------------------------------------------------------------
+
+    def add_adapter_version(
+        self,
+        name: str,
+        *,
+        sha256: str,
+        path: str,
+        base_model: str,
+        metrics: Mapping[str, float],
+        state: str = "ready",
+    ) -> AdapterVersion:
+        """Record the next version (1, 2, ...) of `name`. Only promote() makes a version live."""
+        _check_name(name)
+        _check_state(state, allow_live=False)
+        clean_metrics = _check_metrics(metrics)
+        with self._write(AdapterVersionRow) as s:
+            latest = s.scalar(
+                select(func.max(AdapterVersionRow.version)).where(AdapterVersionRow.name == name)
+            )
+            row = AdapterVersionRow(
+                name=name,
+                version=(latest or 0) + 1,
+                state=state,
+                sha256=sha256,
+                path=path,
+                base_model=base_model,
+                metrics=clean_metrics,
+                created_at=now(),
+            )
+            s.add(row)
+            s.flush()
+            return _adapter_version(row)
+
+    def set_adapter_state(self, name: str, version: int, state: str) -> AdapterVersion:
+        _check_state(state, allow_live=False)
+        with self._write(AdapterVersionRow) as s:
+            row = _adapter_row(s, name, version)
+            row.state = state
+            s.flush()
+            return _adapter_version(row)
+
+    def set_adapter_path(self, name: str, version: int, path: str) -> AdapterVersion:
+        """Record where a version's files ended up (they are renamed into place after allocation)."""
+        with self._write(AdapterVersionRow) as s:
+            row = _adapter_row(s, name, version)
+            row.path = path
+            s.flush()
+            return _adapter_version(row)
+
+    def get_adapter_version(self, name: str, version: int) -> AdapterVersion | None:
+        with self._read() as s:
+            row = s.get(AdapterVersionRow, (name, version))
+            return None if row is None else _adapter_version(row)
+
+    def list_adapter_versions(self, name: str | None = None) -> list[AdapterVersion]:
+        query = select(AdapterVersionRow).order_by(
+            AdapterVersionRow.name, AdapterVersionRow.version
+        )
+        if name is not None:
+            query = query.where(AdapterVersionRow.name == name)
+        with self._read() as s:
+            return [_adapter_version(row) for row in s.scalars(query)]
+
+    def live_version(self, name: str) -> AdapterVersion | None:
+        query = select(AdapterVersionRow).where(
+            AdapterVersionRow.name == name, AdapterVersionRow.state == "live"
+        )
+        with self._read() as s:
+            row = s.scalars(query).first()
+            return None if row is None else _adapter_version(row)
+
+    def promote(self, name: str, version: int) -> AdapterVersion:
+        """Make `version` the live one (the previous live one retires) and push it on the history."""
+        with self._write(AdapterVersionRow, PromotionRow) as s:
+            row = _adapter_row(s, name, version)
+            if row.state == "refused":
+                raise Conflict(f"{name}-v{version} was refused and cannot be promoted")
+            if row.state == "live":
+                return _adapter_version(row)
+            _make_live(s, name, version)
+            s.add(PromotionRow(name=name, version=version, rolled_back=False, at=now()))
+            return _adapter_version(row)
+
+    def rollback(self, name: str) -> AdapterVersion:
+        """Pop the latest promotion of `name` and make the one before it live again."""
+        with self._write(AdapterVersionRow, PromotionRow) as s:
+            stack = s.scalars(
+                select(PromotionRow)
+                .where(PromotionRow.name == name, PromotionRow.rolled_back.is_(False))
+                .order_by(PromotionRow.seq.desc())
+                .limit(2)
+            ).all()
+            if len(stack) < 2:
+                raise Conflict(f"no earlier live version of {name} to roll back to")
+            latest, previous = stack
+            target = _adapter_row(s, name, previous.version)
+            if target.state == "refused":
+                raise Conflict(
+                    f"cannot roll back {name} to {name}-v{target.version}: it has since been refused"
+                )
+            latest.rolled_back = True
+            _make_live(s, name, target.version)
+            return _adapter_version(target)
+
+    # --- transactions -----------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._turns, Session(self._engine) as s, s.begin():
+            yield s
+
+    @contextmanager
+    def _write(self, *serialised: type[Base]) -> Iterator[Session]:
+        with (
+            self._turns,
+            Session(self._writer, expire_on_commit=False) as s,
+            s.begin(),
+        ):
+            if self._postgres:
+                # Cursors are sequence values: taken in commit order, a reader paging with
+                # `after` can never skip a row that commits late. Readers are not blocked.
+                for model in serialised:
+                    s.execute(text(f"LOCK TABLE {model.__tablename__} IN EXCLUSIVE MODE"))
+            yield s
+
+
+# --- engine and migrations --------------------------------------------------------------------
+
+
+def _create_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url)
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")  # the driver the postgres extra installs
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _create_sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    in_memory = database in ("", ":memory:")
+    if not in_memory and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False},
+        poolclass=StaticPool if in_memory else None,
+    )
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", _on_sqlite_begin)
+    return engine
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control from the sqlite3 module so we can say BEGIN IMMEDIATE.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in _SQLITE_PRAGMAS:
+        cursor.execute(pragma)
+    cursor.close()
+
+
+def _on_sqlite_begin(conn: Connection) -> None:
+    # A deferred BEGIN that later writes fails with SQLITE_BUSY, without waiting, when another
+    # writer committed in between; BEGIN IMMEDIATE waits its turn (busy_timeout) up front.
+    writes = conn.get_execution_options().get(_WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return config
+
+
+def _upgrade_to_head(engine: Engine) -> None:
+    config = alembic_config()
+    with engine.execution_options(**{_WRITE: True}).connect() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+# --- rows <-> values --------------------------------------------------------------------------
+
+
+def _prompt_row(p: PromptRecord) -> PromptRow:
+    return PromptRow(id=p.id, text=p.text, kind=p.kind, created_at=p.created_at)
+
+
+def _completion_row(c: CompletionRecord) -> CompletionRow:
+    return CompletionRow(
+        id=c.id,
+        prompt_id=c.prompt_id,
+        index=c.index,
+        text=c.text,
+        finish_reason=c.finish_reason,
+        policy=c.policy,
+        sampling=c.sampling.as_dict(),
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        created_at=c.created_at,
+    )
+
+
+def _completion_record(row: CompletionRow) -> CompletionRecord:
+    sampling = dict(row.sampling)
+    sampling["stop"] = tuple(sampling.get("stop", ()))
+    return CompletionRecord(
+        id=row.id,
+        prompt_id=row.prompt_id,
+        index=row.index,
+        text=row.text,
+        finish_reason=cast(FinishReason, row.finish_reason),
+        policy=row.policy,
+        sampling=Sampling(**sampling),
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        created_at=row.created_at,
+    )
+
+
+def _ranking_receipt(row: RankingRow, *, duplicate: bool) -> RankingReceipt:
+    return RankingReceipt(
+        ranking_id=row.id, prompt_id=row.prompt_id, pairs=row.pairs, duplicate=duplicate
+    )
+
+
+def _adapter_version(row: AdapterVersionRow) -> AdapterVersion:
+    return AdapterVersion(
+        name=row.name,
+        version=row.version,
+        state=cast(AdapterState, row.state),
+        sha256=row.sha256,
+        path=row.path,
+        base_model=row.base_model,
+        metrics=dict(row.metrics),
+        created_at=row.created_at,
+    )
+
+
+def _adapter_row(s: Session, name: str, version: int) -> AdapterVersionRow:
+    row = s.get(AdapterVersionRow, (name, version))
+    if row is None:
+        known = s.scalars(
+            select(AdapterVersionRow.version).where(AdapterVersionRow.name == name)
+        ).all()
+        raise AdapterNotFound(
+            f"no adapter version {name}-v{version}; known versions of {name}: {list(known) or 'none'}"
+        )
+    return row
+
+
+def _make_live(s: Session, name: str, version: int) -> None:
+    # Retire first: the partial unique index allows one live version per name at any instant.
+    s.execute(
+        update(AdapterVersionRow)
+        .where(AdapterVersionRow.name == name, AdapterVersionRow.state == "live")
+        .values(state="retired")
+    )
+    s.execute(
+        update(AdapterVersionRow)
+        .where(AdapterVersionRow.name == name, AdapterVersionRow.version == version)
+        .values(state="live")
+    )
+
+
+# --- argument checks --------------------------------------------------------------------------
+
+
+def _check_key(field: str, value: str) -> None:
+    if not value or len(value) > MAX_KEY_CHARS:
+        raise InvalidRequest(
+            f"{field} must be 1 to {MAX_KEY_CHARS} characters, got {len(value)}", field=field
+        )
+
+
+def _check_page(after: int, limit: int) -> None:
+    if after < 0:
+        raise InvalidRequest(f"after must be a cursor >= 0, got {after}", field="after")
+    if limit < 1:
+        raise InvalidRequest(f"limit must be at least 1, got {limit}", field="limit")
+
+
+def _check_name(name: str) -> None:
+    if name not in ADAPTER_NAMES:
+        raise InvalidRequest(
+            f"adapter name must be one of {list(ADAPTER_NAMES)}, got {name!r}", field="name"
+        )
+
+
+def _check_state(state: str, *, allow_live: bool) -> None:
+    allowed = [s for s in ADAPTER_STATES if allow_live or s != "live"]
+    if state not in allowed:
+        hint = " (use promote() to make a version live)" if state == "live" else ""
+        raise InvalidRequest(f"state must be one of {allowed}, got {state!r}{hint}", field="state")
+
+
+def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        number = float(value)
+        if not math.isfinite(number):
+            raise InvalidRequest(
+                f"metrics[{key!r}] must be a finite number, got {value}", field="metrics"
+            )
+        clean[key] = number
+    return clean
+
+
+__all__ = ["MIGRATIONS_DIR", "Store", "alembic_config"]
