@@ -207,6 +207,7 @@ def _build_into(tmp: Path, config: DemoModelConfig, progress: bool) -> dict[str,
         lr=config.sft_lr,
         max_length=config.max_position_embeddings,
         seed=config.seed,
+        warmup=config.sft_steps // 20,
     )
     sft_result = _timed(timings, "sft", lambda: sft(model, tokenizer, demos, sft_config, progress=progress))
     eval_examples = [demo_task.sample_example(rng) for _ in range(config.eval_examples)]
@@ -221,6 +222,7 @@ def _build_into(tmp: Path, config: DemoModelConfig, progress: bool) -> dict[str,
         batch_rankings=config.reward_batch_rankings,
         max_length=config.max_position_embeddings,
         seed=config.seed,
+        warmup=config.reward_steps // 20,
     )
     fit = _timed(
         timings,

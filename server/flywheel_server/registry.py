@@ -8,6 +8,7 @@ engine's job and persistence the store's.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from flywheel_server.domain import ADAPTER_NAMES, AdapterVersion
 from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
@@ -46,6 +47,15 @@ class AdapterRegistry:
         self._loaded[version.id] = version
         self._live[version.name] = version.id
 
+    def refresh(self, name: str, stored: list[AdapterVersion]) -> None:
+        """Take states from the store (the source of truth) for the loaded versions of name."""
+        self._live.pop(name, None)
+        for v in stored:
+            if v.id in self._loaded:
+                self._loaded[v.id] = v
+                if v.state == "live":
+                    self._live[name] = v.id
+
     def live(self) -> dict[str, str]:
         return {"policy": self._live.get("policy", self.base.id)} | (
             {"reward": self._live["reward"]} if "reward" in self._live else {}
@@ -54,15 +64,15 @@ class AdapterRegistry:
     def versions(self, name: str = "") -> list[AdapterVersion]:
         if name and name not in ADAPTER_NAMES:
             raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
-        live = set(self._live.values())
-        base_state = "live" if "policy" not in self._live else "ready"
-        everything = [AdapterVersion(**{**self.base.__dict__, "state": base_state})]
-        everything += [
-            v if v.id not in live else AdapterVersion(**{**v.__dict__, "state": "live"})
-            for v in self._loaded.values()
-        ]
+        everything = [self._shown(v) for v in (self.base, *self._loaded.values())]
         everything.sort(key=lambda v: (v.name, v.version))
         return [v for v in everything if not name or v.name == name]
+
+    def _shown(self, v: AdapterVersion) -> AdapterVersion:
+        """The alias decides what is live; a version it moved away from shows as retired."""
+        if self.live().get(v.name) == v.id:
+            return replace(v, state="live")
+        return replace(v, state="retired") if v.state == "live" else v
 
     def resolve(self, requested: str, *, kind: str, field: str) -> tuple[str, str | None]:
         """(version id, engine adapter id or None for the base) for a request's model field."""

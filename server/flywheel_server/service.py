@@ -319,18 +319,23 @@ class FlywheelService:
         if f"{name}-v{version}" not in {v.id for v in self.registry.versions(name)} or version == 0:
             raise NotFound(f"{name}-v{version} is not a loaded version", field="version")
         live = await asyncio.to_thread(self.store.promote, name, version)
-        self.registry.set_live(live)
+        await self._refresh(name)
         log.info("%s is live", live.id)
         return live
+
+    async def _refresh(self, name: str) -> None:
+        self.registry.refresh(name, await asyncio.to_thread(self.store.list_adapter_versions, name))
 
     async def rollback(self, name: str) -> AdapterVersion:
         if name not in ADAPTER_NAMES:
             raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
         async with self._admin:
-            live = await asyncio.to_thread(self.store.rollback, name)
-            if live.id not in {v.id for v in self.registry.versions(name)}:
-                raise Conflict(f"{live.id} is not loaded on this server", field="name")
-            self.registry.set_live(live)
+            # Only the policy has something to fall back to (the base model, policy-v0).
+            live = await asyncio.to_thread(self.store.rollback, name, allow_empty=name == "policy")
+            await self._refresh(name)
+            if live is None:
+                return self.registry.versions(name)[0]
+            log.info("rolled back: %s is live", live.id)
             return live
 
 

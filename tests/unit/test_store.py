@@ -348,17 +348,16 @@ def test_promote_and_rollback_script(store: Store) -> None:
         ("promote", 3, {1: "retired", 2: "retired", 3: "live"}),
         ("rollback", 2, {1: "retired", 2: "live", 3: "retired"}),
         ("rollback", 1, {1: "live", 2: "retired", 3: "retired"}),
-        ("rollback", None, {1: "live", 2: "retired", 3: "retired"}),
+        ("rollback", None, {1: "retired", 2: "retired", 3: "retired"}),  # nothing live
         ("promote", 3, {1: "retired", 2: "retired", 3: "live"}),
-        ("rollback", 1, {1: "live", 2: "retired", 3: "retired"}),
+        ("rollback", None, {1: "retired", 2: "retired", 3: "retired"}),
     ]
     for step, (action, version, expected) in enumerate(script):
         if action == "promote":
             assert version is not None
             result = store.promote("policy", version)
         elif version is None:
-            with pytest.raises(Conflict, match="no earlier live version of policy to roll back to"):
-                store.rollback("policy")
+            assert store.rollback("policy") is None, f"step {step}"
         else:
             result = store.rollback("policy")
             assert result.version == version, f"step {step}"
@@ -366,7 +365,10 @@ def test_promote_and_rollback_script(store: Store) -> None:
             assert result.state == "live", f"step {step}"
         assert _states(store) == expected, f"step {step}: {action} {version}"
         live = store.live_version("policy")
-        assert live is not None and expected[live.version] == "live", f"step {step}"
+        if version is None:
+            assert live is None, f"step {step}"
+        else:
+            assert live is not None and expected[live.version] == "live", f"step {step}"
         assert _states(store, "reward") == {1: "ready"}, f"step {step}"
     assert store.live_version("reward") is None
 
@@ -403,13 +405,17 @@ def test_unknown_versions_are_not_found(store: Store) -> None:
 
 
 def test_rollback_without_history_is_a_conflict(store: Store) -> None:
-    with pytest.raises(Conflict, match="no earlier live version of policy to roll back to"):
+    with pytest.raises(Conflict, match="no promoted version of policy to roll back"):
         store.rollback("policy")
     _add(store)
     store.promote("policy", 1)
-    with pytest.raises(Conflict, match="no earlier live version of policy to roll back to"):
-        store.rollback("policy")
+    with pytest.raises(Conflict, match="no earlier live version of policy"):
+        store.rollback("policy", allow_empty=False)
     assert _states(store) == {1: "live"}
+    assert store.rollback("policy") is None  # back to no live version
+    assert _states(store) == {1: "retired"}
+    with pytest.raises(Conflict, match="no promoted version of policy to roll back"):
+        store.rollback("policy")
 
 
 # --- migrations ----------------------------------------------------------------------------

@@ -369,8 +369,12 @@ class Store:
             s.add(PromotionRow(name=name, version=version, rolled_back=False, at=now()))
             return _adapter_version(row)
 
-    def rollback(self, name: str) -> AdapterVersion:
-        """Pop the latest promotion of `name` and make the one before it live again."""
+    def rollback(self, name: str, *, allow_empty: bool = True) -> AdapterVersion | None:
+        """Pop the latest promotion of `name` and make the one before it live again.
+
+        Popping the only promotion leaves no version live (None): for the policy that means
+        the bare base model serves again. With allow_empty=False that is refused instead.
+        """
         with self._write(AdapterVersionRow, PromotionRow) as s:
             stack = s.scalars(
                 select(PromotionRow)
@@ -378,8 +382,14 @@ class Store:
                 .order_by(PromotionRow.seq.desc())
                 .limit(2)
             ).all()
-            if len(stack) < 2:
-                raise Conflict(f"no earlier live version of {name} to roll back to")
+            if not stack:
+                raise Conflict(f"no promoted version of {name} to roll back")
+            if len(stack) == 1:
+                if not allow_empty:
+                    raise Conflict(f"no earlier live version of {name} to roll back to")
+                stack[0].rolled_back = True
+                _retire_live(s, name)
+                return None
             latest, previous = stack
             target = _adapter_row(s, name, previous.version)
             if target.state == "refused":
@@ -537,13 +547,17 @@ def _adapter_row(s: Session, name: str, version: int) -> AdapterVersionRow:
     return row
 
 
-def _make_live(s: Session, name: str, version: int) -> None:
-    # Retire first: the partial unique index allows one live version per name at any instant.
+def _retire_live(s: Session, name: str) -> None:
     s.execute(
         update(AdapterVersionRow)
         .where(AdapterVersionRow.name == name, AdapterVersionRow.state == "live")
         .values(state="retired")
     )
+
+
+def _make_live(s: Session, name: str, version: int) -> None:
+    # Retire first: the partial unique index allows one live version per name at any instant.
+    _retire_live(s, name)
     s.execute(
         update(AdapterVersionRow)
         .where(AdapterVersionRow.name == name, AdapterVersionRow.version == version)

@@ -1,0 +1,91 @@
+"""The official `openai` package against our HTTP server, and rankings that survive a restart."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.support import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def client_for(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_live_alias_and_versions(server):
+    ids = {m.id for m in client_for(server).models.list()}
+    assert {"policy", "policy-v0", "reward", "reward-v1"} <= ids
+
+
+def test_completions_n4_carry_rankable_ids(server):
+    result = client_for(server).completions.create(model="policy", prompt="reverse: abc", n=4, max_tokens=8)
+    ids = [c.model_extra["completion_id"] for c in result.choices]
+    assert len(result.choices) == 4 and len(set(ids)) == 4
+    assert result.model == "policy-v0"
+    assert result.usage.completion_tokens > 0
+
+    status, body = server.post("/v1/feedback", {"ranking": ids, "labeler": "openai-test", "idempotency_key": ids[0]})
+    assert status == 201, body
+    assert body["pairs"] == 6 and body["duplicate"] is False
+
+
+def test_streamed_chat_n4(server):
+    stream = client_for(server).chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "sort: cba"}], n=4, max_tokens=6, stream=True
+    )
+    texts: dict[int, str] = {}
+    ids: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            ids[choice.index] = choice.model_extra["completion_id"]
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert sorted(finished) == [0, 1, 2, 3]
+    status, body = server.post("/v1/feedback", {"ranking": [ids[0], [ids[1], ids[2]], ids[3]], "labeler": "t"})
+    assert status == 201 and body["pairs"] == 5
+
+
+def test_sse_ends_with_done(server):
+    with httpx.stream(
+        "POST", f"{server.http}/v1/completions", json={"prompt": "add: 1 + 1", "max_tokens": 4, "stream": True}, timeout=60
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_pinned_version_and_unknown_version(server):
+    c = client_for(server)
+    assert c.completions.create(model="policy-v0", prompt="x", max_tokens=2).model == "policy-v0"
+    with pytest.raises(openai.NotFoundError, match="policy-v42"):
+        c.completions.create(model="policy-v42", prompt="x", max_tokens=2)
+
+
+def test_ranking_survives_restart(tiny_model, tmp_path):
+    proc = ServerProcess(tiny_model, tmp_path / "data").start()
+    try:
+        result = client_for(proc).completions.create(model="policy", prompt="add: 2 + 2", n=2, max_tokens=4)
+        ids = [c.model_extra["completion_id"] for c in result.choices]
+        status, body = proc.post("/v1/feedback", {"ranking": ids, "labeler": "durable", "idempotency_key": "restart-1"})
+        assert status == 201
+    finally:
+        assert proc.stop() == 0
+    restarted = ServerProcess(tiny_model, tmp_path / "data").start()
+    try:
+        assert restarted.counts()["rankings"] == 1
+        status, replay = restarted.post("/v1/feedback", {"ranking": ids, "labeler": "durable", "idempotency_key": "restart-1"})
+        assert status == 200 and replay["duplicate"] is True and replay["ranking_id"] == body["ranking_id"]
+        from flywheel_client import FlywheelClient
+
+        with FlywheelClient(restarted.grpc) as client:
+            exported = client.export_rankings()
+        assert [r.ranking_id for r in exported] == [body["ranking_id"]]
+        assert sorted(c.completion_id for c in exported[0].completions) == sorted(ids)
+    finally:
+        restarted.stop()

@@ -1,0 +1,204 @@
+"""API keys: parsing the variable and the file, and the check each request goes through."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from flywheel_server.auth import ApiKey, Authenticator, parse_env, parse_file
+from flywheel_server.errors import PermissionDenied, Unauthenticated
+
+pytestmark = pytest.mark.unit
+
+
+# -- parse_env ------------------------------------------------------------------------------------
+
+
+def test_parse_env() -> None:
+    assert parse_env("k1=generate+feedback,k2=admin") == [
+        ApiKey("env-1", "k1", frozenset({"generate", "feedback"})),
+        ApiKey("env-2", "k2", frozenset({"admin"})),
+    ]
+
+
+def test_parse_env_skips_blank_entries_and_spaces() -> None:
+    assert parse_env(" , k1=feedback ,, ") == [ApiKey("env-1", "k1", frozenset({"feedback"}))]
+    assert parse_env("") == []
+
+
+def test_parse_env_keeps_an_equals_sign_in_the_scopes_part() -> None:
+    # partition splits on the first '=': "a=b=admin" is key "a" with scope "b=admin" (refused).
+    with pytest.raises(ValueError, match=r"FLYWHEEL_API_KEYS entry 1: scopes must be"):
+        parse_env("a=b=admin")
+
+
+def test_parse_env_refuses_an_unknown_scope() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_env("k1=generate,k2=generate+write")
+    assert str(info.value) == (
+        "FLYWHEEL_API_KEYS entry 2: scopes must be a non-empty list of generate, feedback, admin; "
+        "got ['generate', 'write']"
+    )
+
+
+@pytest.mark.parametrize("value", ["k1=", "k1=+"])
+def test_parse_env_refuses_empty_scopes(value: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"^FLYWHEEL_API_KEYS entry 1: scopes must be a non-empty list"
+    ):
+        parse_env(value)
+
+
+@pytest.mark.parametrize(("value", "entry"), [("k1", 1), ("k1=admin,k2", 2), ("=admin", 1)])
+def test_parse_env_refuses_an_entry_without_key_and_equals(value: str, entry: int) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_env(value)
+    assert str(info.value) == f"FLYWHEEL_API_KEYS entry {entry} must look like KEY=scope+scope"
+
+
+# -- parse_file ------------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, doc: object | str) -> Path:
+    path = tmp_path / "keys.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return path
+
+
+def test_parse_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        {
+            "keys": [
+                {"name": "app", "key": "app-key-123", "scopes": ["generate", "feedback"]},
+                {"key": "admin-key-456", "scopes": ["admin"]},
+            ]
+        },
+    )
+    assert parse_file(path) == [
+        ApiKey("app", "app-key-123", frozenset({"generate", "feedback"})),
+        ApiKey("key-1", "admin-key-456", frozenset({"admin"})),
+    ]
+
+
+def test_parse_file_refuses_bad_json(tmp_path: Path) -> None:
+    path = write(tmp_path, '{"keys": [')
+    with pytest.raises(
+        ValueError, match="^" + re.escape(f"cannot read API keys from {path}: ")
+    ) as info:
+        parse_file(path)
+    assert isinstance(info.value.__cause__, json.JSONDecodeError)
+
+
+def test_parse_file_refuses_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^cannot read API keys from .*nope\.json"):
+        parse_file(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("doc", [{"key": "x"}, [], {"keys": {"a": 1}}, {"keys": None}])
+def test_parse_file_refuses_the_wrong_shape(tmp_path: Path, doc: object) -> None:
+    path = write(tmp_path, doc)
+    with pytest.raises(
+        ValueError, match=r'must hold \{"keys": \[\{"name", "key", "scopes"\}, \.\.\.\]\}$'
+    ):
+        parse_file(path)
+
+
+@pytest.mark.parametrize(
+    "entry", [{"key": "short", "scopes": ["admin"]}, {"key": 12345678, "scopes": ["admin"]}, "k"]
+)
+def test_parse_file_refuses_a_short_or_missing_key(tmp_path: Path, entry: object) -> None:
+    path = write(tmp_path, {"keys": [{"key": "long-enough", "scopes": ["admin"]}, entry]})
+    with pytest.raises(ValueError) as info:
+        parse_file(path)
+    assert str(info.value) == f"{path}: keys[1].key must be a string of at least 8 characters"
+
+
+def test_parse_file_accepts_an_8_character_key(tmp_path: Path) -> None:
+    path = write(tmp_path, {"keys": [{"key": "12345678", "scopes": ["feedback"]}]})
+    assert parse_file(path) == [ApiKey("key-0", "12345678", frozenset({"feedback"}))]
+
+
+@pytest.mark.parametrize("scopes", [None, [], ["root"], "admin"])
+def test_parse_file_refuses_bad_scopes(tmp_path: Path, scopes: object) -> None:
+    path = write(tmp_path, {"keys": [{"key": "long-enough", "scopes": scopes}]})
+    with pytest.raises(
+        ValueError, match="^" + re.escape(f"{path}: keys[0]: scopes must be a non-empty list")
+    ):
+        parse_file(path)
+
+
+def test_load_combines_file_and_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, {"keys": [{"name": "app", "key": "app-key-123", "scopes": ["generate"]}]}
+    )
+    auth = Authenticator.load(path, {"FLYWHEEL_API_KEYS": "envkey=feedback"})
+    assert [k.name for k in auth.keys] == ["app", "env-1"]
+    assert Authenticator.load(None, {}).enabled is False
+
+
+# -- Authenticator.check -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def auth() -> Authenticator:
+    return Authenticator(
+        parse_env("gen-key=generate,fb-key=feedback,both-key=generate+feedback,root-key=admin")
+    )
+
+
+def test_disabled_auth_lets_everyone_in_as_anonymous() -> None:
+    off = Authenticator([])
+    assert off.enabled is False
+    assert off.check(None, "admin") == "anonymous"
+    assert off.check("Bearer whatever", "generate") == "anonymous"
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer ", "Bearer    ", "   "])
+def test_a_missing_key_is_unauthenticated(auth: Authenticator, header: str | None) -> None:
+    with pytest.raises(Unauthenticated) as info:
+        auth.check(header, "generate")
+    assert info.value.message == "missing API key: send 'authorization: Bearer <key>'"
+
+
+@pytest.mark.parametrize("header", ["Bearer nope", "nope", "Bearer gen-key2", "Bearer gen-ke"])
+def test_an_unknown_key_is_unauthenticated(auth: Authenticator, header: str) -> None:
+    with pytest.raises(Unauthenticated) as info:
+        auth.check(header, "generate")
+    assert info.value.message == "unknown API key"
+
+
+def test_a_key_lacking_the_scope_is_denied(auth: Authenticator) -> None:
+    with pytest.raises(PermissionDenied) as info:
+        auth.check("Bearer gen-key", "feedback")
+    assert info.value.message == "API key 'env-1' lacks the 'feedback' scope"
+    with pytest.raises(PermissionDenied, match="API key 'env-2' lacks the 'generate' scope"):
+        auth.check("Bearer fb-key", "generate")
+    with pytest.raises(PermissionDenied, match="API key 'env-3' lacks the 'admin' scope"):
+        auth.check("Bearer both-key", "admin")
+
+
+def test_keys_with_the_scope_return_their_name(auth: Authenticator) -> None:
+    assert auth.check("Bearer gen-key", "generate") == "env-1"
+    assert auth.check("Bearer fb-key", "feedback") == "env-2"
+    assert auth.check("Bearer both-key", "generate") == "env-3"
+    assert auth.check("Bearer both-key", "feedback") == "env-3"
+
+
+@pytest.mark.parametrize("scope", ["generate", "feedback", "admin"])
+def test_admin_implies_every_scope(auth: Authenticator, scope: str) -> None:
+    assert auth.check("Bearer root-key", scope) == "env-4"
+
+
+@pytest.mark.parametrize("header", ["Bearer gen-key", "gen-key", "Bearer  gen-key ", "  gen-key"])
+def test_the_bearer_prefix_is_optional_and_spaces_are_trimmed(
+    auth: Authenticator, header: str
+) -> None:
+    assert auth.check(header, "generate") == "env-1"
+
+
+def test_the_bearer_prefix_is_stripped_only_once(auth: Authenticator) -> None:
+    with pytest.raises(Unauthenticated, match="unknown API key"):
+        auth.check("Bearer Bearer gen-key", "generate")

@@ -1,0 +1,112 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel_learner import modeling
+from flywheel_learner.demo_model import build_tiny_model
+from flywheel_learner.reward import (
+    RewardConfig,
+    fit_reward_model,
+    make_batch,
+    normalise_head_bias,
+    split_held_out,
+)
+
+pytestmark = pytest.mark.unit
+
+CONFIG = RewardConfig(steps=30, lr=1e-2, r=4, alpha=8, batch_rankings=8, held_out=0.25, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def rankings(n: int) -> list[tuple[str, list[list[str]]]]:
+    """A preference a tiny random model can learn: 'yes' > 'maybe' ~ 'perhaps' > 'no'."""
+    return [(f"<|user|>\nq{i}\n<|assistant|>\n", [["yes"], ["maybe", "perhaps"], ["no"]]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fit(tiny_dir: Path):
+    model, tokenizer = modeling.load_base(tiny_dir)
+    return fit_reward_model(model, tokenizer, rankings(32), CONFIG, progress=False), tokenizer
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", -1, "lr must be > 0, got -1"),
+        ("r", 0, r"r \(LoRA rank\) must be >= 1, got 0"),
+        ("held_out", 1.0, r"held_out must be in \[0, 1\), got 1.0"),
+        ("target_modules", (), "target_modules must name at least one module"),
+    ],
+)
+def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RewardConfig(**{field: value})
+
+
+def test_batch_has_one_row_per_completion_with_tiers_and_groups(tiny_dir: Path) -> None:
+    _, tokenizer = modeling.load_base(tiny_dir)
+    batch = make_batch(tokenizer, rankings(2), max_length=64)
+    assert batch.tiers.tolist() == [0, 1, 1, 2, 0, 1, 1, 2]
+    assert batch.group.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    last = batch.attention_mask.sum(dim=1) - 1
+    assert (batch.input_ids[torch.arange(8), last] == tokenizer.eos_token_id).all()
+
+
+def test_held_out_split_is_by_ranking() -> None:
+    train, held = split_held_out(rankings(20), 0.25, seed=0)
+    assert len(train) == 15 and len(held) == 5
+    assert {p for p, _ in train}.isdisjoint({p for p, _ in held})
+
+
+def test_fit_learns_the_preference(fit) -> None:
+    result, _ = fit
+    assert result.held_out_accuracy > 0.75  # 4 of 5 pairs per ranking; chance is 0.5
+    assert result.train_loss < math.log(2)
+    assert result.adapter_name == "reward"
+
+
+def test_base_weights_stay_frozen(fit) -> None:
+    result, _ = fit
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_rankings_without_a_pair_are_rejected(tiny_dir: Path) -> None:
+    model, tokenizer = modeling.load_base(tiny_dir)
+    with pytest.raises(ValueError, match="ranking 0 must hold at least two non-empty tiers"):
+        fit_reward_model(model, tokenizer, [("p", [["a", "b"]])], CONFIG, progress=False)
+
+
+def test_normalised_demonstrations_score_mean_zero(fit) -> None:
+    result, tokenizer = fit
+    demos = [(p, "yes") for p, _ in rankings(6)] + [(p, "no") for p, _ in rankings(2)]
+    normalise_head_bias(result.model, result.head, tokenizer, demos)
+    batch = make_batch(tokenizer, [(p, [[r]]) for p, r in demos], max_length=64)
+    with torch.no_grad():
+        scores = modeling.score(result.model, result.head, batch.input_ids, batch.attention_mask)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_saved_adapter_loads_with_plain_peft(fit, tiny_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    result, tokenizer = fit
+    out = modeling.save_adapter(
+        result.model, "reward", tmp_path / "reward", head=result.head,
+        base_model=modeling.base_fingerprint(tiny_dir),
+    )  # fmt: skip
+    assert modeling.read_adapter_config(out)["flywheel_base_model"] == modeling.base_fingerprint(tiny_dir)
+    base, _ = modeling.load_base(tiny_dir)
+    loaded = PeftModel.from_pretrained(base, str(out)).eval()
+    head = modeling.ScoreHead.load(out, base.config.hidden_size)
+    batch = make_batch(tokenizer, rankings(2), max_length=64)
+    with torch.no_grad():
+        fresh = modeling.score(loaded, head, batch.input_ids, batch.attention_mask)
+        trained = modeling.score(result.model, result.head, batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(fresh, trained)
