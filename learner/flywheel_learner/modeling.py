@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SCORE_HEAD = "score_head.safetensors"
+# Our metadata (the base model fingerprint) lives beside the PEFT files, not inside
+# adapter_config.json, so plain peft and vLLM read the adapter with no unknown keys.
+FLYWHEEL_META = "flywheel.json"
 
 
 def load_base(
@@ -140,9 +143,7 @@ def save_adapter(
         if head is not None:
             head.save(tmp)
         if base_model:
-            config = json.loads((tmp / ADAPTER_CONFIG).read_text())
-            config["flywheel_base_model"] = base_model
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+            (tmp / FLYWHEEL_META).write_text(json.dumps({"base_model": base_model}, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -167,3 +168,12 @@ def read_adapter_config(directory: str | Path) -> dict:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; only LORA")
     return config
+
+
+def read_adapter_meta(directory: str | Path) -> dict:
+    """Flywheel's metadata for an adapter ({} for an adapter made elsewhere)."""
+    path = Path(directory) / FLYWHEEL_META
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e

@@ -53,7 +53,7 @@ def check_exposure(config: ServerConfig, auth: Authenticator) -> None:
         return
     if not config.is_loopback:
         raise SystemExit(
-            f"refusing to bind {config.host} without API keys: give --api-keys FILE or set "
+            f"refusing to bind {config.host} without API keys: give --api-keys-file FILE or set "
             "FLYWHEEL_API_KEYS, or bind 127.0.0.1"
         )
     log.warning("no API keys configured: auth is off, serving on loopback only (%s)", config.host)
@@ -63,7 +63,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
     from flywheel_server import bento_service
     from flywheel_server.grpc_service import start_grpc
 
-    auth = Authenticator.load(config.api_keys, os.environ)
+    auth = Authenticator.load(config.api_keys_file, os.environ)
     check_exposure(config, auth)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     model_dir, seed_reward = await asyncio.to_thread(resolve_model, config)

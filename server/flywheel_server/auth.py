@@ -77,7 +77,8 @@ class Authenticator:
         """Name of the caller; raises Unauthenticated or PermissionDenied."""
         if not self.enabled:
             return "anonymous"
-        token = (authorization or "").removeprefix("Bearer ").strip()
+        scheme, _, rest = (authorization or "").strip().partition(" ")
+        token = rest.strip() if scheme.lower() == "bearer" else scheme  # "Bearer <key>" or the bare key
         if not token:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
         for k in self.keys:

@@ -35,8 +35,8 @@ class ServerConfig:
     )
     http_port: int = _opt("HTTP (OpenAI-compatible) port", default=3000)
     grpc_port: int = _opt("gRPC port", default=50051)
-    api_keys: Path | None = _opt(
-        "JSON file of API keys and scopes (see README); also FLYWHEEL_API_KEYS"
+    api_keys_file: Path | None = _opt(
+        "JSON file of API keys and scopes (see README); keys may also come from FLYWHEEL_API_KEYS"
     )
     device: str = _opt("torch device for the engine: cpu, cuda, or auto", default="auto")
     max_tokens_limit: int = _opt("largest max_tokens a request may ask for", default=512)

@@ -21,7 +21,7 @@ import torch
 
 from flywheel_learner import modeling
 from flywheel_server.domain import Sampling
-from flywheel_server.errors import AdapterRefused, Overloaded
+from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
 from flywheel_server.sampling import find_stop, safe_prefix_length, sample
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ class TorchEngine:
 
     @contextlib.contextmanager
     def _using(self, adapter: str | None) -> Iterator[None]:
+        if adapter is not None and adapter not in self.adapters:
+            raise AdapterNotFound(f"adapter {adapter} is not loaded")
         if self.peft is None:
             yield
         elif adapter is None:
@@ -245,10 +247,10 @@ class TorchEngine:
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
         try:
-            config = modeling.read_adapter_config(path)
+            modeling.read_adapter_config(path)
+            trained_on = modeling.read_adapter_meta(path).get("base_model")
         except ValueError as e:
             raise AdapterRefused(str(e)) from e
-        trained_on = config.get("flywheel_base_model")
         if trained_on and trained_on != self.base_model:
             raise AdapterRefused(
                 f"adapter {adapter_id} was trained on base model {trained_on}; "
@@ -274,11 +276,19 @@ class TorchEngine:
 
         if adapter_id in self.adapters:
             return  # idempotent: versions are immutable, never reloaded in place
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_id)
-            self.peft.eval()
-        else:
-            self.peft.load_adapter(str(path), adapter_name=adapter_id)
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_id)
+                self.peft.eval()
+            else:
+                self.peft.load_adapter(str(path), adapter_name=adapter_id)
+        except Exception:
+            # peft injects LoRA layers before it reads the weights: take them out again.
+            if self.peft is None:
+                strip_lora_layers(self.model)
+            else:
+                self._unload(adapter_id)
+            raise
 
     @torch.inference_mode()
     def _smoke_check(self, adapter_id: str, head: modeling.ScoreHead | None) -> None:
@@ -307,3 +317,13 @@ class TorchEngine:
             # peft cannot hold zero adapters: drop the wrapper and restore the bare base layers.
             self.model = self.peft.unload()
             self.peft = None
+
+
+def strip_lora_layers(model: torch.nn.Module) -> None:
+    """Put every module peft wrapped back to its base layer (after a failed first load)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())

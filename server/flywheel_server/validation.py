@@ -30,18 +30,24 @@ class RawSampling:
     seed: int | None = None
 
 
+def number(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{field} must be a number, got {value!r}", field=field)
+    return float(value)
+
+
 def sampling(raw: RawSampling, *, max_tokens_limit: int) -> Sampling:
     defaults = Sampling()
-    temperature = defaults.temperature if raw.temperature is None else float(raw.temperature)
+    temperature = defaults.temperature if raw.temperature is None else number("temperature", raw.temperature)
     if not math.isfinite(temperature) or not 0 <= temperature <= 10:
         raise InvalidRequest(f"temperature must be between 0 and 10, got {raw.temperature}", field="temperature")
-    top_p = defaults.top_p if raw.top_p is None else float(raw.top_p)
+    top_p = defaults.top_p if raw.top_p is None else number("top_p", raw.top_p)
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise InvalidRequest(f"top_p must be in (0, 1], got {raw.top_p}", field="top_p")
-    top_k = defaults.top_k if raw.top_k is None else raw.top_k
+    top_k = defaults.top_k if raw.top_k is None else integer("top_k", raw.top_k, -(1 << 31), 1 << 31)
     if top_k < 0:
         raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {top_k}", field="top_k")
-    max_tokens = defaults.max_tokens if raw.max_tokens is None else raw.max_tokens
+    max_tokens = min(defaults.max_tokens, max_tokens_limit) if raw.max_tokens is None else raw.max_tokens
     max_tokens = integer("max_tokens", max_tokens, 1, max_tokens_limit)
     stops = (raw.stop,) if isinstance(raw.stop, str) else tuple(raw.stop or ())
     if len(stops) > MAX_STOPS:
@@ -51,7 +57,7 @@ def sampling(raw: RawSampling, *, max_tokens_limit: int) -> Sampling:
             raise InvalidRequest(
                 f"each stop string must be 1 to {MAX_STOP_CHARS} characters, got {s!r}", field="stop"
             )
-    if raw.seed is not None and not 0 <= raw.seed < 1 << 63:
+    if raw.seed is not None and not 0 <= integer("seed", raw.seed, -(1 << 64), 1 << 64) < 1 << 63:
         raise InvalidRequest(f"seed must be between 0 and 2**63 - 1, got {raw.seed}", field="seed")
     return Sampling(temperature, top_p, top_k, max_tokens, stops, raw.seed)
 

@@ -23,7 +23,7 @@ def guarded(tiny_model, tmp_path_factory):
     keys = data / "keys.json"
     keys.write_text(json.dumps({"keys": [{"name": "app", "key": APP, "scopes": ["generate"]},
                                          {"name": "ops", "key": ADMIN, "scopes": ["admin"]}]}))
-    proc = ServerProcess(tiny_model, data, args=["--api-keys", str(keys)],
+    proc = ServerProcess(tiny_model, data, args=["--api-keys-file", str(keys)],
                          env={"FLYWHEEL_API_KEYS": f"{LABELER}=feedback"}).start()
     yield proc
     proc.stop()

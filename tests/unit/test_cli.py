@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 CLIENT_FLAGS = ["--server", "--api-key", "--json", "--timeout"]
 SAMPLING_FLAGS = ["--temperature", "--top-p", "--top-k", "--max-tokens", "--stop", "--seed"]
-SERVER_FLAGS = ["--model", "--data-dir", "--host", "--http-port", "--grpc-port", "--api-keys"]
+SERVER_FLAGS = ["--model", "--data-dir", "--host", "--http-port", "--grpc-port", "--api-keys-file"]
 
 HELP_FLAGS = {
     "serve": SERVER_FLAGS,

@@ -43,7 +43,7 @@ def test_defaults() -> None:
         3000,
         50051,
     )
-    assert (c.api_keys, c.device, c.max_tokens_limit, c.max_n) == (None, "auto", 512, 16)
+    assert (c.api_keys_file, c.device, c.max_tokens_limit, c.max_n) == (None, "auto", 512, 16)
     assert (c.max_body_bytes, c.max_prompt_tokens, c.log_level) == (1 << 20, 1024, "INFO")
 
 
@@ -181,17 +181,11 @@ def test_from_env_validates() -> None:
         ServerConfig.from_env({"FLYWHEEL_HTTP_PORT": "eighty"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py from_env maps the field api_keys to FLYWHEEL_API_KEYS, the variable auth.py "
-    "reads as 'KEY=scope+scope,...'; setting it as documented makes api_keys "
-    "Path('secret-key-1=admin') and Authenticator.load (app.serve) fails: cannot read API keys from it",
-)
 def test_flywheel_api_keys_variable_is_not_taken_as_a_key_file() -> None:
     environ = {"FLYWHEEL_API_KEYS": "secret-key-1=admin"}
     c = ServerConfig.from_env(environ)
-    assert c.api_keys is None
-    assert Authenticator.load(c.api_keys, environ).check("Bearer secret-key-1", "admin") == "env-1"
+    assert c.api_keys_file is None
+    assert Authenticator.load(c.api_keys_file, environ).check("Bearer secret-key-1", "admin") == "env-1"
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -218,7 +212,7 @@ def test_flags_round_trip() -> None:
             "8000",
             "--grpc-port",
             "8001",
-            "--api-keys",
+            "--api-keys-file",
             "/etc/keys.json",
             "--device",
             "cpu",
@@ -243,7 +237,7 @@ def test_flags_round_trip() -> None:
         host="0.0.0.0",
         http_port=8000,
         grpc_port=8001,
-        api_keys=Path("/etc/keys.json"),
+        api_keys_file=Path("/etc/keys.json"),
         device="cpu",
         max_tokens_limit=100,
         max_n=8,

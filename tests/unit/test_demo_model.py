@@ -75,8 +75,7 @@ def test_ensure_builds_once_then_reuses_the_cache(tmp_path: Path) -> None:
     assert set(info["policy_accuracy"]) >= {"all"}
     assert 0.0 <= info["reward_held_out_accuracy"] <= 1.0
     assert info["tokens"]["eos"] == modeling.load_base(demo.model_dir)[1].eos_token_id
-    config = modeling.read_adapter_config(demo.reward_dir)
-    assert config["flywheel_base_model"] == modeling.base_fingerprint(demo.model_dir)
+    assert modeling.read_adapter_meta(demo.reward_dir)["base_model"] == modeling.base_fingerprint(demo.model_dir)
     assert [p.name for p in (tmp_path / "models").iterdir()] == [demo.model_dir.parent.name]
 
     mtime = (demo.model_dir.parent / BUILD_INFO).stat().st_mtime_ns

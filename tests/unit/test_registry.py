@@ -166,15 +166,47 @@ def test_versions_does_not_mutate_the_stored_values() -> None:
     assert r.base.state == "ready"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry.py versions(): a version handed to set_live() with state 'live' (as "
-    "service._promote passes store.promote's result) keeps that stored state after another "
-    "version is promoted, so versions() lists two live policies",
-)
-def test_promoting_again_demotes_a_version_stored_as_live() -> None:
+def test_a_version_stored_as_live_shows_retired_once_the_alias_moves_on() -> None:
+    # store.promote hands back versions whose state is "live"; the alias, not that state, decides.
     r = AdapterRegistry(BASE)
     r.set_live(version("policy", 1, "live"))
+    assert states(r) == [("policy-v0", "ready"), ("policy-v1", "live")]
     r.set_live(version("policy", 2, "live"))
     assert r.live() == {"policy": "policy-v2"}
-    assert states(r) == [("policy-v0", "ready"), ("policy-v1", "ready"), ("policy-v2", "live")]
+    assert states(r) == [("policy-v0", "ready"), ("policy-v1", "retired"), ("policy-v2", "live")]
+
+
+def test_refresh_takes_states_from_the_store_for_loaded_versions() -> None:
+    r = AdapterRegistry(BASE)
+    r.add(version("policy", 1))
+    r.add(version("policy", 2))
+    r.set_live(version("reward", 1))
+
+    # The store says v2 is live and v1 retired; v3 is not loaded here and is ignored.
+    stored = [
+        version("policy", 1, "retired"),
+        version("policy", 2, "live"),
+        version("policy", 3, "live"),
+    ]
+    r.refresh("policy", stored)
+    assert r.live() == {"policy": "policy-v2", "reward": "reward-v1"}
+    assert states(r, "policy") == [
+        ("policy-v0", "ready"),
+        ("policy-v1", "retired"),
+        ("policy-v2", "live"),
+    ]
+    assert resolve(r, "") == ("policy-v2", "policy-v2")
+    with pytest.raises(AdapterNotFound):
+        resolve(r, "policy-v3")
+
+    # A rollback to the base: nothing stored is live, so policy-v0 serves again.
+    r.refresh("policy", [version("policy", 1, "retired"), version("policy", 2, "retired")])
+    assert r.live() == {"policy": "policy-v0", "reward": "reward-v1"}
+    assert resolve(r, "") == ("policy-v0", None)
+    assert states(r, "policy") == [
+        ("policy-v0", "live"),
+        ("policy-v1", "retired"),
+        ("policy-v2", "retired"),
+    ]
+    # The other alias is untouched.
+    assert states(r, "reward") == [("reward-v1", "live")]

@@ -101,7 +101,7 @@ def test_saved_adapter_loads_with_plain_peft(fit, tiny_dir: Path, tmp_path: Path
         result.model, "reward", tmp_path / "reward", head=result.head,
         base_model=modeling.base_fingerprint(tiny_dir),
     )  # fmt: skip
-    assert modeling.read_adapter_config(out)["flywheel_base_model"] == modeling.base_fingerprint(tiny_dir)
+    assert modeling.read_adapter_meta(out)["base_model"] == modeling.base_fingerprint(tiny_dir)
     base, _ = modeling.load_base(tiny_dir)
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
     head = modeling.ScoreHead.load(out, base.config.hidden_size)
