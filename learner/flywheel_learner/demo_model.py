@@ -27,7 +27,7 @@ from flywheel_learner.sft import SFTConfig, sft
 from flywheel_learner.tokenizer import train_tokenizer
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 # Bump when the build recipe changes so cached builds of the same config are not reused.
 BUILD_FORMAT = 1
@@ -89,7 +89,9 @@ class DemoModel(NamedTuple):
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
     """The rendered prompt the policy sees for one user instruction."""
     messages = [{"role": "user", "content": instruction}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert isinstance(text, str)  # tokenize=False
+    return text
 
 
 def _task_texts(rng: random.Random, n: int) -> list[str]:
@@ -148,21 +150,23 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
 @torch.no_grad()
 def policy_accuracy(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[demo_task.Example]
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[demo_task.Example]
 ) -> dict[str, float]:
     """Greedy accuracy on `examples`, overall and per task."""
     prompts = [chat_prompt(tokenizer, e.instruction) for e in examples]
     batch = tokenizer(
         prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
     )
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]
         **batch,
         do_sample=False,
         max_new_tokens=12,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    responses = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    responses = tokenizer.batch_decode(
+        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
     right = [bool(demo_task.check(p, r)) for p, r in zip(prompts, responses, strict=True)]
     scores = {"all": sum(right) / len(right)}
     for task in demo_task.TASKS:
@@ -209,7 +213,9 @@ def _build_into(tmp: Path, config: DemoModelConfig, progress: bool) -> dict[str,
         seed=config.seed,
         warmup=config.sft_steps // 20,
     )
-    sft_result = _timed(timings, "sft", lambda: sft(model, tokenizer, demos, sft_config, progress=progress))
+    sft_result = _timed(
+        timings, "sft", lambda: sft(model, tokenizer, demos, sft_config, progress=progress)
+    )
     eval_examples = [demo_task.sample_example(rng) for _ in range(config.eval_examples)]
     accuracy = _timed(timings, "eval", lambda: policy_accuracy(model, tokenizer, eval_examples))
     model_dir = tmp / MODEL_DIR
@@ -230,7 +236,9 @@ def _build_into(tmp: Path, config: DemoModelConfig, progress: bool) -> dict[str,
         lambda: fit_reward_model(model, tokenizer, rankings, reward_config, progress=progress),
     )
     correct = [(chat_prompt(tokenizer, i), good) for i, good, _ in triples]
-    bias_shift = normalise_head_bias(fit.model, fit.head, tokenizer, correct, max_length=config.max_position_embeddings)
+    bias_shift = normalise_head_bias(
+        fit.model, fit.head, tokenizer, correct, max_length=config.max_position_embeddings
+    )
     modeling.save_adapter(
         fit.model, fit.adapter_name, tmp / REWARD_DIR, head=fit.head,
         base_model=modeling.base_fingerprint(model_dir),

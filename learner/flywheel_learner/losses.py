@@ -15,7 +15,9 @@ def masked_token_nll(
     labels: (B, T); mask: (B, T) -> scalar. Averaged per token, not per sequence, so long and
     short responses weigh by their length, as in plain language-model training.
     """
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")  # (B*T,)
+    nll = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), reduction="none"
+    )  # (B*T,)
     weights = mask.flatten().to(nll.dtype)  # (B*T,)
     return (nll * weights).sum() / weights.sum().clamp(min=1.0)
 

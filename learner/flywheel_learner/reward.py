@@ -110,7 +110,9 @@ def make_batch(
                 rows.append(modeling.reward_token_ids(tokenizer, prompt, completion, max_length))
                 tiers.append(tier)
                 group.append(g)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -164,8 +166,12 @@ def evaluate(
     device = next(model.parameters()).device
     correct = total = 0.0
     for start in range(0, len(rankings), config.batch_rankings):
-        batch = make_batch(tokenizer, rankings[start : start + config.batch_rankings], config.max_length)
-        rewards = modeling.score(model, head, batch.input_ids.to(device), batch.attention_mask.to(device))
+        batch = make_batch(
+            tokenizer, rankings[start : start + config.batch_rankings], config.max_length
+        )
+        rewards = modeling.score(
+            model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
+        )
         pairs = _pair_count(batch)
         correct += pairwise_accuracy(rewards.cpu(), batch.tiers, batch.group) * pairs
         total += pairs
@@ -213,7 +219,9 @@ def fit_reward_model(
     peft_model.train()
     bar = tqdm(range(config.steps), desc="reward", disable=not progress, leave=False)
     for _ in bar:
-        batch = make_batch(tokenizer, rng.sample(train, min(config.batch_rankings, len(train))), config.max_length)
+        batch = make_batch(
+            tokenizer, rng.sample(train, min(config.batch_rankings, len(train))), config.max_length
+        )
         rewards = modeling.score(
             peft_model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
         )  # (N,)
@@ -229,7 +237,9 @@ def fit_reward_model(
     accuracy = evaluate(peft_model, head, tokenizer, held_out, config)
     tail = losses[-10:]
     seconds = time.perf_counter() - start
-    return RewardFit(peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, config.steps, seconds)
+    return RewardFit(
+        peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, config.steps, seconds
+    )
 
 
 @torch.no_grad()
@@ -254,7 +264,11 @@ def normalise_head_bias(
     for start in range(0, len(demonstrations), batch_size):
         chunk = [(p, [[r]]) for p, r in demonstrations[start : start + batch_size]]
         batch = make_batch(tokenizer, chunk, max_length)
-        total += float(modeling.score(model, head, batch.input_ids.to(device), batch.attention_mask.to(device)).sum())
+        total += float(
+            modeling.score(
+                model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
+            ).sum()
+        )
     mean = total / len(demonstrations)
-    head.linear.bias -= mean
+    head.linear.bias.sub_(mean)
     return mean

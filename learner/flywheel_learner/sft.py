@@ -78,7 +78,10 @@ def encode_pair(
     policy continues from the prompt's own ids.
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    response_ids = [
+        *tokenizer(response, add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
     response_ids = response_ids[: max_length - 1]  # keep at least one token of context
     prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length) :]
     return Encoded([*prompt_ids, *response_ids], len(prompt_ids))
@@ -129,7 +132,9 @@ def sft(
         raise ValueError("sft needs at least one (prompt, response) pair, got none")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; SFT teaches the policy when to stop")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     encoded = [encode_pair(tokenizer, p, r, config.max_length) for p, r in pairs]
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]

@@ -44,7 +44,9 @@ def train_tokenizer(
     """Train the tokenizer on `texts`; any byte sequence still encodes (byte-level alphabet)."""
     minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be >= {minimum} (bytes + special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be >= {minimum} (bytes + special tokens), got {vocab_size}"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()

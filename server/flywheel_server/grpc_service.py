@@ -256,7 +256,7 @@ class Servicer:
         s = self.service
         return pb.ServerInfo(
             base_model=s.engine.base_model, model_path=str(s.engine.model_dir),
-            max_tokens_limit=s.config.max_tokens_limit, live=s.registry.live(),
+            max_tokens_limit=s.max_tokens_limit, live=s.registry.live(),
         )
 
 

@@ -33,6 +33,9 @@ STATUS: list[tuple[type[errors.FlywheelError], int, str]] = [
 ]
 
 
+DRAIN_FACTOR = 16
+
+
 class BodyTooLarge(errors.InvalidRequest):
     pass
 
@@ -41,11 +44,19 @@ def error_response(status: int, kind: str, message: str, param: str | None = Non
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
+# The service names fields as the contract does; OpenAI's HTTP shape calls both "model".
+HTTP_FIELDS = {"policy": "model", "reward_model": "model"}
+
+
 def from_error(e: errors.FlywheelError) -> JSONResponse:
+    field = HTTP_FIELDS.get(e.field, e.field) if e.field else None
+    message = e.message
+    if field != e.field and e.field and message.startswith(e.field + " "):
+        message = field + message[len(e.field) :]
     if isinstance(e, BodyTooLarge):
-        return error_response(413, "invalid_request_error", e.message, e.field)
+        return error_response(413, "invalid_request_error", message, field)
     status, kind = next((s, k) for cls, s, k in STATUS if isinstance(e, cls))
-    return error_response(status, kind, e.message, e.field)
+    return error_response(status, kind, message, field)
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -135,10 +146,17 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
         if declared and declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(f"request body is {declared} bytes; at most {limit}", field="body")
         raw = bytearray()
+        seen = 0
         async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise BodyTooLarge(f"request body exceeds {limit} bytes", field="body")
+            seen += len(chunk)
+            if seen <= limit:
+                raw += chunk
+            elif seen > DRAIN_FACTOR * limit:
+                break
+        if seen > limit:
+            # Read (and drop) the rest first: answering mid-upload resets clients that send
+            # the whole body before reading the reply.
+            raise BodyTooLarge(f"request body exceeds {limit} bytes", field="body")
         try:
             doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

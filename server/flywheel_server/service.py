@@ -103,6 +103,8 @@ class FlywheelService:
         self.config = config
         self.registry = AdapterRegistry(engine.base_model)
         self.adapters_dir = config.data_dir / "adapters"
+        # A request may not ask for more tokens than the model has positions for.
+        self.max_tokens_limit = min(config.max_tokens_limit, engine.max_positions - 1)
         self._admin = asyncio.Lock()
 
     # -- start-up ---------------------------------------------------------------------------
@@ -149,7 +151,7 @@ class FlywheelService:
         return tuple(ids)
 
     def sampling(self, raw: validation.RawSampling) -> Sampling:
-        return validation.sampling(raw, max_tokens_limit=self.config.max_tokens_limit)
+        return validation.sampling(raw, max_tokens_limit=self.max_tokens_limit)
 
     async def generate(
         self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
@@ -165,7 +167,7 @@ class FlywheelService:
         """Validate now (errors raise before any event), then stream as the caller iterates."""
         n = validation.integer("n", n, 1, self.config.max_n)
         kind, text = self.render(prompt)
-        policy_id, adapter = self.registry.resolve(policy, kind="policy", field="model")
+        policy_id, adapter = self.registry.resolve(policy, kind="policy", field="policy")
         rows = [_Row(new_id("cmpl"), i, policy_id, adapter) for i in range(n)]
         return _Stream(self, PromptRecord(new_id("prm"), text, kind), self._encode_prompt(text, sampling), sampling, rows)
 
@@ -189,7 +191,7 @@ class FlywheelService:
         validation.integer("completions", len(completions), 1, self.config.max_n * 4)
         for i, c in enumerate(completions):
             validation.text(f"completions[{i}]", c, allow_empty=True)
-        reward_id, adapter = self.registry.resolve(reward_model, kind="reward", field="model")
+        reward_id, adapter = self.registry.resolve(reward_model, kind="reward", field="reward_model")
         assert adapter is not None
         return await self.engine.score(adapter, prompt, list(completions)), reward_id
 

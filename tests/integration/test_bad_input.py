@@ -20,7 +20,7 @@ from flywheel_client import FlywheelError, NotFound
 
 pytestmark = pytest.mark.integration
 
-LIMIT = 512  # the server's default max_tokens_limit
+LIMIT = 255  # min(max_tokens_limit 512, the tiny model's 256 positions - 1), as GetServerInfo reports
 MAX_TEXT_CHARS = 32_768
 HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT"}
 # Long enough in tokens to exceed the prompt budget of the tiny model (256 positions), short
@@ -154,9 +154,9 @@ BASE = {"prompt": "reverse: abc", "max_tokens": 4}
 
 # (case id, fields over BASE, HTTP status, message substrings, field)
 GENERATE_CASES = [
-    ("max_tokens=0", {"max_tokens": 0}, 400, ("max_tokens must be between 1 and 512", "got 0"), "max_tokens"),
-    ("max_tokens=-1", {"max_tokens": -1}, 400, ("max_tokens must be between 1 and 512", "got -1"), "max_tokens"),
-    ("max_tokens=limit+1", {"max_tokens": LIMIT + 1}, 400, ("max_tokens must be between 1 and 512", "got 513"), "max_tokens"),
+    ("max_tokens=0", {"max_tokens": 0}, 400, ("max_tokens must be between 1 and 255", "got 0"), "max_tokens"),
+    ("max_tokens=-1", {"max_tokens": -1}, 400, ("max_tokens must be between 1 and 255", "got -1"), "max_tokens"),
+    ("max_tokens=limit+1", {"max_tokens": LIMIT + 1}, 400, ("max_tokens must be between 1 and 255", "got 256"), "max_tokens"),
     ("temperature<0", {"temperature": -0.5}, 400, ("temperature must be between 0 and 10", "-0.5"), "temperature"),
     ("top_p=0", {"top_p": 0.0}, 400, ("top_p must be in (0, 1]",), "top_p"),
     ("empty-stop", {"stop": [""]}, 400, ("each stop string must be 1 to 64 characters",), "stop"),
@@ -227,15 +227,6 @@ def test_bad_generate_grpc(server, grpc_client, fields, status, substrings, fiel
         _grpc_generate(grpc_client, fields, stream=stream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug: service._encode_prompt (server/flywheel_server/service.py) blames the prompt, "
-        "with a negative budget ('at most -44 fit'), when max_tokens is within max_tokens_limit (512) "
-        "but not within the model's context (256 positions); it should reject max_tokens, field "
-        "max_tokens, with the real upper bound"
-    ),
-)
 def test_max_tokens_beyond_model_context_names_max_tokens(server, grpc_client):
     # 300 <= max_tokens_limit, so it passes validation.sampling, but 300 tokens never fit the
     # tiny model's 256 positions whatever the prompt: max_tokens is the offending field.
@@ -257,7 +248,7 @@ def test_max_tokens_beyond_model_context_names_max_tokens(server, grpc_client):
         pytest.param({"k": 1}, ("k must be between 2 and 16",), "k", id="k=1"),
         pytest.param({"k": 17}, ("k must be between 2 and 16",), "k", id="k=17"),
         pytest.param({"prompt": "  "}, ("prompt must not be empty",), "prompt", id="blank-prompt"),
-        pytest.param({"max_tokens": 0}, ("max_tokens must be between 1 and 512",), "max_tokens", id="max_tokens=0"),
+        pytest.param({"max_tokens": 0}, ("max_tokens must be between 1 and 255",), "max_tokens", id="max_tokens=0"),
         pytest.param({"temperature": -0.5}, ("temperature must be between 0 and 10",), "temperature", id="temperature<0"),
     ],
 )

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from flywheel_learner import modeling
 from flywheel_learner.demo_model import (
     BUILD_INFO,
@@ -50,7 +49,9 @@ def test_tiny_model_is_a_local_hf_directory(tmp_path: Path) -> None:
 
 
 def test_config_rejects_heads_that_do_not_divide_hidden() -> None:
-    with pytest.raises(ValueError, match=r"hidden_size \(30\) must be a multiple of num_heads \(4\)"):
+    with pytest.raises(
+        ValueError, match=r"hidden_size \(30\) must be a multiple of num_heads \(4\)"
+    ):
         DemoModelConfig(hidden_size=30)
 
 
@@ -75,7 +76,9 @@ def test_ensure_builds_once_then_reuses_the_cache(tmp_path: Path) -> None:
     assert set(info["policy_accuracy"]) >= {"all"}
     assert 0.0 <= info["reward_held_out_accuracy"] <= 1.0
     assert info["tokens"]["eos"] == modeling.load_base(demo.model_dir)[1].eos_token_id
-    assert modeling.read_adapter_meta(demo.reward_dir)["base_model"] == modeling.base_fingerprint(demo.model_dir)
+    assert modeling.read_adapter_meta(demo.reward_dir)["base_model"] == modeling.base_fingerprint(
+        demo.model_dir
+    )
     assert [p.name for p in (tmp_path / "models").iterdir()] == [demo.model_dir.parent.name]
 
     mtime = (demo.model_dir.parent / BUILD_INFO).stat().st_mtime_ns

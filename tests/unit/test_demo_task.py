@@ -1,7 +1,6 @@
 import random
 
 import pytest
-
 from flywheel_learner import demo_task
 from flywheel_learner.demo_task import Example, check, demonstrations, preference_pairs
 
@@ -31,7 +30,9 @@ def test_check_finds_the_instruction_in_a_chat_rendered_prompt() -> None:
 
 
 def test_check_uses_the_last_instruction_of_a_conversation() -> None:
-    prompt = "<|user|>\nreverse: abc\n<|assistant|>\ncba<|eos|>\n<|user|>\nreverse: xyz\n<|assistant|>\n"
+    prompt = (
+        "<|user|>\nreverse: abc\n<|assistant|>\ncba<|eos|>\n<|user|>\nreverse: xyz\n<|assistant|>\n"
+    )
     assert check(prompt, "zyx") is True
     assert check(prompt, "cba") is False
 
@@ -73,7 +74,7 @@ def test_demonstrations_have_the_requested_quality() -> None:
 
 
 def test_demonstrations_reject_a_quality_outside_zero_one() -> None:
-    with pytest.raises(ValueError, match="quality must be between 0 and 1, got 1.5"):
+    with pytest.raises(ValueError, match=r"quality must be between 0 and 1, got 1\.5"):
         demonstrations(random.Random(0), 1, quality=1.5)
 
 

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from flywheel_learner.losses import masked_token_nll, pairwise_accuracy, ranking_loss
 
 pytestmark = pytest.mark.unit
@@ -23,7 +22,10 @@ def test_masked_token_nll_averages_only_masked_tokens() -> None:
 
 def test_masked_token_nll_is_zero_with_an_empty_mask() -> None:
     logits = torch.zeros(2, 3, 4)
-    assert masked_token_nll(logits, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)).item() == 0.0
+    assert (
+        masked_token_nll(logits, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)).item()
+        == 0.0
+    )
 
 
 def test_ranking_loss_three_completions_by_hand() -> None:

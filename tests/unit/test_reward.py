@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from flywheel_learner import modeling
 from flywheel_learner.demo_model import build_tiny_model
 from flywheel_learner.reward import (
@@ -26,7 +25,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def rankings(n: int) -> list[tuple[str, list[list[str]]]]:
     """A preference a tiny random model can learn: 'yes' > 'maybe' ~ 'perhaps' > 'no'."""
-    return [(f"<|user|>\nq{i}\n<|assistant|>\n", [["yes"], ["maybe", "perhaps"], ["no"]]) for i in range(n)]
+    return [
+        (f"<|user|>\nq{i}\n<|assistant|>\n", [["yes"], ["maybe", "perhaps"], ["no"]])
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from flywheel_learner import modeling
 from flywheel_learner.demo_model import build_tiny_model, chat_prompt
 from flywheel_learner.demo_task import demonstrations
@@ -60,7 +59,13 @@ def test_sft_reduces_the_response_loss(tiny) -> None:
     batch = collate([encode_pair(tokenizer, p, r, 64) for p, r in pairs], tokenizer.pad_token_id)
     with torch.no_grad():
         before = response_nll(model, *batch).item()
-    result = sft(model, tokenizer, pairs, SFTConfig(steps=15, batch_size=16, lr=1e-2, warmup=2), progress=False)
+    result = sft(
+        model,
+        tokenizer,
+        pairs,
+        SFTConfig(steps=15, batch_size=16, lr=1e-2, warmup=2),
+        progress=False,
+    )
     with torch.no_grad():
         after = response_nll(model, *batch).item()
     assert result.steps == 15 and result.seconds > 0

@@ -2,10 +2,9 @@ import random
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
-
 from flywheel_learner.demo_task import demonstrations
 from flywheel_learner.tokenizer import train_tokenizer
+from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -62,13 +61,19 @@ def test_no_bos_is_added_implicitly(tokenizer) -> None:
 
 
 def test_chat_template_renders_the_generation_prompt(tokenizer) -> None:
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse: abc"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "reverse: abc"},
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == "<|bos|><|system|>\nbe brief\n<|user|>\nreverse: abc\n<|assistant|>\n"
 
 
 def test_chat_template_ends_assistant_turns_with_eos(tokenizer) -> None:
-    messages = [{"role": "user", "content": "reverse: abc"}, {"role": "assistant", "content": "cba"}]
+    messages = [
+        {"role": "user", "content": "reverse: abc"},
+        {"role": "assistant", "content": "cba"},
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     assert text == "<|bos|><|user|>\nreverse: abc\n<|assistant|>\ncba<|eos|>\n"
 
