@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from flywheel_learner import modeling
+
 from flywheel_server.domain import Sampling
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
 from flywheel_server.sampling import find_stop, safe_prefix_length, sample

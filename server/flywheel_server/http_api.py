@@ -18,7 +18,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flywheel_server import errors
-from flywheel_server.auth import Authenticator
 from flywheel_server.domain import AdapterVersion
 from flywheel_server.service import FlywheelService, Generation, PromptInput, StreamEvent
 from flywheel_server.validation import RawSampling

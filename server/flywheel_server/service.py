@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel_proto import archive
+
 from flywheel_server import validation
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (
@@ -33,7 +34,7 @@ from flywheel_server.domain import (
     Sampling,
 )
 from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine
-from flywheel_server.errors import AdapterRefused, Conflict, InvalidRequest, NotFound
+from flywheel_server.errors import AdapterRefused, InvalidRequest, NotFound
 from flywheel_server.registry import AdapterRegistry
 from flywheel_server.store import Store
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from flywheel_client import Conflict, FlywheelClient, InvalidArgument
-
 from flywheel_learner import modeling
+
 from tests.support import make_adapter
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ def test_refused_adapters_store_nothing_live(server, tiny_model, tmp_path):
         # Not a PEFT directory at all.
         (tmp_path / "junk").mkdir()
         (tmp_path / "junk" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-        with pytest.raises(Conflict, match="adapter_model.safetensors"):
+        with pytest.raises(Conflict, match=r"adapter_model\.safetensors"):
             client.publish_adapter(tmp_path / "junk", name="policy", base_model=base)
         assert client.versions().live == live_before
 
