@@ -6,7 +6,9 @@ import sys
 cuda = sorted(
     d.metadata["Name"]
     for d in md.distributions()
-    if d.metadata["Name"].lower().startswith(("nvidia-cu", "nvidia-nccl", "nvidia-nvjitlink", "triton"))
+    if d.metadata["Name"]
+    .lower()
+    .startswith(("nvidia-cu", "nvidia-nccl", "nvidia-nvjitlink", "triton"))
 )
 torch_version = md.version("torch")
 if cuda or ("+cpu" not in torch_version and sys.platform == "linux"):

@@ -48,8 +48,12 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        stale = [f.name for f in fresh if not (PACKAGE / f.name).exists()
-                 or not filecmp.cmp(f, PACKAGE / f.name, shallow=False)]
+        stale = [
+            f.name
+            for f in fresh
+            if not (PACKAGE / f.name).exists()
+            or not filecmp.cmp(f, PACKAGE / f.name, shallow=False)
+        ]
     if stale:
         sys.exit(f"generated stubs are out of date: {', '.join(stale)}; run `make proto`")
     print("proto stubs up to date")

@@ -38,7 +38,9 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         with FlywheelClient(proc.grpc) as client:
             client.publish_adapter(
                 make_adapter(tiny_model, adapters / "reward", reward=True),
-                name="reward", base_model=modeling.base_fingerprint(tiny_model), promote=True,
+                name="reward",
+                base_model=modeling.base_fingerprint(tiny_model),
+                promote=True,
             )
         yield proc
     finally:

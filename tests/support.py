@@ -23,7 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapter(model_dir: Path, out_dir: Path, *, reward: bool = False, seed: int = 0, scale: float = 1.0) -> Path:
+def make_adapter(
+    model_dir: Path, out_dir: Path, *, reward: bool = False, seed: int = 0, scale: float = 1.0
+) -> Path:
     """A random LoRA adapter (and score head for a reward model) in the served format."""
     import torch
     from flywheel_learner import modeling
@@ -31,7 +33,9 @@ def make_adapter(model_dir: Path, out_dir: Path, *, reward: bool = False, seed: 
 
     torch.manual_seed(seed)
     model, _ = modeling.load_base(model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     peft = get_peft_model(model, config, adapter_name="tmp")
     if scale != 1.0:
         with torch.no_grad():
@@ -39,13 +43,22 @@ def make_adapter(model_dir: Path, out_dir: Path, *, reward: bool = False, seed: 
                 if "lora_B" in name:
                     p.mul_(scale)
     head = modeling.ScoreHead(model.config.hidden_size) if reward else None
-    return modeling.save_adapter(peft, "tmp", out_dir, head=head, base_model=modeling.base_fingerprint(model_dir))
+    return modeling.save_adapter(
+        peft, "tmp", out_dir, head=head, base_model=modeling.base_fingerprint(model_dir)
+    )
 
 
 class ServerProcess:
     """`flywheel serve` in a subprocess, on free loopback ports."""
 
-    def __init__(self, model: Path, data_dir: Path, *, env: dict[str, str] | None = None, args: list[str] = ()) -> None:
+    def __init__(
+        self,
+        model: Path,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        args: list[str] = (),
+    ) -> None:
         self.model = model
         self.data_dir = data_dir
         self.http_port = free_port()
@@ -70,15 +83,28 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            FLYWHEEL, "serve", "--model", str(self.model), "--data-dir", str(self.data_dir),
-            "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *self.args,
+            FLYWHEEL,
+            "serve",
+            "--model",
+            str(self.model),
+            "--data-dir",
+            str(self.data_dir),
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            *self.args,
         ]
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, text=True)
+            self.proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, text=True
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.http}/readyz", timeout=1) as r:
                     if r.status == 200:
@@ -87,7 +113,9 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"server not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"server not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}"
+        )
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -109,10 +137,14 @@ class ServerProcess:
         finally:
             store.close()
 
-    def post(self, path: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    def post(
+        self, path: str, body: bytes | dict, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         request = urllib.request.Request(
-            self.http + path, data=data, headers={"content-type": "application/json", **(headers or {})}
+            self.http + path,
+            data=data,
+            headers={"content-type": "application/json", **(headers or {})},
         )
         try:
             with urllib.request.urlopen(request, timeout=60) as r:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from flywheel_learner import modeling
 from flywheel_learner.losses import pairwise_accuracy, ranking_loss
+from flywheel_learner.sft import warmup_cosine
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -38,8 +39,8 @@ class RewardConfig:
     """
 
     steps: int = 300
-    lr: float = 2e-3
-    r: int = 16
+    lr: float = 1e-3
+    r: int = 32
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = (
@@ -93,7 +94,7 @@ class Batch(NamedTuple):
 
 def _validate(rankings: Sequence[RankingText]) -> None:
     for i, (_, tiers) in enumerate(rankings):
-        if sum(len(t) for t in tiers) < 2 or len([t for t in tiers if t]) < 2:
+        if sum(1 for tier in tiers if tier) < 2:
             raise ValueError(
                 f"ranking {i} must hold at least two non-empty tiers to give a pair, got {tiers!r}"
             )
@@ -183,13 +184,6 @@ def _pair_count(batch: Batch) -> int:
     return int((same & (batch.tiers[:, None] < batch.tiers[None, :])).sum())
 
 
-def _lr_factor(step: int, config: RewardConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def fit_reward_model(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -212,7 +206,9 @@ def fit_reward_model(
     head = modeling.ScoreHead(peft_model.config.hidden_size).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, config.warmup, config.steps)
+    )
     rng = random.Random(config.seed)
     losses: list[float] = []
     start = time.perf_counter()

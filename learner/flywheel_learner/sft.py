@@ -108,11 +108,11 @@ def response_nll(
     return masked_token_nll(logits[:, :-1], input_ids[:, 1:], response[:, 1:])
 
 
-def lr_factor(step: int, config: SFTConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+def warmup_cosine(step: int, warmup: int, steps: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -139,7 +139,9 @@ def sft(
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, config.warmup, config.steps)
+    )
     rng = random.Random(config.seed)
     losses: list[float] = []
     start = time.perf_counter()

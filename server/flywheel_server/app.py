@@ -92,7 +92,10 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
             raise SystemExit(f"HTTP server could not start on {config.host}:{config.http_port}")
         await asyncio.sleep(0.05)
     http_port = http.servers[0].sockets[0].getsockname()[1]
-    runtime.addresses = {"http": f"http://{config.host}:{http_port}", "grpc": f"{config.host}:{grpc_port}"}
+    runtime.addresses = {
+        "http": f"http://{config.host}:{http_port}",
+        "grpc": f"{config.host}:{grpc_port}",
+    }
     runtime.ready = True
     live = service.registry.live()
     print(
@@ -104,7 +107,9 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
     )
 
     stop = stop or _stop_on_signals()
-    await asyncio.wait([asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        [asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED
+    )
     log.info("shutting down")
     runtime.ready = False
     await health.enter_graceful_shutdown()
@@ -126,7 +131,9 @@ def _stop_on_signals() -> asyncio.Event:
 
 def run(config: ServerConfig, *, up: bool = False) -> None:
     """Entry point of `flywheel serve` (and `flywheel up`, which will also start the learner)."""
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     prepare_process(config)
     asyncio.run(serve(config))
 

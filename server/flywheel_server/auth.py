@@ -29,7 +29,9 @@ def _scopes(raw: object, where: str) -> frozenset[str]:
     scopes = frozenset(raw) if isinstance(raw, list | tuple) else frozenset()
     bad = scopes - set(SCOPES)
     if not scopes or bad:
-        raise ValueError(f"{where}: scopes must be a non-empty list of {', '.join(SCOPES)}; got {raw!r}")
+        raise ValueError(
+            f"{where}: scopes must be a non-empty list of {', '.join(SCOPES)}; got {raw!r}"
+        )
     return scopes
 
 
@@ -39,7 +41,11 @@ def parse_env(value: str) -> list[ApiKey]:
         key, sep, scopes = item.partition("=")
         if not sep or not key:
             raise ValueError(f"FLYWHEEL_API_KEYS entry {i + 1} must look like KEY=scope+scope")
-        keys.append(ApiKey(f"env-{i + 1}", key, _scopes(scopes.split("+"), f"FLYWHEEL_API_KEYS entry {i + 1}")))
+        keys.append(
+            ApiKey(
+                f"env-{i + 1}", key, _scopes(scopes.split("+"), f"FLYWHEEL_API_KEYS entry {i + 1}")
+            )
+        )
     return keys
 
 
@@ -55,7 +61,13 @@ def parse_file(path: Path) -> list[ApiKey]:
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not isinstance(e.get("key"), str) or len(e["key"]) < 8:
             raise ValueError(f"{path}: keys[{i}].key must be a string of at least 8 characters")
-        keys.append(ApiKey(str(e.get("name", f"key-{i}")), e["key"], _scopes(e.get("scopes"), f"{path}: keys[{i}]")))
+        keys.append(
+            ApiKey(
+                str(e.get("name", f"key-{i}")),
+                e["key"],
+                _scopes(e.get("scopes"), f"{path}: keys[{i}]"),
+            )
+        )
     return keys
 
 
@@ -78,7 +90,9 @@ class Authenticator:
         if not self.enabled:
             return "anonymous"
         scheme, _, rest = (authorization or "").strip().partition(" ")
-        token = rest.strip() if scheme.lower() == "bearer" else scheme  # "Bearer <key>" or the bare key
+        token = (
+            rest.strip() if scheme.lower() == "bearer" else scheme
+        )  # "Bearer <key>" or the bare key
         if not token:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
         for k in self.keys:

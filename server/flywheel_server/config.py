@@ -25,7 +25,9 @@ class ServerConfig:
         "Hugging Face causal-LM directory to serve; the built-in demo model when omitted "
         "(built once under --data-dir, no download)"
     )
-    data_dir: Path = _opt("directory for the store, adapters and the demo model", default=Path(".flywheel"))
+    data_dir: Path = _opt(
+        "directory for the store, adapters and the demo model", default=Path(".flywheel")
+    )
     db: str | None = _opt(
         "SQLAlchemy database URL; default sqlite:///<data-dir>/flywheel.db",
     )
@@ -40,9 +42,13 @@ class ServerConfig:
     )
     device: str = _opt("torch device for the engine: cpu, cuda, or auto", default="auto")
     max_tokens_limit: int = _opt("largest max_tokens a request may ask for", default=512)
-    max_n: int = _opt("largest n (completions per request) and k (comparison candidates)", default=16)
+    max_n: int = _opt(
+        "largest n (completions per request) and k (comparison candidates)", default=16
+    )
     max_body_bytes: int = _opt("largest HTTP request body, in bytes", default=1 << 20)
-    max_prompt_tokens: int = _opt("longest prompt, in tokens (longer prompts are refused)", default=1024)
+    max_prompt_tokens: int = _opt(
+        "longest prompt, in tokens (longer prompts are refused)", default=1024
+    )
     log_level: str = _opt("logging level", default="INFO")
 
     def __post_init__(self) -> None:

@@ -53,7 +53,9 @@ def resolve_device(device: str) -> str:
 
 
 class TorchEngine:
-    def __init__(self, model_dir: str | Path, *, device: str = "auto", max_pending: int = 64) -> None:
+    def __init__(
+        self, model_dir: str | Path, *, device: str = "auto", max_pending: int = 64
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.base_model = modeling.base_fingerprint(self.model_dir)
@@ -77,7 +79,9 @@ class TorchEngine:
             # A base model without a template: plain "role: content" lines.
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join([*lines, "assistant:"])
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
     @property
     def adapters(self) -> list[str]:
@@ -207,7 +211,11 @@ class TorchEngine:
                     if cut >= 0 or last:
                         done[i] = True
                         text = text[:cut] if cut >= 0 else text
-                        emit(TokenEvent(i, text[sent[i] :], "stop" if cut >= 0 else "length", len(tokens[i])))
+                        emit(
+                            TokenEvent(
+                                i, text[sent[i] :], "stop" if cut >= 0 else "length", len(tokens[i])
+                            )
+                        )
                         continue
                     # Hold back a trailing replacement char: a multi-byte character mid-way.
                     upto = safe_prefix_length(text.removesuffix("\ufffd"), s.stop)
@@ -217,10 +225,14 @@ class TorchEngine:
                 if all(done) or cancelled.is_set():
                     return
                 out = self._net(
-                    input_ids=next_ids.unsqueeze(-1), past_key_values=out.past_key_values, use_cache=True
+                    input_ids=next_ids.unsqueeze(-1),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
                 )
 
-    def _flush(self, i: int, tokens: list[int], sent: list[int], stops: tuple[str, ...], reason: str) -> TokenEvent:
+    def _flush(
+        self, i: int, tokens: list[int], sent: list[int], stops: tuple[str, ...], reason: str
+    ) -> TokenEvent:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = find_stop(text, stops)
         text = text[:cut] if cut >= 0 else text
@@ -237,11 +249,16 @@ class TorchEngine:
     @torch.inference_mode()
     def _score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
         head = self.heads[adapter]
-        rows = [modeling.reward_token_ids(self.tokenizer, prompt, c, self.max_positions) for c in completions]
+        rows = [
+            modeling.reward_token_ids(self.tokenizer, prompt, c, self.max_positions)
+            for c in completions
+        ]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor(
+            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
+        )
         with self._using(adapter):
             return modeling.score(self._net, head, ids, mask).float().cpu().tolist()
 
@@ -257,7 +274,9 @@ class TorchEngine:
                 f"this server serves {self.base_model}"
             )
         try:
-            head = modeling.ScoreHead.load(path, self.hidden_size).to(self.device) if reward else None
+            head = (
+                modeling.ScoreHead.load(path, self.hidden_size).to(self.device) if reward else None
+            )
             self._attach(adapter_id, path)
         except Exception as e:
             raise AdapterRefused(f"adapter {adapter_id} could not be loaded: {e}") from e
@@ -278,7 +297,9 @@ class TorchEngine:
             return  # idempotent: versions are immutable, never reloaded in place
         try:
             if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_id)
+                self.peft = PeftModel.from_pretrained(
+                    self.model, str(path), adapter_name=adapter_id
+                )
                 self.peft.eval()
             else:
                 self.peft.load_adapter(str(path), adapter_name=adapter_id)
@@ -292,7 +313,9 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _smoke_check(self, adapter_id: str, head: modeling.ScoreHead | None) -> None:
-        ids = torch.tensor([self.encode(SMOKE_PROMPT) or [self.tokenizer.eos_token_id]], device=self.device)
+        ids = torch.tensor(
+            [self.encode(SMOKE_PROMPT) or [self.tokenizer.eos_token_id]], device=self.device
+        )
         with self._using(adapter_id):
             if head is not None:
                 values = modeling.score(self._net, head, ids, torch.ones_like(ids))

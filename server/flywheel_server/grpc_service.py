@@ -68,14 +68,18 @@ def _check(request: Any) -> Any:
 
 async def _abort(context: grpc.aio.ServicerContext, e: errors.FlywheelError) -> None:
     # The offending field travels as trailing metadata, so clients can point at it.
-    await context.abort(status_of(e), e.message, trailing_metadata=(("field", e.field),) if e.field else ())
+    await context.abort(
+        status_of(e), e.message, trailing_metadata=(("field", e.field),) if e.field else ()
+    )
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return dict(context.invocation_metadata() or ()).get("authorization")
 
 
-def _guard(fn: Callable[..., Any], auth: Authenticator, scope: str, request_stream: bool) -> Callable[..., Any]:
+def _guard(
+    fn: Callable[..., Any], auth: Authenticator, scope: str, request_stream: bool
+) -> Callable[..., Any]:
     """Auth, malformed-input check and error mapping around one handler (unary or streaming)."""
     if inspect.isasyncgenfunction(fn):
 
@@ -129,26 +133,41 @@ def prompt_input(p: pb.Prompt) -> PromptInput:
     if kind == "text":
         return PromptInput(text=p.text)
     if kind == "chat":
-        return PromptInput(messages=[{"role": m.role, "content": m.content} for m in p.chat.messages])
+        return PromptInput(
+            messages=[{"role": m.role, "content": m.content} for m in p.chat.messages]
+        )
     raise errors.InvalidRequest("prompt must hold text or chat messages", field="prompt")
 
 
 def raw_sampling(s: pb.SamplingParams) -> RawSampling:
     opt = lambda name: getattr(s, name) if s.HasField(name) else None  # noqa: E731
-    return RawSampling(opt("temperature"), opt("top_p"), opt("top_k"), opt("max_tokens"), list(s.stop), opt("seed"))
+    return RawSampling(
+        opt("temperature"), opt("top_p"), opt("top_k"), opt("max_tokens"), list(s.stop), opt("seed")
+    )
 
 
 def completion_pb(c: domain.CompletionRecord) -> pb.Completion:
     return pb.Completion(
-        id=c.id, index=c.index, text=c.text, finish_reason=c.finish_reason, policy=c.policy,
-        prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+        id=c.id,
+        index=c.index,
+        text=c.text,
+        finish_reason=c.finish_reason,
+        policy=c.policy,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
     )
 
 
 def version_pb(v: domain.AdapterVersion) -> pb.AdapterVersion:
     return pb.AdapterVersion(
-        name=v.name, version=v.version, id=v.id, state=v.state, sha256=v.sha256,
-        created_at=v.created_at, metrics=v.metrics, base_model=v.base_model,
+        name=v.name,
+        version=v.version,
+        id=v.id,
+        state=v.state,
+        sha256=v.sha256,
+        created_at=v.created_at,
+        metrics=v.metrics,
+        base_model=v.base_model,
     )
 
 
@@ -161,34 +180,54 @@ class Servicer:
     # Inference
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
         result = await self.service.generate(
-            prompt_input(request.prompt), n=request.n or 1,
-            sampling=self.service.sampling(raw_sampling(request.sampling)), policy=request.policy,
+            prompt_input(request.prompt),
+            n=request.n or 1,
+            sampling=self.service.sampling(raw_sampling(request.sampling)),
+            policy=request.policy,
         )
-        return pb.GenerateResponse(prompt_id=result.prompt_id, completions=[completion_pb(c) for c in result.completions])
+        return pb.GenerateResponse(
+            prompt_id=result.prompt_id, completions=[completion_pb(c) for c in result.completions]
+        )
 
-    async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
         stream = self.service.generate_stream(
-            prompt_input(request.prompt), n=request.n or 1,
-            sampling=self.service.sampling(raw_sampling(request.sampling)), policy=request.policy,
+            prompt_input(request.prompt),
+            n=request.n or 1,
+            sampling=self.service.sampling(raw_sampling(request.sampling)),
+            policy=request.policy,
         )
         async for e in stream:
             yield pb.GenerateChunk(
-                prompt_id=e.prompt_id, completion_id=e.completion_id, index=e.index, delta=e.delta,
-                finish_reason=e.finish_reason or "", policy=e.policy,
+                prompt_id=e.prompt_id,
+                completion_id=e.completion_id,
+                index=e.index,
+                delta=e.delta,
+                finish_reason=e.finish_reason or "",
+                policy=e.policy,
             )
 
     async def Compare(self, request: pb.CompareRequest, context: Any) -> pb.CompareResponse:
         result = await self.service.compare(
-            prompt_input(request.prompt), k=request.k,
-            sampling=self.service.sampling(raw_sampling(request.sampling)), policies=list(request.policies),
+            prompt_input(request.prompt),
+            k=request.k,
+            sampling=self.service.sampling(raw_sampling(request.sampling)),
+            policies=list(request.policies),
         )
-        return pb.CompareResponse(prompt_id=result.prompt_id, candidates=[completion_pb(c) for c in result.completions])
+        return pb.CompareResponse(
+            prompt_id=result.prompt_id, candidates=[completion_pb(c) for c in result.completions]
+        )
 
     async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
-        scores, model = await self.service.score(request.prompt, list(request.completions), request.reward_model)
+        scores, model = await self.service.score(
+            request.prompt, list(request.completions), request.reward_model
+        )
         return pb.ScoreResponse(scores=scores, reward_model=model)
 
-    async def ListVersions(self, request: pb.ListVersionsRequest, context: Any) -> pb.ListVersionsResponse:
+    async def ListVersions(
+        self, request: pb.ListVersionsRequest, context: Any
+    ) -> pb.ListVersionsResponse:
         versions, live = self.service.versions(request.name)
         return pb.ListVersionsResponse(versions=[version_pb(v) for v in versions], live=live)
 
@@ -196,44 +235,76 @@ class Servicer:
     async def SubmitRanking(self, request: pb.RankingRequest, context: Any) -> pb.RankingResponse:
         r = await self.service.rank(
             [list(t.completion_ids) for t in request.ranking],
-            labeler=request.labeler, idempotency_key=request.idempotency_key,
+            labeler=request.labeler,
+            idempotency_key=request.idempotency_key,
         )
-        return pb.RankingResponse(ranking_id=r.ranking_id, prompt_id=r.prompt_id, pairs=r.pairs, duplicate=r.duplicate)
+        return pb.RankingResponse(
+            ranking_id=r.ranking_id, prompt_id=r.prompt_id, pairs=r.pairs, duplicate=r.duplicate
+        )
 
-    async def SubmitDemonstration(self, request: pb.DemonstrationRequest, context: Any) -> pb.DemonstrationResponse:
+    async def SubmitDemonstration(
+        self, request: pb.DemonstrationRequest, context: Any
+    ) -> pb.DemonstrationResponse:
         r = await self.service.demonstrate(
-            prompt_input(request.prompt), request.response,
-            labeler=request.labeler, idempotency_key=request.idempotency_key,
+            prompt_input(request.prompt),
+            request.response,
+            labeler=request.labeler,
+            idempotency_key=request.idempotency_key,
         )
         return pb.DemonstrationResponse(demonstration_id=r.demonstration_id, duplicate=r.duplicate)
 
     # Learner
-    async def ExportRankings(self, request: pb.ExportRequest, context: Any) -> AsyncIterator[pb.RankingRecord]:
+    async def ExportRankings(
+        self, request: pb.ExportRequest, context: Any
+    ) -> AsyncIterator[pb.RankingRecord]:
         for r in await self.service.export_rankings(request.after, request.limit):
             yield pb.RankingRecord(
-                cursor=r.cursor, ranking_id=r.ranking_id, prompt_id=r.prompt_id, prompt=r.prompt,
-                labeler=r.labeler, created_at=r.created_at,
+                cursor=r.cursor,
+                ranking_id=r.ranking_id,
+                prompt_id=r.prompt_id,
+                prompt=r.prompt,
+                labeler=r.labeler,
+                created_at=r.created_at,
                 completions=[
-                    pb.RankedCompletion(completion_id=c.completion_id, text=c.text, policy=c.policy, tier=c.tier)
+                    pb.RankedCompletion(
+                        completion_id=c.completion_id, text=c.text, policy=c.policy, tier=c.tier
+                    )
                     for c in r.completions
                 ],
             )
 
-    async def ExportPrompts(self, request: pb.ExportRequest, context: Any) -> AsyncIterator[pb.PromptRecord]:
+    async def ExportPrompts(
+        self, request: pb.ExportRequest, context: Any
+    ) -> AsyncIterator[pb.PromptRecord]:
         for p in await self.service.export_prompts(request.after, request.limit):
-            yield pb.PromptRecord(cursor=p.cursor, prompt_id=p.prompt_id, prompt=p.prompt, created_at=p.created_at)
-
-    async def ExportDemonstrations(self, request: pb.ExportRequest, context: Any) -> AsyncIterator[pb.DemonstrationRecord]:
-        for d in await self.service.export_demonstrations(request.after, request.limit):
-            yield pb.DemonstrationRecord(
-                cursor=d.cursor, demonstration_id=d.demonstration_id, prompt=d.prompt,
-                response=d.response, labeler=d.labeler, created_at=d.created_at,
+            yield pb.PromptRecord(
+                cursor=p.cursor, prompt_id=p.prompt_id, prompt=p.prompt, created_at=p.created_at
             )
 
-    async def PublishAdapter(self, request_iterator: AsyncIterator[Any], context: Any) -> pb.AdapterVersion:
-        first = _check(await anext(request_iterator, None) or Malformed("flywheel.v1.AdapterChunk", "empty upload"))
+    async def ExportDemonstrations(
+        self, request: pb.ExportRequest, context: Any
+    ) -> AsyncIterator[pb.DemonstrationRecord]:
+        for d in await self.service.export_demonstrations(request.after, request.limit):
+            yield pb.DemonstrationRecord(
+                cursor=d.cursor,
+                demonstration_id=d.demonstration_id,
+                prompt=d.prompt,
+                response=d.response,
+                labeler=d.labeler,
+                created_at=d.created_at,
+            )
+
+    async def PublishAdapter(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> pb.AdapterVersion:
+        first = _check(
+            await anext(request_iterator, None)
+            or Malformed("flywheel.v1.AdapterChunk", "empty upload")
+        )
         if first.WhichOneof("part") != "header":
-            raise errors.InvalidRequest("the first AdapterChunk must carry the header", field="header")
+            raise errors.InvalidRequest(
+                "the first AdapterChunk must carry the header", field="header"
+            )
         h = first.header
         header = PublishHeader(h.name, h.base_model, h.sha256, h.size, dict(h.metrics), h.promote)
 
@@ -241,7 +312,9 @@ class Servicer:
             async for chunk in request_iterator:
                 chunk = _check(chunk)
                 if chunk.WhichOneof("part") != "data":
-                    raise errors.InvalidRequest("only the first AdapterChunk may carry a header", field="header")
+                    raise errors.InvalidRequest(
+                        "only the first AdapterChunk may carry a header", field="header"
+                    )
                 yield chunk.data
 
         return version_pb(await self.service.publish(header, data()))
@@ -255,12 +328,16 @@ class Servicer:
     async def GetServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfo:
         s = self.service
         return pb.ServerInfo(
-            base_model=s.engine.base_model, model_path=str(s.engine.model_dir),
-            max_tokens_limit=s.max_tokens_limit, live=s.registry.live(),
+            base_model=s.engine.base_model,
+            model_path=str(s.engine.model_dir),
+            max_tokens_limit=s.max_tokens_limit,
+            live=s.registry.live(),
         )
 
 
-async def start_grpc(service: FlywheelService, auth: Authenticator, host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+async def start_grpc(
+    service: FlywheelService, auth: Authenticator, host: str, port: int
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -270,7 +347,9 @@ async def start_grpc(service: FlywheelService, auth: Authenticator, host: str, p
     server.add_generic_rpc_handlers(handlers(Servicer(service), auth))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")

@@ -40,7 +40,9 @@ class BodyTooLarge(errors.InvalidRequest):
 
 
 def error_response(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status
+    )
 
 
 # The service names fields as the contract does; OpenAI's HTTP shape calls both "model".
@@ -76,7 +78,9 @@ class _OpenAI(BaseModel):
     stream: bool = False
 
     def raw_sampling(self) -> RawSampling:
-        return RawSampling(self.temperature, self.top_p, self.top_k, self.max_tokens, self.stop, self.seed)
+        return RawSampling(
+            self.temperature, self.top_p, self.top_k, self.max_tokens, self.stop, self.seed
+        )
 
 
 class CompletionBody(_OpenAI):
@@ -164,8 +168,12 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             raise errors.InvalidRequest("request body must be a JSON object", field="body")
         return model.model_validate(doc)
 
-    def route(scope: str, model: type[BaseModel] | None = None) -> Callable[..., Callable[[Request], Awaitable[Response]]]:
-        def wrap(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def route(
+        scope: str, model: type[BaseModel] | None = None
+    ) -> Callable[..., Callable[[Request], Awaitable[Response]]]:
+        def wrap(
+            handler: Callable[..., Awaitable[Response]],
+        ) -> Callable[[Request], Awaitable[Response]]:
             async def endpoint(request: Request) -> Response:
                 runtime = get_runtime()
                 try:
@@ -178,7 +186,9 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
                     first = e.errors()[0]
                     field = str(first["loc"][0]) if first["loc"] else "body"
                     got = repr(first.get("input"))[:80]
-                    return error_response(422, "invalid_request_error", f"{field}: {first['msg']} (got {got})", field)
+                    return error_response(
+                        422, "invalid_request_error", f"{field}: {first['msg']} (got {got})", field
+                    )
                 except errors.FlywheelError as e:
                     return from_error(e)
 
@@ -191,7 +201,9 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
         prompt = b.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
-                raise errors.InvalidRequest(f"prompt must be one string (got a list of {len(prompt)})", field="prompt")
+                raise errors.InvalidRequest(
+                    f"prompt must be one string (got a list of {len(prompt)})", field="prompt"
+                )
             prompt = prompt[0]
         return await _generate(service, b, PromptInput(text=prompt), chat=False)
 
@@ -206,7 +218,12 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
         versions, live = service.versions()
         ids = [*live, *(v.id for v in versions)]
         return JSONResponse(
-            {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "flywheel"} for i in ids]}
+            {
+                "object": "list",
+                "data": [
+                    {"id": i, "object": "model", "created": 0, "owned_by": "flywheel"} for i in ids
+                ],
+            }
         )
 
     @route("generate")
@@ -216,13 +233,23 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
 
     @route("generate", CompareBody)
     async def compare(service: FlywheelService, b: CompareBody) -> Response:
-        sampling = service.sampling(RawSampling(b.temperature, b.top_p, b.top_k, b.max_tokens, b.stop, b.seed))
-        result = await service.compare(PromptInput(b.prompt, b.messages), k=b.k, sampling=sampling, policies=b.policies)
+        sampling = service.sampling(
+            RawSampling(b.temperature, b.top_p, b.top_k, b.max_tokens, b.stop, b.seed)
+        )
+        result = await service.compare(
+            PromptInput(b.prompt, b.messages), k=b.k, sampling=sampling, policies=b.policies
+        )
         return JSONResponse(
             {
                 "prompt_id": result.prompt_id,
                 "candidates": [
-                    {"completion_id": c.id, "index": c.index, "text": c.text, "finish_reason": c.finish_reason, "policy": c.policy}
+                    {
+                        "completion_id": c.id,
+                        "index": c.index,
+                        "text": c.text,
+                        "finish_reason": c.finish_reason,
+                        "policy": c.policy,
+                    }
                     for c in result.completions
                 ],
             }
@@ -238,17 +265,26 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
         tiers = [[item] if isinstance(item, str) else item for item in b.ranking]
         r = await service.rank(tiers, labeler=b.labeler, idempotency_key=b.idempotency_key)
         return JSONResponse(
-            {"ranking_id": r.ranking_id, "prompt_id": r.prompt_id, "pairs": r.pairs, "duplicate": r.duplicate},
+            {
+                "ranking_id": r.ranking_id,
+                "prompt_id": r.prompt_id,
+                "pairs": r.pairs,
+                "duplicate": r.duplicate,
+            },
             status_code=200 if r.duplicate else 201,
         )
 
     @route("feedback", DemonstrationBody)
     async def demonstrations(service: FlywheelService, b: DemonstrationBody) -> Response:
         r = await service.demonstrate(
-            PromptInput(b.prompt, b.messages), b.response, labeler=b.labeler, idempotency_key=b.idempotency_key
+            PromptInput(b.prompt, b.messages),
+            b.response,
+            labeler=b.labeler,
+            idempotency_key=b.idempotency_key,
         )
         return JSONResponse(
-            {"demonstration_id": r.demonstration_id, "duplicate": r.duplicate}, status_code=200 if r.duplicate else 201
+            {"demonstration_id": r.demonstration_id, "duplicate": r.duplicate},
+            status_code=200 if r.duplicate else 201,
         )
 
     @route("admin", PromoteBody)
@@ -277,15 +313,23 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
 
 def version_json(v: AdapterVersion) -> dict[str, Any]:
     return {
-        "id": v.id, "name": v.name, "version": v.version, "state": v.state, "sha256": v.sha256,
-        "created_at": v.created_at, "metrics": v.metrics, "base_model": v.base_model,
+        "id": v.id,
+        "name": v.name,
+        "version": v.version,
+        "state": v.state,
+        "sha256": v.sha256,
+        "created_at": v.created_at,
+        "metrics": v.metrics,
+        "base_model": v.base_model,
     }
 
 
 # -- OpenAI shapes -----------------------------------------------------------------------------
 
 
-async def _generate(service: FlywheelService, b: _OpenAI, prompt: PromptInput, *, chat: bool) -> Response:
+async def _generate(
+    service: FlywheelService, b: _OpenAI, prompt: PromptInput, *, chat: bool
+) -> Response:
     sampling = service.sampling(b.raw_sampling())
     stream = service.generate_stream(prompt, n=b.n, sampling=sampling, policy=b.model)
     if b.stream:
@@ -300,7 +344,11 @@ async def _generate(service: FlywheelService, b: _OpenAI, prompt: PromptInput, *
 def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
     choices = []
     for c in result.completions:
-        choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason, "completion_id": c.id}
+        choice: dict[str, Any] = {
+            "index": c.index,
+            "finish_reason": c.finish_reason,
+            "completion_id": c.id,
+        }
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
@@ -322,12 +370,18 @@ def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
     }
 
 
-async def _sse(stream: AsyncIterator[StreamEvent], first: StreamEvent | None, *, chat: bool) -> AsyncIterator[bytes]:
+async def _sse(
+    stream: AsyncIterator[StreamEvent], first: StreamEvent | None, *, chat: bool
+) -> AsyncIterator[bytes]:
     started: set[int] = set()
     created = int(time.time())
 
     def chunk(e: StreamEvent) -> bytes:
-        choice: dict[str, Any] = {"index": e.index, "finish_reason": e.finish_reason, "completion_id": e.completion_id}
+        choice: dict[str, Any] = {
+            "index": e.index,
+            "finish_reason": e.finish_reason,
+            "completion_id": e.completion_id,
+        }
         if chat:
             delta: dict[str, Any] = {"content": e.delta}
             if e.index not in started:

@@ -63,7 +63,9 @@ class AdapterRegistry:
 
     def versions(self, name: str = "") -> list[AdapterVersion]:
         if name and name not in ADAPTER_NAMES:
-            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
+            raise InvalidRequest(
+                f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name"
+            )
         everything = [self._shown(v) for v in (self.base, *self._loaded.values())]
         everything.sort(key=lambda v: (v.name, v.version))
         return [v for v in everything if not name or v.name == name]
@@ -78,7 +80,9 @@ class AdapterRegistry:
         """(version id, engine adapter id or None for the base) for a request's model field."""
         name, version = parse_id(requested or kind, field=field)
         if name != kind:
-            raise InvalidRequest(f"{field} must name a {kind} model, got {requested!r}", field=field)
+            raise InvalidRequest(
+                f"{field} must name a {kind} model, got {requested!r}", field=field
+            )
         if version is None:
             adapter_id = self.live().get(kind)
             if adapter_id is None:
@@ -92,5 +96,7 @@ class AdapterRegistry:
             return adapter_id, None
         if adapter_id not in self._loaded:
             known = ", ".join(v.id for v in self.versions(kind))
-            raise AdapterNotFound(f"{field} {adapter_id!r} is not loaded; available: {known}", field=field)
+            raise AdapterNotFound(
+                f"{field} {adapter_id!r} is not loaded; available: {known}", field=field
+            )
         return adapter_id, adapter_id

@@ -40,7 +40,10 @@ def sample(
     scaled = logits / temperature.clamp_min(1e-6).unsqueeze(-1)
     probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)  # (B, V)
     drawn = torch.stack(
-        [torch.multinomial(p, 1, generator=g).squeeze(0) for p, g in zip(probs, generators, strict=True)]
+        [
+            torch.multinomial(p, 1, generator=g).squeeze(0)
+            for p, g in zip(probs, generators, strict=True)
+        ]
     )
     return torch.where(temperature > 0, drawn, greedy)
 

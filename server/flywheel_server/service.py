@@ -116,7 +116,9 @@ class FlywheelService:
         if seed_reward is not None and not any(v.name == "reward" for v in versions):
             data = archive.pack_directory(seed_reward)
             await self.publish(
-                PublishHeader("reward", self.engine.base_model, archive.sha256(data), len(data), promote=True),
+                PublishHeader(
+                    "reward", self.engine.base_model, archive.sha256(data), len(data), promote=True
+                ),
                 _once(data),
             )
             versions = await asyncio.to_thread(self.store.list_adapter_versions)
@@ -170,7 +172,13 @@ class FlywheelService:
         kind, text = self.render(prompt)
         policy_id, adapter = self.registry.resolve(policy, kind="policy", field="policy")
         rows = [_Row(new_id("cmpl"), i, policy_id, adapter) for i in range(n)]
-        return _Stream(self, PromptRecord(new_id("prm"), text, kind), self._encode_prompt(text, sampling), sampling, rows)
+        return _Stream(
+            self,
+            PromptRecord(new_id("prm"), text, kind),
+            self._encode_prompt(text, sampling),
+            sampling,
+            rows,
+        )
 
     async def compare(
         self, prompt: PromptInput, *, k: int, sampling: Sampling, policies: Sequence[str] = ()
@@ -178,21 +186,33 @@ class FlywheelService:
         """K candidates; candidate i from policies[i % len(policies)] (champion vs challenger)."""
         k = validation.integer("k", k or DEFAULT_K, 2, self.config.max_n)
         kind, text = self.render(prompt)
-        chosen = [self.registry.resolve(p, kind="policy", field="policies") for p in (policies or [""])]
+        chosen = [
+            self.registry.resolve(p, kind="policy", field="policies") for p in (policies or [""])
+        ]
         rows = [_Row(new_id("cmpl"), i, *chosen[i % len(chosen)]) for i in range(k)]
-        stream = _Stream(self, PromptRecord(new_id("prm"), text, kind), self._encode_prompt(text, sampling), sampling, rows)
+        stream = _Stream(
+            self,
+            PromptRecord(new_id("prm"), text, kind),
+            self._encode_prompt(text, sampling),
+            sampling,
+            rows,
+        )
         async for _ in stream:
             pass
         return stream.result
 
-    async def score(self, prompt: str, completions: Sequence[str], reward_model: str = "") -> tuple[list[float], str]:
+    async def score(
+        self, prompt: str, completions: Sequence[str], reward_model: str = ""
+    ) -> tuple[list[float], str]:
         prompt = validation.text("prompt", prompt)
         if not completions:
             raise InvalidRequest("completions must hold at least one string", field="completions")
         validation.integer("completions", len(completions), 1, self.config.max_n * 4)
         for i, c in enumerate(completions):
             validation.text(f"completions[{i}]", c, allow_empty=True)
-        reward_id, adapter = self.registry.resolve(reward_model, kind="reward", field="reward_model")
+        reward_id, adapter = self.registry.resolve(
+            reward_model, kind="reward", field="reward_model"
+        )
         assert adapter is not None
         return await self.engine.score(adapter, prompt, list(completions)), reward_id
 
@@ -202,7 +222,11 @@ class FlywheelService:
         self, tiers: Sequence[Sequence[str]], *, labeler: str, idempotency_key: str = ""
     ) -> RankingReceipt:
         labeler = validation.label("labeler", labeler)
-        key = validation.label("idempotency_key", idempotency_key) if idempotency_key else new_id("key")
+        key = (
+            validation.label("idempotency_key", idempotency_key)
+            if idempotency_key
+            else new_id("key")
+        )
         clean = validation.ranking(tiers)
         ranking = Ranking(clean, labeler, key)
         found = await asyncio.to_thread(self.store.get_completions, ranking.ids)
@@ -228,7 +252,9 @@ class FlywheelService:
             text,
             validation.text("response", response),
             validation.label("labeler", labeler),
-            validation.label("idempotency_key", idempotency_key) if idempotency_key else new_id("key"),
+            validation.label("idempotency_key", idempotency_key)
+            if idempotency_key
+            else new_id("key"),
         )
         return await asyncio.to_thread(self.store.add_demonstration, demo)
 
@@ -257,7 +283,9 @@ class FlywheelService:
         checks is recorded as "refused" and the live version stays.
         """
         if header.name not in ADAPTER_NAMES:
-            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {header.name!r}", field="name")
+            raise InvalidRequest(
+                f"name must be one of {', '.join(ADAPTER_NAMES)}, got {header.name!r}", field="name"
+            )
         if header.base_model != self.engine.base_model:
             raise AdapterRefused(
                 f"adapter was trained on base model {header.base_model!r}; this server serves "
@@ -269,12 +297,18 @@ class FlywheelService:
         async for chunk in chunks:
             data += chunk
             if len(data) > header.size:
-                raise InvalidRequest(f"upload is larger than the declared size {header.size}", field="size")
+                raise InvalidRequest(
+                    f"upload is larger than the declared size {header.size}", field="size"
+                )
         if len(data) != header.size:
-            raise InvalidRequest(f"upload is {len(data)} bytes, the header declared {header.size}", field="size")
+            raise InvalidRequest(
+                f"upload is {len(data)} bytes, the header declared {header.size}", field="size"
+            )
         digest = archive.sha256(bytes(data))
         if digest != header.sha256:
-            raise InvalidRequest(f"checksum mismatch: header says {header.sha256}, received {digest}", field="sha256")
+            raise InvalidRequest(
+                f"checksum mismatch: header says {header.sha256}, received {digest}", field="sha256"
+            )
         async with self._admin:
             return await self._install(header, bytes(data), digest)
 
@@ -299,11 +333,15 @@ class FlywheelService:
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(final, ignore_errors=True)
         incoming.rename(final)
-        version = await asyncio.to_thread(self.store.set_adapter_path, header.name, version.version, str(final))
+        version = await asyncio.to_thread(
+            self.store.set_adapter_path, header.name, version.version, str(final)
+        )
         try:
             await self.engine.load_adapter(version.id, final, reward=header.name == "reward")
         except AdapterRefused:
-            await asyncio.to_thread(self.store.set_adapter_state, header.name, version.version, "refused")
+            await asyncio.to_thread(
+                self.store.set_adapter_state, header.name, version.version, "refused"
+            )
             shutil.rmtree(final, ignore_errors=True)
             raise
         self.registry.add(version)
@@ -318,7 +356,9 @@ class FlywheelService:
 
     async def _promote(self, name: str, version: int) -> AdapterVersion:
         if name not in ADAPTER_NAMES:
-            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
+            raise InvalidRequest(
+                f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name"
+            )
         if f"{name}-v{version}" not in {v.id for v in self.registry.versions(name)} or version == 0:
             raise NotFound(f"{name}-v{version} is not a loaded version", field="version")
         live = await asyncio.to_thread(self.store.promote, name, version)
@@ -331,7 +371,9 @@ class FlywheelService:
 
     async def rollback(self, name: str) -> AdapterVersion:
         if name not in ADAPTER_NAMES:
-            raise InvalidRequest(f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name")
+            raise InvalidRequest(
+                f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name"
+            )
         async with self._admin:
             # Only the policy has something to fall back to (the base model, policy-v0).
             live = await asyncio.to_thread(self.store.rollback, name, allow_empty=name == "policy")
@@ -350,7 +392,12 @@ class _Stream:
     """
 
     def __init__(
-        self, service: FlywheelService, prompt: PromptRecord, prompt_ids: tuple[int, ...], sampling: Sampling, rows: list[_Row]
+        self,
+        service: FlywheelService,
+        prompt: PromptRecord,
+        prompt_ids: tuple[int, ...],
+        sampling: Sampling,
+        rows: list[_Row],
     ) -> None:
         self.service = service
         self.prompt = prompt
@@ -375,7 +422,9 @@ class _Stream:
             groups.setdefault(row.adapter, []).append(row)
         held: list[StreamEvent] = []
         for adapter, rows in groups.items():
-            request = EngineRequest(self.prompt_ids, len(rows), self._group_sampling(rows[0].index), adapter)
+            request = EngineRequest(
+                self.prompt_ids, len(rows), self._group_sampling(rows[0].index), adapter
+            )
             async for event in self.service.engine.generate(request):
                 out = self._apply(rows[event.index], event)
                 if out.finish_reason is None:
@@ -384,8 +433,15 @@ class _Stream:
                     held.append(out)
         completions = [
             CompletionRecord(
-                r.id, self.prompt.id, r.index, r.text, r.finish_reason,  # type: ignore[arg-type]
-                r.policy, self.sampling, len(self.prompt_ids), r.tokens,
+                r.id,
+                self.prompt.id,
+                r.index,
+                r.text,
+                r.finish_reason,  # type: ignore[arg-type]
+                r.policy,
+                self.sampling,
+                len(self.prompt_ids),
+                r.tokens,
             )
             for r in self.rows
         ]
@@ -405,7 +461,9 @@ class _Stream:
         row.tokens = event.completion_tokens
         if event.finish_reason is not None:
             row.finish_reason = event.finish_reason
-        return StreamEvent(self.prompt.id, row.id, row.index, event.delta, event.finish_reason, row.policy)
+        return StreamEvent(
+            self.prompt.id, row.id, row.index, event.delta, event.finish_reason, row.policy
+        )
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -38,24 +38,35 @@ def number(field: str, value: Any) -> float:
 
 def sampling(raw: RawSampling, *, max_tokens_limit: int) -> Sampling:
     defaults = Sampling()
-    temperature = defaults.temperature if raw.temperature is None else number("temperature", raw.temperature)
+    temperature = (
+        defaults.temperature if raw.temperature is None else number("temperature", raw.temperature)
+    )
     if not math.isfinite(temperature) or not 0 <= temperature <= 10:
-        raise InvalidRequest(f"temperature must be between 0 and 10, got {raw.temperature}", field="temperature")
+        raise InvalidRequest(
+            f"temperature must be between 0 and 10, got {raw.temperature}", field="temperature"
+        )
     top_p = defaults.top_p if raw.top_p is None else number("top_p", raw.top_p)
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise InvalidRequest(f"top_p must be in (0, 1], got {raw.top_p}", field="top_p")
-    top_k = defaults.top_k if raw.top_k is None else integer("top_k", raw.top_k, -(1 << 31), 1 << 31)
+    top_k = (
+        defaults.top_k if raw.top_k is None else integer("top_k", raw.top_k, -(1 << 31), 1 << 31)
+    )
     if top_k < 0:
         raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {top_k}", field="top_k")
-    max_tokens = min(defaults.max_tokens, max_tokens_limit) if raw.max_tokens is None else raw.max_tokens
+    max_tokens = (
+        min(defaults.max_tokens, max_tokens_limit) if raw.max_tokens is None else raw.max_tokens
+    )
     max_tokens = integer("max_tokens", max_tokens, 1, max_tokens_limit)
     stops = (raw.stop,) if isinstance(raw.stop, str) else tuple(raw.stop or ())
     if len(stops) > MAX_STOPS:
-        raise InvalidRequest(f"stop may hold at most {MAX_STOPS} strings, got {len(stops)}", field="stop")
+        raise InvalidRequest(
+            f"stop may hold at most {MAX_STOPS} strings, got {len(stops)}", field="stop"
+        )
     for s in stops:
         if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS:
             raise InvalidRequest(
-                f"each stop string must be 1 to {MAX_STOP_CHARS} characters, got {s!r}", field="stop"
+                f"each stop string must be 1 to {MAX_STOP_CHARS} characters, got {s!r}",
+                field="stop",
             )
     if raw.seed is not None and not 0 <= integer("seed", raw.seed, -(1 << 64), 1 << 64) < 1 << 63:
         raise InvalidRequest(f"seed must be between 0 and 2**63 - 1, got {raw.seed}", field="seed")
@@ -70,19 +81,25 @@ def integer(field: str, value: Any, low: int, high: int) -> int:
     return value
 
 
-def text(field: str, value: Any, *, max_chars: int = MAX_TEXT_CHARS, allow_empty: bool = False) -> str:
+def text(
+    field: str, value: Any, *, max_chars: int = MAX_TEXT_CHARS, allow_empty: bool = False
+) -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"{field} must be a string, got {type(value).__name__}", field=field)
     if not value.strip() and not allow_empty:
         raise InvalidRequest(f"{field} must not be empty", field=field)
     if len(value) > max_chars:
-        raise InvalidRequest(f"{field} must be at most {max_chars} characters, got {len(value)}", field=field)
+        raise InvalidRequest(
+            f"{field} must be at most {max_chars} characters, got {len(value)}", field=field
+        )
     return value
 
 
 def messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise InvalidRequest("messages must be a non-empty list of {role, content}", field="messages")
+        raise InvalidRequest(
+            "messages must be a non-empty list of {role, content}", field="messages"
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -100,18 +117,26 @@ def ranking(tiers: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
     ids = [cid for tier in cleaned for cid in tier]
     for cid in ids:
         if not isinstance(cid, str) or not cid:
-            raise InvalidRequest(f"ranking holds an empty or non-string id: {cid!r}", field="ranking")
+            raise InvalidRequest(
+                f"ranking holds an empty or non-string id: {cid!r}", field="ranking"
+            )
     if len(ids) < 2:
         raise InvalidRequest(
             f"ranking needs at least 2 completion ids, got {len(ids)}", field="ranking"
         )
     if len(ids) > MAX_RANKING_IDS:
-        raise InvalidRequest(f"ranking may hold at most {MAX_RANKING_IDS} ids, got {len(ids)}", field="ranking")
+        raise InvalidRequest(
+            f"ranking may hold at most {MAX_RANKING_IDS} ids, got {len(ids)}", field="ranking"
+        )
     duplicates = sorted({cid for cid in ids if ids.count(cid) > 1})
     if duplicates:
-        raise InvalidRequest(f"ranking lists {', '.join(duplicates)} more than once", field="ranking")
+        raise InvalidRequest(
+            f"ranking lists {', '.join(duplicates)} more than once", field="ranking"
+        )
     if len(cleaned) < 2:
-        raise InvalidRequest("ranking must order at least two tiers (all ids are tied)", field="ranking")
+        raise InvalidRequest(
+            "ranking must order at least two tiers (all ids are tied)", field="ranking"
+        )
     return cleaned
 
 

@@ -14,14 +14,22 @@ pytestmark = pytest.mark.integration
 
 
 def greedy(client: FlywheelClient, policy: str) -> str:
-    return client.generate("reverse: flywheel", max_tokens=12, temperature=0, policy=policy).completions[0].text
+    return (
+        client.generate("reverse: flywheel", max_tokens=12, temperature=0, policy=policy)
+        .completions[0]
+        .text
+    )
 
 
 def test_publish_pin_promote_rollback(server, tiny_model, tmp_path):
     base = modeling.base_fingerprint(tiny_model)
     with FlywheelClient(server.grpc) as client:
         base_text = greedy(client, "policy")
-        v = client.publish_adapter(make_adapter(tiny_model, tmp_path / "p", seed=1, scale=20.0), name="policy", base_model=base)
+        v = client.publish_adapter(
+            make_adapter(tiny_model, tmp_path / "p", seed=1, scale=20.0),
+            name="policy",
+            base_model=base,
+        )
         assert v.state == "ready" and v.id.startswith("policy-v")
         assert client.versions().live["policy"] == "policy-v0"  # published, not promoted
         pinned = greedy(client, v.id)
@@ -45,14 +53,19 @@ def test_refused_adapters_store_nothing_live(server, tiny_model, tmp_path):
     with FlywheelClient(server.grpc) as client:
         live_before = client.versions().live
         with pytest.raises(Conflict, match="base model"):
-            client.publish_adapter(make_adapter(tiny_model, tmp_path / "a"), name="policy", base_model="not-this-base")
+            client.publish_adapter(
+                make_adapter(tiny_model, tmp_path / "a"), name="policy", base_model="not-this-base"
+            )
 
         # A NaN adapter loads but fails its smoke check: recorded as refused, never live.
         from safetensors.torch import load_file, save_file
 
         bad = make_adapter(tiny_model, tmp_path / "nan", seed=2)
         weights = load_file(str(bad / modeling.ADAPTER_WEIGHTS))
-        save_file({k: v.fill_(float("nan")) for k, v in weights.items()}, str(bad / modeling.ADAPTER_WEIGHTS))
+        save_file(
+            {k: v.fill_(float("nan")) for k, v in weights.items()},
+            str(bad / modeling.ADAPTER_WEIGHTS),
+        )
         with pytest.raises(Conflict, match="non-finite"):
             client.publish_adapter(bad, name="policy", base_model=base, promote=True)
         assert client.versions().live == live_before
@@ -66,5 +79,10 @@ def test_refused_adapters_store_nothing_live(server, tiny_model, tmp_path):
 
 
 def test_unknown_name_is_invalid(server, tiny_model, tmp_path):
-    with FlywheelClient(server.grpc) as client, pytest.raises(InvalidArgument, match="name must be one of"):
-        client.publish_adapter(make_adapter(tiny_model, tmp_path / "x"), name="value", base_model="x")
+    with (
+        FlywheelClient(server.grpc) as client,
+        pytest.raises(InvalidArgument, match="name must be one of"),
+    ):
+        client.publish_adapter(
+            make_adapter(tiny_model, tmp_path / "x"), name="value", base_model="x"
+        )

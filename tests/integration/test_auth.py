@@ -21,10 +21,22 @@ LABELER = "labeler-key-0123456789"
 def guarded(tiny_model, tmp_path_factory):
     data = tmp_path_factory.mktemp("guarded")
     keys = data / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"name": "app", "key": APP, "scopes": ["generate"]},
-                                         {"name": "ops", "key": ADMIN, "scopes": ["admin"]}]}))
-    proc = ServerProcess(tiny_model, data, args=["--api-keys-file", str(keys)],
-                         env={"FLYWHEEL_API_KEYS": f"{LABELER}=feedback"}).start()
+    keys.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {"name": "app", "key": APP, "scopes": ["generate"]},
+                    {"name": "ops", "key": ADMIN, "scopes": ["admin"]},
+                ]
+            }
+        )
+    )
+    proc = ServerProcess(
+        tiny_model,
+        data,
+        args=["--api-keys-file", str(keys)],
+        env={"FLYWHEEL_API_KEYS": f"{LABELER}=feedback"},
+    ).start()
     yield proc
     proc.stop()
 
@@ -59,8 +71,20 @@ def test_grpc_scopes(guarded):
 
 def test_no_keys_refuses_public_bind(tiny_model, tmp_path):
     result = subprocess.run(
-        [FLYWHEEL, "serve", "--model", str(tiny_model), "--data-dir", str(tmp_path), "--host", "0.0.0.0"],
-        capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        [
+            FLYWHEEL,
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--data-dir",
+            str(tmp_path),
+            "--host",
+            "0.0.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert result.returncode != 0
     assert "refusing to bind 0.0.0.0 without API keys" in result.stderr + result.stdout

@@ -20,9 +20,16 @@ from flywheel_client import FlywheelError, NotFound
 
 pytestmark = pytest.mark.integration
 
-LIMIT = 255  # min(max_tokens_limit 512, the tiny model's 256 positions - 1), as GetServerInfo reports
+LIMIT = (
+    255  # min(max_tokens_limit 512, the tiny model's 256 positions - 1), as GetServerInfo reports
+)
 MAX_TEXT_CHARS = 32_768
-HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT"}
+HTTP_TO_GRPC = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    413: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+}
 # Long enough in tokens to exceed the prompt budget of the tiny model (256 positions), short
 # enough in characters to pass the 32k character check.
 TOO_MANY_TOKENS = " ".join(f"w{i}q{i * 7 % 13}z" for i in range(600))
@@ -49,7 +56,9 @@ def rejected(server: Any, code: str, *substrings: str, field: str | None = None)
         assert e.field == field, repr(e)
 
 
-def check_http(server: Any, path: str, body: Any, status: int, substrings: tuple[str, ...], param: str | None) -> dict:
+def check_http(
+    server: Any, path: str, body: Any, status: int, substrings: tuple[str, ...], param: str | None
+) -> dict:
     with store_unchanged(server):
         got, doc = server.post(path, body)
     assert got == status, doc
@@ -91,9 +100,27 @@ def resolve(ranking: Any, ids: dict[str, Any]) -> Any:
 
 # (case id, ranking with placeholders, HTTP status, message substrings, field)
 RANKING_CASES = [
-    ("unknown-id", ["cmpl-doesnotexist", "A0"], 404, ("unknown completion id", "cmpl-doesnotexist"), "ranking"),
-    ("all-unknown", ["cmpl-doesnotexist", "cmpl-neverissued"], 404, ("cmpl-doesnotexist", "cmpl-neverissued"), "ranking"),
-    ("foreign-lookalike-id", ["A0", "LOOKALIKE"], 404, ("unknown completion id", "LOOKALIKE"), "ranking"),
+    (
+        "unknown-id",
+        ["cmpl-doesnotexist", "A0"],
+        404,
+        ("unknown completion id", "cmpl-doesnotexist"),
+        "ranking",
+    ),
+    (
+        "all-unknown",
+        ["cmpl-doesnotexist", "cmpl-neverissued"],
+        404,
+        ("cmpl-doesnotexist", "cmpl-neverissued"),
+        "ranking",
+    ),
+    (
+        "foreign-lookalike-id",
+        ["A0", "LOOKALIKE"],
+        404,
+        ("unknown completion id", "LOOKALIKE"),
+        "ranking",
+    ),
     ("foreign-prompt-id", ["PA", "A0"], 404, ("unknown completion id", "PA"), "ranking"),
     ("ranking-of-one", ["A0"], 400, ("at least 2",), "ranking"),
     ("one-tier-of-one", [["A0"]], 400, ("at least 2",), "ranking"),
@@ -119,8 +146,12 @@ def _expect(substrings: tuple[str, ...], ids: dict[str, Any]) -> tuple[str, ...]
 @pytest.mark.parametrize(("ranking", "status", "substrings", "field"), _ranking_params())
 def test_bad_ranking_http(server, issued, ranking, status, substrings, field):
     error = check_http(
-        server, "/v1/feedback", {"ranking": resolve(ranking, issued), "labeler": "bad-input"},
-        status, _expect(substrings, issued), field,
+        server,
+        "/v1/feedback",
+        {"ranking": resolve(ranking, issued), "labeler": "bad-input"},
+        status,
+        _expect(substrings, issued),
+        field,
     )
     if status == 404:  # only the unknown ids are named, never the ones the server issued
         assert not any(issued[k] in error["message"] for k in issued if k[0] in "AB")
@@ -135,15 +166,28 @@ def test_bad_ranking_grpc(server, grpc_client, issued, ranking, status, substrin
 @pytest.mark.parametrize(
     ("body", "substrings", "field"),
     [
-        pytest.param({"labeler": ""}, ("labeler must not be empty",), "labeler", id="empty-labeler"),
-        pytest.param({"labeler": "   "}, ("labeler must not be empty",), "labeler", id="blank-labeler"),
+        pytest.param(
+            {"labeler": ""}, ("labeler must not be empty",), "labeler", id="empty-labeler"
+        ),
+        pytest.param(
+            {"labeler": "   "}, ("labeler must not be empty",), "labeler", id="blank-labeler"
+        ),
         pytest.param({"labeler": "x" * 201}, ("at most 200",), "labeler", id="long-labeler"),
-        pytest.param({"idempotency_key": "k" * 201}, ("at most 200",), "idempotency_key", id="long-key"),
+        pytest.param(
+            {"idempotency_key": "k" * 201}, ("at most 200",), "idempotency_key", id="long-key"
+        ),
     ],
 )
 def test_bad_ranking_labels(server, grpc_client, issued, body, substrings, field):
     ranking = [issued["A0"], issued["A1"]]
-    check_http(server, "/v1/feedback", {"ranking": ranking, "labeler": "bad-input", **body}, 400, substrings, field)
+    check_http(
+        server,
+        "/v1/feedback",
+        {"ranking": ranking, "labeler": "bad-input", **body},
+        400,
+        substrings,
+        field,
+    )
     with rejected(server, "INVALID_ARGUMENT", *substrings, field=field):
         grpc_client.rank(ranking, **{"labeler": "bad-input", **body})
 
@@ -154,29 +198,76 @@ BASE = {"prompt": "reverse: abc", "max_tokens": 4}
 
 # (case id, fields over BASE, HTTP status, message substrings, field)
 GENERATE_CASES = [
-    ("max_tokens=0", {"max_tokens": 0}, 400, ("max_tokens must be between 1 and 255", "got 0"), "max_tokens"),
-    ("max_tokens=-1", {"max_tokens": -1}, 400, ("max_tokens must be between 1 and 255", "got -1"), "max_tokens"),
-    ("max_tokens=limit+1", {"max_tokens": LIMIT + 1}, 400, ("max_tokens must be between 1 and 255", "got 256"), "max_tokens"),
-    ("temperature<0", {"temperature": -0.5}, 400, ("temperature must be between 0 and 10", "-0.5"), "temperature"),
+    (
+        "max_tokens=0",
+        {"max_tokens": 0},
+        400,
+        ("max_tokens must be between 1 and 255", "got 0"),
+        "max_tokens",
+    ),
+    (
+        "max_tokens=-1",
+        {"max_tokens": -1},
+        400,
+        ("max_tokens must be between 1 and 255", "got -1"),
+        "max_tokens",
+    ),
+    (
+        "max_tokens=limit+1",
+        {"max_tokens": LIMIT + 1},
+        400,
+        ("max_tokens must be between 1 and 255", "got 256"),
+        "max_tokens",
+    ),
+    (
+        "temperature<0",
+        {"temperature": -0.5},
+        400,
+        ("temperature must be between 0 and 10", "-0.5"),
+        "temperature",
+    ),
     ("top_p=0", {"top_p": 0.0}, 400, ("top_p must be in (0, 1]",), "top_p"),
     ("empty-stop", {"stop": [""]}, 400, ("each stop string must be 1 to 64 characters",), "stop"),
     ("seed-too-big", {"seed": 1 << 63}, 400, ("seed must be between 0 and 2**63 - 1",), "seed"),
     ("empty-prompt", {"prompt": ""}, 400, ("prompt must not be empty",), "prompt"),
     ("blank-prompt", {"prompt": "   "}, 400, ("prompt must not be empty",), "prompt"),
     (
-        "empty-chat-content", {"messages": [{"role": "user", "content": ""}]},
-        400, ("messages[0].content must not be empty",), "messages[0].content",
+        "empty-chat-content",
+        {"messages": [{"role": "user", "content": ""}]},
+        400,
+        ("messages[0].content must not be empty",),
+        "messages[0].content",
     ),
     (
-        "blank-chat-content", {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "   "}]},
-        400, ("messages[1].content must not be empty",), "messages[1].content",
+        "blank-chat-content",
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "   "},
+            ]
+        },
+        400,
+        ("messages[1].content must not be empty",),
+        "messages[1].content",
     ),
-    ("bad-chat-role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, ("messages[0].role must be one of",), "messages"),
+    (
+        "bad-chat-role",
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        400,
+        ("messages[0].role must be one of",),
+        "messages",
+    ),
     ("unknown-model", {"model": "policy-v99"}, 404, ("'policy-v99' is not loaded",), "model"),
     ("bad-model-id", {"model": "gpt-4"}, 404, ("'gpt-4' is not a model id",), "model"),
     ("reward-as-policy", {"model": "reward"}, 400, ("must name a policy model",), "model"),
     ("n-over-limit", {"n": 17}, 400, ("n must be between 1 and 16",), "n"),
-    ("prompt-too-many-chars", {"prompt": "x" * (MAX_TEXT_CHARS + 1)}, 400, ("at most 32768 characters",), "prompt"),
+    (
+        "prompt-too-many-chars",
+        {"prompt": "x" * (MAX_TEXT_CHARS + 1)},
+        400,
+        ("at most 32768 characters",),
+        "prompt",
+    ),
     ("prompt-too-many-tokens", {"prompt": TOO_MANY_TOKENS}, 400, ("tokens",), "prompt"),
 ]
 
@@ -236,7 +327,9 @@ def test_max_tokens_beyond_model_context_names_max_tokens(server, grpc_client):
         grpc_client.generate("reverse: abc", max_tokens=300)
     assert error["param"] == "max_tokens", error
     assert "-" not in error["message"].split("at most")[-1], error  # no negative budget
-    assert info.value.code == "INVALID_ARGUMENT" and info.value.field == "max_tokens", repr(info.value)
+    assert info.value.code == "INVALID_ARGUMENT" and info.value.field == "max_tokens", repr(
+        info.value
+    )
 
 
 # -- comparison and demonstrations (the other prompt-taking calls) ---------------------------
@@ -248,8 +341,18 @@ def test_max_tokens_beyond_model_context_names_max_tokens(server, grpc_client):
         pytest.param({"k": 1}, ("k must be between 2 and 16",), "k", id="k=1"),
         pytest.param({"k": 17}, ("k must be between 2 and 16",), "k", id="k=17"),
         pytest.param({"prompt": "  "}, ("prompt must not be empty",), "prompt", id="blank-prompt"),
-        pytest.param({"max_tokens": 0}, ("max_tokens must be between 1 and 255",), "max_tokens", id="max_tokens=0"),
-        pytest.param({"temperature": -0.5}, ("temperature must be between 0 and 10",), "temperature", id="temperature<0"),
+        pytest.param(
+            {"max_tokens": 0},
+            ("max_tokens must be between 1 and 255",),
+            "max_tokens",
+            id="max_tokens=0",
+        ),
+        pytest.param(
+            {"temperature": -0.5},
+            ("temperature must be between 0 and 10",),
+            "temperature",
+            id="temperature<0",
+        ),
     ],
 )
 def test_bad_compare(server, grpc_client, fields, substrings, field):
@@ -261,7 +364,12 @@ def test_bad_compare(server, grpc_client, fields, substrings, field):
 
 
 def test_compare_unknown_policy(server, grpc_client):
-    body = {"prompt": "add: 1 + 2", "k": 2, "max_tokens": 4, "policies": ["policy-v0", "policy-v99"]}
+    body = {
+        "prompt": "add: 1 + 2",
+        "k": 2,
+        "max_tokens": 4,
+        "policies": ["policy-v0", "policy-v99"],
+    }
     check_http(server, "/v1/compare", body, 404, ("'policy-v99' is not loaded",), "policies")
     with rejected(server, "NOT_FOUND", "'policy-v99' is not loaded", field="policies"):
         grpc_client.compare("add: 1 + 2", k=2, max_tokens=4, policies=["policy-v0", "policy-v99"])
@@ -271,8 +379,12 @@ def test_compare_unknown_policy(server, grpc_client):
     ("fields", "substrings", "field"),
     [
         pytest.param({"prompt": ""}, ("prompt must not be empty",), "prompt", id="empty-prompt"),
-        pytest.param({"response": "  "}, ("response must not be empty",), "response", id="blank-response"),
-        pytest.param({"labeler": ""}, ("labeler must not be empty",), "labeler", id="empty-labeler"),
+        pytest.param(
+            {"response": "  "}, ("response must not be empty",), "response", id="blank-response"
+        ),
+        pytest.param(
+            {"labeler": ""}, ("labeler must not be empty",), "labeler", id="empty-labeler"
+        ),
     ],
 )
 def test_bad_demonstration(server, grpc_client, fields, substrings, field):
@@ -296,7 +408,9 @@ MALFORMED_JSON = [
 ]
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/feedback", "/v1/compare"])
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/v1/chat/completions", "/v1/feedback", "/v1/compare"]
+)
 @pytest.mark.parametrize(("raw", "substrings"), MALFORMED_JSON)
 def test_malformed_json(server, path, raw, substrings):
     check_http(server, path, raw, 400, substrings, "body")
@@ -306,17 +420,41 @@ def test_malformed_json(server, path, raw, substrings):
     ("path", "body", "field"),
     [
         pytest.param("/v1/completions", {"prompt": "x", "n": "many"}, "n", id="n-many"),
-        pytest.param("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens", id="max_tokens-string"),
-        pytest.param("/v1/completions", {"prompt": "x", "max_tokens": 1.5}, "max_tokens", id="max_tokens-fraction"),
-        pytest.param("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature", id="temperature-string"),
+        pytest.param(
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": "ten"},
+            "max_tokens",
+            id="max_tokens-string",
+        ),
+        pytest.param(
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": 1.5},
+            "max_tokens",
+            id="max_tokens-fraction",
+        ),
+        pytest.param(
+            "/v1/completions",
+            {"prompt": "x", "temperature": "hot"},
+            "temperature",
+            id="temperature-string",
+        ),
         pytest.param("/v1/completions", {"prompt": 5}, "prompt", id="prompt-number"),
         pytest.param("/v1/completions", {"max_tokens": 4}, "prompt", id="prompt-missing"),
         pytest.param("/v1/chat/completions", {"messages": "hi"}, "messages", id="messages-string"),
-        pytest.param("/v1/feedback", {"ranking": "cmpl-x", "labeler": "t"}, "ranking", id="ranking-string"),
-        pytest.param("/v1/feedback", {"ranking": [1, 2], "labeler": "t"}, "ranking", id="ranking-numbers"),
-        pytest.param("/v1/feedback", {"ranking": ["cmpl-a", "cmpl-b"]}, "labeler", id="labeler-missing"),
         pytest.param(
-            "/v1/feedback", {"ranking": ["cmpl-a", "cmpl-b"], "labeler": "t", "rank": 1}, "rank", id="unknown-field"
+            "/v1/feedback", {"ranking": "cmpl-x", "labeler": "t"}, "ranking", id="ranking-string"
+        ),
+        pytest.param(
+            "/v1/feedback", {"ranking": [1, 2], "labeler": "t"}, "ranking", id="ranking-numbers"
+        ),
+        pytest.param(
+            "/v1/feedback", {"ranking": ["cmpl-a", "cmpl-b"]}, "labeler", id="labeler-missing"
+        ),
+        pytest.param(
+            "/v1/feedback",
+            {"ranking": ["cmpl-a", "cmpl-b"], "labeler": "t", "rank": 1},
+            "rank",
+            id="unknown-field",
         ),
     ],
 )
@@ -334,13 +472,20 @@ def post_httpx(server: Any, path: str, content: Any) -> tuple[int, dict]:
     BrokenPipeError instead, depending on timing, so it is not used for these cases.)"""
     import httpx
 
-    response = httpx.post(server.http + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+    response = httpx.post(
+        server.http + path,
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     return response.status_code, response.json()
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/feedback"])
 def test_oversized_http_body(server, path):
-    body = json.dumps({"prompt": "x" * (1 << 20), "messages": [], "ranking": [], "labeler": "t"}).encode()
+    body = json.dumps(
+        {"prompt": "x" * (1 << 20), "messages": [], "ranking": [], "labeler": "t"}
+    ).encode()
     assert len(body) > 1 << 20
     with store_unchanged(server):
         status, doc = post_httpx(server, path, body)
@@ -360,13 +505,19 @@ def test_oversized_chunked_http_body(server):
     with store_unchanged(server):
         status, doc = post_httpx(server, "/v1/completions", chunks())
     assert status == 413, doc
-    assert "exceeds 1048576 bytes" in doc["error"]["message"] and doc["error"]["param"] == "body", doc
+    assert "exceeds 1048576 bytes" in doc["error"]["message"] and doc["error"]["param"] == "body", (
+        doc
+    )
 
 
 def test_oversized_body_through_http_client(server):
     from flywheel_client import HttpClient, InvalidArgument
 
-    with HttpClient(server.http) as client, store_unchanged(server), pytest.raises(InvalidArgument) as info:
+    with (
+        HttpClient(server.http) as client,
+        store_unchanged(server),
+        pytest.raises(InvalidArgument) as info,
+    ):
         client.generate("x" * (1 << 20), max_tokens=4)
     assert (info.value.status, info.value.field) == (413, "body"), repr(info.value)
     assert "1048576" in info.value.message
@@ -376,7 +527,11 @@ def test_oversized_grpc_message(server):
     """Over the server's 8 MiB receive limit: grpc itself refuses it, before any handler."""
     from flywheel_client import FlywheelClient
 
-    with FlywheelClient(server.grpc) as client, store_unchanged(server), pytest.raises(FlywheelError) as info:
+    with (
+        FlywheelClient(server.grpc) as client,
+        store_unchanged(server),
+        pytest.raises(FlywheelError) as info,
+    ):
         client.generate("x" * (9 << 20), max_tokens=4)
     assert info.value.code == "RESOURCE_EXHAUSTED", repr(info.value)
     assert "larger than max" in info.value.message, repr(info.value)
@@ -397,12 +552,31 @@ GARBAGE = [
     pytest.param(b"\x0f", id="bad-wire-type"),
 ]
 METHODS = [
-    pytest.param("/flywheel.v1.Inference/Generate", "flywheel.v1.GenerateRequest", False, id="Generate"),
-    pytest.param("/flywheel.v1.Inference/GenerateStream", "flywheel.v1.GenerateRequest", True, id="GenerateStream"),
-    pytest.param("/flywheel.v1.Inference/Compare", "flywheel.v1.CompareRequest", False, id="Compare"),
+    pytest.param(
+        "/flywheel.v1.Inference/Generate", "flywheel.v1.GenerateRequest", False, id="Generate"
+    ),
+    pytest.param(
+        "/flywheel.v1.Inference/GenerateStream",
+        "flywheel.v1.GenerateRequest",
+        True,
+        id="GenerateStream",
+    ),
+    pytest.param(
+        "/flywheel.v1.Inference/Compare", "flywheel.v1.CompareRequest", False, id="Compare"
+    ),
     pytest.param("/flywheel.v1.Inference/Score", "flywheel.v1.ScoreRequest", False, id="Score"),
-    pytest.param("/flywheel.v1.Feedback/SubmitRanking", "flywheel.v1.RankingRequest", False, id="SubmitRanking"),
-    pytest.param("/flywheel.v1.Feedback/SubmitDemonstration", "flywheel.v1.DemonstrationRequest", False, id="SubmitDemonstration"),
+    pytest.param(
+        "/flywheel.v1.Feedback/SubmitRanking",
+        "flywheel.v1.RankingRequest",
+        False,
+        id="SubmitRanking",
+    ),
+    pytest.param(
+        "/flywheel.v1.Feedback/SubmitDemonstration",
+        "flywheel.v1.DemonstrationRequest",
+        False,
+        id="SubmitDemonstration",
+    ),
 ]
 
 
@@ -429,8 +603,18 @@ def test_malformed_protobuf(server, method, type_name, stream, payload):
 @pytest.mark.parametrize(
     ("method", "substring", "field"),
     [
-        pytest.param("/flywheel.v1.Inference/Generate", "prompt must hold text or chat messages", "prompt", id="Generate"),
-        pytest.param("/flywheel.v1.Feedback/SubmitRanking", "labeler must not be empty", "labeler", id="SubmitRanking"),
+        pytest.param(
+            "/flywheel.v1.Inference/Generate",
+            "prompt must hold text or chat messages",
+            "prompt",
+            id="Generate",
+        ),
+        pytest.param(
+            "/flywheel.v1.Feedback/SubmitRanking",
+            "labeler must not be empty",
+            "labeler",
+            id="SubmitRanking",
+        ),
     ],
 )
 def test_empty_protobuf(server, method, substring, field):
@@ -451,7 +635,11 @@ def _grew(before: dict[str, int], after: dict[str, int], **delta: int) -> bool:
 
 def test_replayed_ranking_key_http(server, issued):
     key = f"bad-input-http-{uuid.uuid4().hex}"
-    first_body = {"ranking": [issued["A0"], issued["A1"], issued["A2"]], "labeler": "bad-input", "idempotency_key": key}
+    first_body = {
+        "ranking": [issued["A0"], issued["A1"], issued["A2"]],
+        "labeler": "bad-input",
+        "idempotency_key": key,
+    }
     before = server.counts()
     status, first = server.post("/v1/feedback", first_body)
     assert status == 201 and first["duplicate"] is False, first
@@ -465,7 +653,9 @@ def test_replayed_ranking_key_http(server, issued):
 
     # The same key with a different (valid) ranking: still the first result, nothing new.
     for other in ([issued["A3"], issued["A1"]], [issued["B1"], issued["B0"]]):
-        status, replay = server.post("/v1/feedback", {**first_body, "ranking": other, "labeler": "someone-else"})
+        status, replay = server.post(
+            "/v1/feedback", {**first_body, "ranking": other, "labeler": "someone-else"}
+        )
         assert status == 200, replay
         assert replay == {**first, "duplicate": True}
         assert server.counts() == stored
@@ -474,21 +664,31 @@ def test_replayed_ranking_key_http(server, issued):
 def test_replayed_ranking_key_grpc(server, grpc_client, issued):
     key = f"bad-input-grpc-{uuid.uuid4().hex}"
     before = server.counts()
-    first = grpc_client.rank([issued["A1"], [issued["A2"], issued["A3"]]], labeler="bad-input", idempotency_key=key)
+    first = grpc_client.rank(
+        [issued["A1"], [issued["A2"], issued["A3"]]], labeler="bad-input", idempotency_key=key
+    )
     assert first.duplicate is False and first.pairs == 2
     stored = server.counts()
     assert _grew(before, stored, rankings=1, ranking_items=3), (before, stored)
 
-    replay = grpc_client.rank([issued["A1"], [issued["A2"], issued["A3"]]], labeler="bad-input", idempotency_key=key)
+    replay = grpc_client.rank(
+        [issued["A1"], [issued["A2"], issued["A3"]]], labeler="bad-input", idempotency_key=key
+    )
     assert (replay.ranking_id, replay.prompt_id, replay.pairs, replay.duplicate) == (
-        first.ranking_id, first.prompt_id, first.pairs, True,
+        first.ranking_id,
+        first.prompt_id,
+        first.pairs,
+        True,
     )
     assert server.counts() == stored
 
     for other in ([issued["A0"], issued["A3"]], [issued["B0"], issued["B1"]]):
         replay = grpc_client.rank(other, labeler="someone-else", idempotency_key=key)
         assert (replay.ranking_id, replay.prompt_id, replay.pairs, replay.duplicate) == (
-            first.ranking_id, first.prompt_id, first.pairs, True,
+            first.ranking_id,
+            first.prompt_id,
+            first.pairs,
+            True,
         )
         assert server.counts() == stored
 
@@ -496,13 +696,19 @@ def test_replayed_ranking_key_grpc(server, grpc_client, issued):
 def test_replayed_ranking_key_across_transports(server, grpc_client, issued):
     key = f"bad-input-cross-{uuid.uuid4().hex}"
     status, first = server.post(
-        "/v1/feedback", {"ranking": [issued["B0"], issued["B1"]], "labeler": "bad-input", "idempotency_key": key}
+        "/v1/feedback",
+        {"ranking": [issued["B0"], issued["B1"]], "labeler": "bad-input", "idempotency_key": key},
     )
     assert status == 201, first
     stored = server.counts()
-    replay = grpc_client.rank([issued["B1"], issued["B0"]], labeler="bad-input", idempotency_key=key)
+    replay = grpc_client.rank(
+        [issued["B1"], issued["B0"]], labeler="bad-input", idempotency_key=key
+    )
     assert (replay.ranking_id, replay.prompt_id, replay.pairs, replay.duplicate) == (
-        first["ranking_id"], first["prompt_id"], first["pairs"], True,
+        first["ranking_id"],
+        first["prompt_id"],
+        first["pairs"],
+        True,
     )
     assert server.counts() == stored
 
@@ -518,7 +724,9 @@ def test_replayed_demonstration_key(server, grpc_client):
 
     status, replay = server.post("/v1/demonstrations", {**body, "response": "five"})
     assert status == 200 and replay == {**first, "duplicate": True}, replay
-    again = grpc_client.demonstrate("add: 3 + 3", response="6", labeler="bad-input", idempotency_key=key)
+    again = grpc_client.demonstrate(
+        "add: 3 + 3", response="6", labeler="bad-input", idempotency_key=key
+    )
     assert (again.demonstration_id, again.duplicate) == (first["demonstration_id"], True)
     assert server.counts() == stored
 

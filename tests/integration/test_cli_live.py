@@ -28,18 +28,26 @@ def test_compare_then_rank_with_a_tie(server):
     ids = [c["id"] for c in comparison["candidates"]]
     assert len(ids) == 3
     before = server.counts()["rankings"]
-    receipt = json_lines(cli(server, "rank", ids[0], f"{ids[1]}={ids[2]}", "--labeler", "cli-test", "--json"))
+    receipt = json_lines(
+        cli(server, "rank", ids[0], f"{ids[1]}={ids[2]}", "--labeler", "cli-test", "--json")
+    )
     assert receipt[0]["pairs"] == 2
     assert server.counts()["rankings"] == before + 1
 
 
 def test_generate_score_and_policies(server):
-    [generated] = json_lines(cli(server, "generate", "add: 2 + 2", "--n", "2", "--max-tokens", "4", "--json"))
+    [generated] = json_lines(
+        cli(server, "generate", "add: 2 + 2", "--n", "2", "--max-tokens", "4", "--json")
+    )
     assert len({c["id"] for c in generated["completions"]}) == 2
     scores = json_lines(cli(server, "score", "add: 2 + 2", "4", "5", "--json"))
     assert len(scores[0]["scores"]) == 2
     policies = cli(server, "policies")
-    assert policies.returncode == 0 and "policy-v0" in policies.stdout and "reward-v1" in policies.stdout
+    assert (
+        policies.returncode == 0
+        and "policy-v0" in policies.stdout
+        and "reward-v1" in policies.stdout
+    )
 
 
 def test_unknown_id_is_a_clear_error(server):

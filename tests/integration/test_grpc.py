@@ -21,9 +21,16 @@ def test_health_answers_serving(server):
 def test_reflection_lists_flywheel_services(server):
     with grpc.insecure_channel(server.grpc) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for r in replies for s in r.list_services_response.service}
-    assert {"flywheel.v1.Inference", "flywheel.v1.Feedback", "flywheel.v1.Learner", "grpc.health.v1.Health"} <= names
+    assert {
+        "flywheel.v1.Inference",
+        "flywheel.v1.Feedback",
+        "flywheel.v1.Learner",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 def test_generate_compare_score_rank(server, grpc_client):

@@ -21,20 +21,28 @@ def test_models_lists_live_alias_and_versions(server):
 
 
 def test_completions_n4_carry_rankable_ids(server):
-    result = client_for(server).completions.create(model="policy", prompt="reverse: abc", n=4, max_tokens=8)
+    result = client_for(server).completions.create(
+        model="policy", prompt="reverse: abc", n=4, max_tokens=8
+    )
     ids = [c.model_extra["completion_id"] for c in result.choices]
     assert len(result.choices) == 4 and len(set(ids)) == 4
     assert result.model == "policy-v0"
     assert result.usage.completion_tokens > 0
 
-    status, body = server.post("/v1/feedback", {"ranking": ids, "labeler": "openai-test", "idempotency_key": ids[0]})
+    status, body = server.post(
+        "/v1/feedback", {"ranking": ids, "labeler": "openai-test", "idempotency_key": ids[0]}
+    )
     assert status == 201, body
     assert body["pairs"] == 6 and body["duplicate"] is False
 
 
 def test_streamed_chat_n4(server):
     stream = client_for(server).chat.completions.create(
-        model="policy", messages=[{"role": "user", "content": "sort: cba"}], n=4, max_tokens=6, stream=True
+        model="policy",
+        messages=[{"role": "user", "content": "sort: cba"}],
+        n=4,
+        max_tokens=6,
+        stream=True,
     )
     texts: dict[int, str] = {}
     ids: dict[int, str] = {}
@@ -46,13 +54,18 @@ def test_streamed_chat_n4(server):
             if choice.finish_reason:
                 finished[choice.index] = choice.finish_reason
     assert sorted(finished) == [0, 1, 2, 3]
-    status, body = server.post("/v1/feedback", {"ranking": [ids[0], [ids[1], ids[2]], ids[3]], "labeler": "t"})
+    status, body = server.post(
+        "/v1/feedback", {"ranking": [ids[0], [ids[1], ids[2]], ids[3]], "labeler": "t"}
+    )
     assert status == 201 and body["pairs"] == 5
 
 
 def test_sse_ends_with_done(server):
     with httpx.stream(
-        "POST", f"{server.http}/v1/completions", json={"prompt": "add: 1 + 1", "max_tokens": 4, "stream": True}, timeout=60
+        "POST",
+        f"{server.http}/v1/completions",
+        json={"prompt": "add: 1 + 1", "max_tokens": 4, "stream": True},
+        timeout=60,
     ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -70,17 +83,27 @@ def test_pinned_version_and_unknown_version(server):
 def test_ranking_survives_restart(tiny_model, tmp_path):
     proc = ServerProcess(tiny_model, tmp_path / "data").start()
     try:
-        result = client_for(proc).completions.create(model="policy", prompt="add: 2 + 2", n=2, max_tokens=4)
+        result = client_for(proc).completions.create(
+            model="policy", prompt="add: 2 + 2", n=2, max_tokens=4
+        )
         ids = [c.model_extra["completion_id"] for c in result.choices]
-        status, body = proc.post("/v1/feedback", {"ranking": ids, "labeler": "durable", "idempotency_key": "restart-1"})
+        status, body = proc.post(
+            "/v1/feedback", {"ranking": ids, "labeler": "durable", "idempotency_key": "restart-1"}
+        )
         assert status == 201
     finally:
         assert proc.stop() == 0
     restarted = ServerProcess(tiny_model, tmp_path / "data").start()
     try:
         assert restarted.counts()["rankings"] == 1
-        status, replay = restarted.post("/v1/feedback", {"ranking": ids, "labeler": "durable", "idempotency_key": "restart-1"})
-        assert status == 200 and replay["duplicate"] is True and replay["ranking_id"] == body["ranking_id"]
+        status, replay = restarted.post(
+            "/v1/feedback", {"ranking": ids, "labeler": "durable", "idempotency_key": "restart-1"}
+        )
+        assert (
+            status == 200
+            and replay["duplicate"] is True
+            and replay["ranking_id"] == body["ranking_id"]
+        )
         from flywheel_client import FlywheelClient
 
         with FlywheelClient(restarted.grpc) as client:

@@ -163,7 +163,9 @@ def test_a_missing_key_is_unauthenticated(auth: Authenticator, header: str | Non
     assert info.value.message == "missing API key: send 'authorization: Bearer <key>'"
 
 
-@pytest.mark.parametrize("header", ["Bearer nope", "bearer nope", "Bearer gen-key2", "Bearer gen-ke"])
+@pytest.mark.parametrize(
+    "header", ["Bearer nope", "bearer nope", "Bearer gen-key2", "Bearer gen-ke"]
+)
 def test_an_unknown_key_is_unauthenticated(auth: Authenticator, header: str) -> None:
     with pytest.raises(Unauthenticated) as info:
         auth.check(header, "generate")

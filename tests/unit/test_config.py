@@ -185,7 +185,10 @@ def test_flywheel_api_keys_variable_is_not_taken_as_a_key_file() -> None:
     environ = {"FLYWHEEL_API_KEYS": "secret-key-1=admin"}
     c = ServerConfig.from_env(environ)
     assert c.api_keys_file is None
-    assert Authenticator.load(c.api_keys_file, environ).check("Bearer secret-key-1", "admin") == "env-1"
+    assert (
+        Authenticator.load(c.api_keys_file, environ).check("Bearer secret-key-1", "admin")
+        == "env-1"
+    )
 
 
 # -- command line ----------------------------------------------------------------------------------
