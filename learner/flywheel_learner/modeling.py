@@ -43,7 +43,8 @@ def load_base(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    model.to(device).eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorated .to confuses mypy
+    model.eval()
     return model, tokenizer
 
 

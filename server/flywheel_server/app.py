@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,9 @@ log = logging.getLogger("flywheel")
 class _HttpServer(uvicorn.Server):
     """uvicorn without its own signal handling: this process stops both transports together."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 @dataclass
@@ -77,7 +79,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
     grpc_server, grpc_port, health = await start_grpc(service, auth, config.host, config.grpc_port)
     http = _HttpServer(
         uvicorn.Config(
-            bento_service.Flywheel.to_asgi(),
+            bento_service.Flywheel.to_asgi(),  # type: ignore[attr-defined]  # added by @bentoml.service
             host=config.host,
             port=config.http_port,
             log_level="warning",

@@ -58,14 +58,18 @@ def parse_file(path: Path) -> list[ApiKey]:
     if not isinstance(entries, list):
         raise ValueError(f'{path} must hold {{"keys": [{{"name", "key", "scopes"}}, ...]}}')
     keys = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("key"), str) or len(e["key"]) < 8:
+    for i, entry in enumerate(entries):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("key"), str)
+            or len(entry["key"]) < 8
+        ):
             raise ValueError(f"{path}: keys[{i}].key must be a string of at least 8 characters")
         keys.append(
             ApiKey(
-                str(e.get("name", f"key-{i}")),
-                e["key"],
-                _scopes(e.get("scopes"), f"{path}: keys[{i}]"),
+                str(entry.get("name", f"key-{i}")),
+                entry["key"],
+                _scopes(entry.get("scopes"), f"{path}: keys[{i}]"),
             )
         )
     return keys

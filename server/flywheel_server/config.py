@@ -123,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = ServerConfig) -> 
         )
 
 
-def from_arguments(args: argparse.Namespace, cls: type = ServerConfig) -> Any:
+def from_arguments(args: argparse.Namespace, cls: Any = ServerConfig) -> Any:
     """Config from parsed flags; flags left out fall back to FLYWHEEL_* variables, then defaults."""
     given = {
         f.name: getattr(args, f.name)

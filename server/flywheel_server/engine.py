@@ -79,9 +79,13 @@ class TorchEngine:
             # A base model without a template: plain "role: content" lines.
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join([*lines, "assistant:"])
-        return self.tokenizer.apply_chat_template(
+        rendered = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+        return str(rendered)
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
     @property
     def adapters(self) -> list[str]:
@@ -187,7 +191,7 @@ class TorchEngine:
         temperature = torch.full((n,), s.temperature, device=self.device)
         top_k = torch.full((n,), s.top_k, device=self.device, dtype=torch.long)
         top_p = torch.full((n,), s.top_p, device=self.device)
-        generators = [self._generator(s.seed, i) for i in range(n)]
+        generators: list[torch.Generator | None] = [self._generator(s.seed, i) for i in range(n)]
         tokens: list[list[int]] = [[] for _ in range(n)]
         sent = [0] * n  # characters already streamed per row
         done = [False] * n
@@ -206,7 +210,7 @@ class TorchEngine:
                         emit(self._flush(i, tokens[i], sent, s.stop, "stop"))
                         continue
                     tokens[i].append(token)
-                    text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+                    text = self._decode_text(tokens[i])
                     cut = find_stop(text, s.stop)
                     if cut >= 0 or last:
                         done[i] = True
@@ -233,7 +237,7 @@ class TorchEngine:
     def _flush(
         self, i: int, tokens: list[int], sent: list[int], stops: tuple[str, ...], reason: str
     ) -> TokenEvent:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self._decode_text(tokens)
         cut = find_stop(text, stops)
         text = text[:cut] if cut >= 0 else text
         return TokenEvent(i, text[sent[i] :], reason, len(tokens))

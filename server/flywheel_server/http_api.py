@@ -52,7 +52,7 @@ HTTP_FIELDS = {"policy": "model", "reward_model": "model"}
 def from_error(e: errors.FlywheelError) -> JSONResponse:
     field = HTTP_FIELDS.get(e.field, e.field) if e.field else None
     message = e.message
-    if field != e.field and e.field and message.startswith(e.field + " "):
+    if field and e.field and field != e.field and message.startswith(e.field + " "):
         message = field + message[len(e.field) :]
     if isinstance(e, BodyTooLarge):
         return error_response(413, "invalid_request_error", message, field)
@@ -408,4 +408,4 @@ async def _sse(
         yield b"data: [DONE]\n\n"
     except errors.FlywheelError as e:
         # Headers are gone; report in-band as OpenAI does, then end the stream.
-        yield f"data: {from_error(e).body.decode()}\n\n".encode()
+        yield b"data: " + bytes(from_error(e).body) + b"\n\n"

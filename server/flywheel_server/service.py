@@ -11,9 +11,10 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from flywheel_proto import archive
 
@@ -135,7 +136,7 @@ class FlywheelService:
 
     # -- generation -------------------------------------------------------------------------
 
-    def render(self, prompt: PromptInput) -> tuple[str, str]:
+    def render(self, prompt: PromptInput) -> tuple[Literal["text", "chat"], str]:
         """(kind, prompt text the policy sees)."""
         if (prompt.text is None) == (prompt.messages is None):
             raise InvalidRequest("give exactly one of prompt or messages", field="prompt")
@@ -404,7 +405,7 @@ class _Stream:
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.rows = rows
-        self._iter = self._run()
+        self._iter: AsyncGenerator[StreamEvent, None] = self._run()
         self.result: Generation
 
     def __aiter__(self) -> _Stream:
@@ -416,7 +417,7 @@ class _Stream:
     async def aclose(self) -> None:
         await self._iter.aclose()
 
-    async def _run(self) -> AsyncIterator[StreamEvent]:
+    async def _run(self) -> AsyncGenerator[StreamEvent, None]:
         groups: dict[str | None, list[_Row]] = {}
         for row in self.rows:
             groups.setdefault(row.adapter, []).append(row)
