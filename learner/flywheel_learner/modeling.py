@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -114,10 +114,19 @@ def reward_token_ids(
 
 
 def score(
-    model: nn.Module, head: ScoreHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module,
+    head: ScoreHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    **model_kwargs: Any,
 ) -> torch.Tensor:
     """Reward of each row. input_ids, attention_mask: (B, T) -> (B,)"""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        **model_kwargs,
+    )
     return head(last_token_features(out.hidden_states[-1], attention_mask))
 
 

@@ -1,33 +1,38 @@
-"""The `torch` engine: transformers + peft behind one async interface.
+"""The `torch` engine: transformers + peft behind one async interface, with continuous batching.
 
-One worker thread owns the model: requests run one at a time, the n completions of a request
-as one batch, each streamed token by token. Adapters are peft LoRA adapters loaded under their
-version id ("policy-v3"), so a request pinned to a version never sees another one's weights.
+One scheduler thread owns the model. Every step it runs queued commands (adapter loads, reward
+scoring), lets waiting requests join the running batch (prefill, then merge their cache), decodes
+one token for every row, and drops rows that finished or whose client went away: no request waits
+for the slowest. Each row names its own adapter (peft's per-row `adapter_names`), so one batch
+serves several policy versions; a request started on a version finishes on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
+import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from flywheel_learner import modeling
 
+from flywheel_server.batch import Batch, Row
 from flywheel_server.domain import Sampling
-from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
-from flywheel_server.sampling import find_stop, safe_prefix_length, sample
+from flywheel_server.errors import AdapterNotFound, AdapterRefused, Conflict, Overloaded
+from flywheel_server.sampling import sample
 
 log = logging.getLogger(__name__)
 
 SMOKE_PROMPT = "Hello"
 SMOKE_TOKENS = 4
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ class TokenEvent:
     completion_tokens: int = 0
 
 
+@dataclass(eq=False)
+class _Request:
+    spec: EngineRequest
+    emit: Callable[[list[TokenEvent | None] | BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    alive: int = 0  # rows still decoding
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,7 +67,12 @@ def resolve_device(device: str) -> str:
 
 class TorchEngine:
     def __init__(
-        self, model_dir: str | Path, *, device: str = "auto", max_pending: int = 64
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "auto",
+        max_pending: int = 64,
+        max_batch: int = 64,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
@@ -64,10 +82,18 @@ class TorchEngine:
         self.max_positions: int = getattr(self.model.config, "max_position_embeddings", 2048)
         self.peft: Any = None  # peft.PeftModel once the first adapter is loaded
         self.heads: dict[str, modeling.ScoreHead] = {}
-        self.max_pending = max_pending
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.max_pending = max_pending  # requests admitted (running or waiting) at once
+        self.max_batch = max_batch  # rows decoded together
+        self._batch = Batch()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._commands: collections.deque[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]]
+        ] = collections.deque()
+        self._admitted = 0
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
 
     # -- text ------------------------------------------------------------------------------
 
@@ -91,156 +117,223 @@ class TorchEngine:
     def adapters(self) -> list[str]:
         return sorted(self.peft.peft_config) if self.peft is not None else []
 
+    @property
+    def load(self) -> dict[str, int]:
+        """Admitted requests and running rows (for metrics and tests)."""
+        return {"admitted": self._admitted, "waiting": len(self._waiting), "rows": len(self._batch)}
+
     # -- async API --------------------------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
-        """Stream token events; closing the iterator cancels the work at the next step."""
+        """Stream token events; closing the iterator drops the request's rows at the next step."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(item: TokenEvent | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            try:
-                self._decode(request, emit, cancelled)
-                emit(None)
-            except BaseException as e:  # handed to the awaiting side
-                emit(e)
-
-        self._admit()
-        future = loop.run_in_executor(self._worker, self._released(work))
+        queue: asyncio.Queue[list[TokenEvent | None] | BaseException] = asyncio.Queue()
+        req = _Request(request, lambda items: loop.call_soon_threadsafe(queue.put_nowait, items))
+        with self._wake:
+            if self._closed:
+                raise Overloaded("the engine is shutting down")
+            if self._admitted >= self.max_pending:
+                raise Overloaded(
+                    f"the server is at capacity ({self.max_pending} requests admitted); retry later"
+                )
+            self._admitted += 1
+            self._waiting.append(req)
+            self._wake.notify()
         try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while True:
+                items = await queue.get()
+                if isinstance(items, BaseException):
+                    raise items
+                for item in items:
+                    if item is None:
+                        return
+                    yield item
         finally:
-            cancelled.set()
-            await asyncio.shield(future)
+            req.cancelled.set()
+            with self._wake:
+                self._wake.notify()
 
     async def score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
-        self._admit()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._worker, self._released(lambda: self._score(adapter, prompt, completions))
-        )
+        return await self._call(lambda: self._score(adapter, prompt, completions))
 
     async def load_adapter(self, adapter_id: str, path: str | Path, *, reward: bool) -> None:
         """Load, then smoke-check (finite logits, a few tokens); refuse and unload on failure."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._worker, lambda: self._load(adapter_id, Path(path), reward))
+        await self._call(lambda: self._load(adapter_id, Path(path), reward))
 
     async def unload_adapter(self, adapter_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._worker, lambda: self._unload(adapter_id))
+        await self._call(lambda: self._unload(adapter_id))
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
 
-    # -- admission --------------------------------------------------------------------------
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the scheduler thread between two decode steps."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._wake:
+            if self._closed:
+                raise Overloaded("the engine is shutting down")
+            self._commands.append((fn, future))
+            self._wake.notify()
+        return await asyncio.wrap_future(future)
 
-    def _admit(self) -> None:
-        with self._pending_lock:
-            if self._pending >= self.max_pending:
-                raise Overloaded(
-                    f"the server is at capacity ({self.max_pending} requests queued); retry later"
-                )
-            self._pending += 1
-
-    def _released(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            try:
-                return fn()
-            finally:
-                with self._pending_lock:
-                    self._pending -= 1
-
-        return run
-
-    # -- worker-thread side -----------------------------------------------------------------
+    # -- the scheduler thread ---------------------------------------------------------------
 
     @property
     def _net(self) -> Any:
         return self.peft if self.peft is not None else self.model
 
-    @contextlib.contextmanager
-    def _using(self, adapter: str | None) -> Iterator[None]:
-        if adapter is not None and adapter not in self.adapters:
-            raise AdapterNotFound(f"adapter {adapter} is not loaded")
-        if self.peft is None:
-            yield
-        elif adapter is None:
-            with self.peft.disable_adapter():
-                yield
-        else:
-            self.peft.set_adapter(adapter)
-            yield
+    def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
+        missing = sorted({a for a in adapters if a is not None} - set(self.adapters))
+        if missing:
+            raise AdapterNotFound(f"adapter {', '.join(missing)} is not loaded")
+        return {} if self.peft is None else {"adapter_names": [a or BASE for a in adapters]}
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._commands or self._waiting or self._batch.rows or self._closed):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+            try:
+                self._admit_waiting()
+                if self._batch.rows:
+                    self._step()
+            except Exception as e:  # a model failure ends the requests it touched, not the engine
+                log.exception("decode step failed")
+                for req in {r.owner for r in self._batch.rows}:
+                    self._finish(req, e)
+                self._batch = Batch()
+        for req in [*self._waiting, *{r.owner for r in self._batch.rows}]:
+            req.emit(Overloaded("the engine shut down before the request finished"))
+        for _, future in self._commands:
+            future.set_exception(Overloaded("the engine shut down"))
+
+    def _admit_waiting(self) -> None:
+        while self._waiting:
+            with self._wake:
+                req = self._waiting[0]
+                if (
+                    not req.cancelled.is_set()
+                    and len(self._batch) + req.spec.n > self.max_batch
+                    and self._batch.rows
+                ):
+                    return
+                self._waiting.popleft()
+            if req.cancelled.is_set():
+                self._release()
+                continue
+            try:
+                self._prefill(req)
+            except Exception as e:
+                self._finish(req, e)
 
     @torch.inference_mode()
-    def _decode(
-        self,
-        req: EngineRequest,
-        emit: Callable[[TokenEvent | BaseException | None], None],
-        cancelled: threading.Event,
-    ) -> None:
-        s = req.sampling
-        n = req.n
-        eos = self.tokenizer.eos_token_id
-        temperature = torch.full((n,), s.temperature, device=self.device)
-        top_k = torch.full((n,), s.top_k, device=self.device, dtype=torch.long)
-        top_p = torch.full((n,), s.top_p, device=self.device)
-        generators: list[torch.Generator | None] = [self._generator(s.seed, i) for i in range(n)]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        sent = [0] * n  # characters already streamed per row
-        done = [False] * n
-        with self._using(req.adapter):
-            ids = torch.tensor([list(req.prompt_ids)] * n, device=self.device)
-            out = self._net(input_ids=ids, use_cache=True)
-            for step in range(s.max_tokens):
-                next_ids = sample(out.logits[:, -1], temperature, top_k, top_p, generators)
-                for i in range(n):
-                    if done[i]:
-                        continue
-                    token = int(next_ids[i])
-                    last = step == s.max_tokens - 1
-                    if token == eos:
-                        done[i] = True
-                        emit(self._flush(i, tokens[i], sent, s.stop, "stop"))
-                        continue
-                    tokens[i].append(token)
-                    text = self._decode_text(tokens[i])
-                    cut = find_stop(text, s.stop)
-                    if cut >= 0 or last:
-                        done[i] = True
-                        text = text[:cut] if cut >= 0 else text
-                        emit(
-                            TokenEvent(
-                                i, text[sent[i] :], "stop" if cut >= 0 else "length", len(tokens[i])
-                            )
-                        )
-                        continue
-                    # Hold back a trailing replacement char: a multi-byte character mid-way.
-                    upto = safe_prefix_length(text.removesuffix("\ufffd"), s.stop)
-                    if upto > sent[i]:
-                        emit(TokenEvent(i, text[sent[i] : upto], None, len(tokens[i])))
-                        sent[i] = upto
-                if all(done) or cancelled.is_set():
-                    return
-                out = self._net(
-                    input_ids=next_ids.unsqueeze(-1),
-                    past_key_values=out.past_key_values,
-                    use_cache=True,
-                )
+    def _prefill(self, req: _Request) -> None:
+        spec, n = req.spec, req.spec.n
+        length = len(spec.prompt_ids)
+        ids = torch.tensor([spec.prompt_ids], device=self.device)
+        out = self._net(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(length, device=self.device).unsqueeze(0),
+            use_cache=True,
+            **self._adapter_kwargs([spec.adapter]),
+        )
+        rows = [
+            Row(req, i, spec.adapter, spec.sampling, self._generator(spec.sampling.seed, i), length)
+            for i in range(n)
+        ]
+        req.alive = n
+        first = self._sample(rows, out.logits[:, -1].expand(n, -1))
+        alive = self._emit(rows, first)
+        if not alive:
+            return
+        cache = out.past_key_values
+        for layer in cache.layers:  # one prefill, n rows
+            layer.keys = layer.keys.expand(len(alive), -1, -1, -1).contiguous()
+            layer.values = layer.values.expand(len(alive), -1, -1, -1).contiguous()
+        mask = torch.ones(len(alive), length, dtype=torch.long, device=self.device)
+        self._batch.join([rows[i] for i in alive], cache, mask, first[alive])
 
-    def _flush(
-        self, i: int, tokens: list[int], sent: list[int], stops: tuple[str, ...], reason: str
-    ) -> TokenEvent:
-        text = self._decode_text(tokens)
-        cut = find_stop(text, stops)
-        text = text[:cut] if cut >= 0 else text
-        return TokenEvent(i, text[sent[i] :], reason, len(tokens))
+    @torch.inference_mode()
+    def _step(self) -> None:
+        batch = self._batch
+        assert batch.mask is not None and batch.next_ids is not None
+        rows = batch.rows
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
+        positions = torch.tensor([[r.position] for r in rows], device=self.device)
+        out = self._net(
+            input_ids=batch.next_ids.unsqueeze(-1),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=batch.cache,
+            use_cache=True,
+            **self._adapter_kwargs([r.adapter for r in rows]),
+        )
+        batch.mask, batch.cache = mask, out.past_key_values
+        for r in rows:
+            r.position += 1
+        batch.next_ids = self._sample(rows, out.logits[:, -1])
+        batch.keep(self._emit(rows, batch.next_ids))
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        return sample(
+            logits,
+            column([r.sampling.temperature for r in rows], torch.float32),
+            column([r.sampling.top_k for r in rows], torch.long),
+            column([r.sampling.top_p for r in rows], torch.float32),
+            [r.generator for r in rows],
+        )
+
+    def _emit(self, rows: list[Row], tokens: torch.Tensor) -> list[int]:
+        """Advance every row by its token, send each request its events; indices still running."""
+        eos = self.tokenizer.eos_token_id
+        events: dict[_Request, list[TokenEvent | None]] = {}
+        alive = []
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            req = row.owner
+            if req.cancelled.is_set():
+                req.alive = 0
+                events.setdefault(req, [])
+                continue
+            delta, finish = row.advance(token, eos, self._decode_text)
+            if delta or finish:
+                events.setdefault(req, []).append(
+                    TokenEvent(row.index, delta, finish, len(row.tokens))
+                )
+            if finish is None:
+                alive.append(i)
+            else:
+                req.alive -= 1
+        for req, items in events.items():
+            if req.alive <= 0:
+                items.append(None)
+                self._release()
+            if items:
+                req.emit(items)
+        return alive
+
+    def _finish(self, req: _Request, error: BaseException) -> None:
+        req.emit(error)
+        self._release()
+
+    def _release(self) -> None:
+        with self._wake:
+            self._admitted -= 1
 
     def _generator(self, seed: int | None, row: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -263,8 +356,8 @@ class TorchEngine:
         mask = torch.tensor(
             [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
         )
-        with self._using(adapter):
-            return modeling.score(self._net, head, ids, mask).float().cpu().tolist()
+        use = self._adapter_kwargs([adapter] * len(rows))
+        return modeling.score(self._net, head, ids, mask, **use).float().cpu().tolist()
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
         try:
@@ -320,22 +413,24 @@ class TorchEngine:
         ids = torch.tensor(
             [self.encode(SMOKE_PROMPT) or [self.tokenizer.eos_token_id]], device=self.device
         )
-        with self._using(adapter_id):
-            if head is not None:
-                values = modeling.score(self._net, head, ids, torch.ones_like(ids))
-                if not torch.isfinite(values).all():
-                    raise AdapterRefused(f"adapter {adapter_id} gives non-finite rewards")
-                return
-            for _ in range(SMOKE_TOKENS):
-                logits = self._net(input_ids=ids).logits[:, -1]
-                if not torch.isfinite(logits).all():
-                    raise AdapterRefused(f"adapter {adapter_id} gives non-finite logits")
-                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
+        use = self._adapter_kwargs([adapter_id])
+        if head is not None:
+            values = modeling.score(self._net, head, ids, torch.ones_like(ids), **use)
+            if not torch.isfinite(values).all():
+                raise AdapterRefused(f"adapter {adapter_id} gives non-finite rewards")
+            return
+        for _ in range(SMOKE_TOKENS):
+            logits = self._net(input_ids=ids, **use).logits[:, -1]
+            if not torch.isfinite(logits).all():
+                raise AdapterRefused(f"adapter {adapter_id} gives non-finite logits")
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
 
     def _unload(self, adapter_id: str) -> None:
         self.heads.pop(adapter_id, None)
         if adapter_id not in self.adapters:
             return
+        if any(r.adapter == adapter_id for r in self._batch.rows):
+            raise Conflict(f"adapter {adapter_id} is serving requests; unload it once they finish")
         remaining = [a for a in self.adapters if a != adapter_id]
         if remaining:
             self.peft.set_adapter(remaining[0])

@@ -259,7 +259,7 @@ async def test_overloaded_when_max_pending_is_exceeded(model_dir: Path) -> None:
         assert isinstance(first, list)
         assert finals(first)[0].completion_tokens > 0
         assert isinstance(second, Overloaded)
-        assert second.message == "the server is at capacity (1 requests queued); retry later"
+        assert second.message == "the server is at capacity (1 requests admitted); retry later"
         # The slot is released once the first finishes.
         third = await events(engine, request(engine, temperature=0, max_tokens=2))
         assert finals(third)[0].completion_tokens == 2

@@ -7,18 +7,21 @@ built, and nowhere else in the client package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from flywheel_server.config import add_arguments, from_arguments
 
 from flywheel_client.errors import FlywheelError, InvalidArgument, Unauthenticated, Unavailable
 from flywheel_client.grpc_client import DEFAULT_TARGET, FlywheelClient
+from flywheel_client.labelers import Labeler, LabelStats, demo_prompts, preference_from_spec
 from flywheel_client.ranking import TIE, parse_tiers
 from flywheel_client.types import Chunk, Completion, SamplingOptions
 
@@ -44,6 +47,20 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 to rank, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -201,6 +218,50 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     sub.add_argument("--name", choices=("policy", "reward"), default="", help="only this kind")
     sub.set_defaults(func=_policies)
+
+    sub = commands.add_parser(
+        "simulate",
+        parents=[client, sampling],
+        help="run a scripted labeler that ranks candidates by a stated preference",
+        description=(
+            "Drive the feedback loop with a scripted labeler: for each demo-task prompt "
+            "(reverse:, sort:, add:, capitalise:), ask the server for K candidates, rank them "
+            "by PREFERENCE and submit the ranking, exactly as a user would. Candidates that all "
+            "tie are skipped (no information). Stops after --count prompts or --seconds, "
+            "whichever comes first. --seed also fixes the prompt sequence."
+        ),
+    )
+    sub.add_argument(
+        "--preference",
+        required=True,
+        metavar="NAME",
+        help=(
+            "correct (the demo task's right answer first), shorter, longer (by characters), "
+            "or contains:WORD (responses containing WORD first)"
+        ),
+    )
+    sub.add_argument(
+        "--k", type=_at_least_two, default=4, help="candidates per prompt (default: 4)"
+    )
+    sub.add_argument(
+        "--count", type=_non_negative_int, default=100, help="prompts to label (default: 100)"
+    )
+    sub.add_argument(
+        "--seconds", type=_non_negative_float, metavar="S", help="stop after S seconds too"
+    )
+    sub.add_argument(
+        "--labeler",
+        metavar="NAME",
+        help="labeler name recorded with each ranking (default: sim-PREFERENCE)",
+    )
+    sub.add_argument(
+        "--policies",
+        type=_names,
+        default=[],
+        metavar="A,B",
+        help="comma-separated versions; candidate i comes from the (i mod count)-th",
+    )
+    sub.set_defaults(func=_simulate)
     return parser
 
 
@@ -381,6 +442,59 @@ def _policies(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1])
     return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    try:
+        preference = preference_from_spec(args.preference)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    name = args.labeler or f"sim-{preference}"
+    with _client(args) as client:
+        labeler = Labeler(
+            client, preference, name=name, k=args.k, policies=args.policies, **_sampling(args)
+        )
+        with _progress(args) as update:
+            stats = labeler.run(
+                demo_prompts(args.seed), count=args.count, seconds=args.seconds, on_result=update
+            )
+    if args.json:
+        summary = {
+            "labeler": name,
+            "preference": str(preference),
+            "attempts": stats.attempts,
+            **dataclasses.asdict(stats),
+        }
+        summary["mean_key"] = None if math.isnan(stats.mean_key) else stats.mean_key
+        print(json.dumps(summary))
+        return 0
+    line = (
+        f"{name}: {stats.submitted} rankings submitted ({stats.pairs} pairs), "
+        f"{stats.skipped} skipped (all tied), {stats.errors} errors in {stats.seconds:.1f}s"
+    )
+    if stats.candidates:
+        line += f"; mean {preference} score {stats.mean_key:.3g}"
+    print(line)
+    if stats.last_error:
+        print(f"last error: {stats.last_error}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[Callable[[LabelStats], None]]:
+    """A tqdm bar on a terminal; nothing when piped or printing JSON."""
+    if args.json or not sys.stderr.isatty():
+        yield lambda stats: None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=args.count, unit="prompt", desc="simulate") as bar:
+
+        def update(stats: LabelStats) -> None:
+            bar.update(stats.attempts - bar.n)
+            bar.set_postfix(submitted=stats.submitted, skipped=stats.skipped, errors=stats.errors)
+
+        yield update
 
 
 # -- entry point ---------------------------------------------------------------------------------
