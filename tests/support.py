@@ -28,8 +28,9 @@ def make_adapter(
 ) -> Path:
     """A random LoRA adapter (and score head for a reward model) in the served format."""
     import torch
-    from flywheel_learner import modeling
     from peft import LoraConfig, get_peft_model
+
+    from flywheel_learner import modeling
 
     torch.manual_seed(seed)
     model, _ = modeling.load_base(model_dir)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from flywheel_learner import modeling
 
+from flywheel_learner import modeling
 from flywheel_server.batch import Batch, Row
 from flywheel_server.domain import Sampling
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Conflict, Overloaded

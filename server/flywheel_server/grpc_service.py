@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from flywheel_proto.v1 import flywheel_pb2 as pb
 from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from flywheel_proto.v1 import flywheel_pb2 as pb
 from flywheel_server import domain, errors
 from flywheel_server.auth import Authenticator
 from flywheel_server.service import FlywheelService, PromptInput, PublishHeader

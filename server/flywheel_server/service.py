@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Literal
 
 from flywheel_proto import archive
-
 from flywheel_server import validation
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (

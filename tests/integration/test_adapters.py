@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from flywheel_client import Conflict, FlywheelClient, InvalidArgument
 from flywheel_learner import modeling
-
 from tests.support import make_adapter
 
 pytestmark = pytest.mark.integration

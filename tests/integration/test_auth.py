@@ -6,8 +6,8 @@ import json
 import subprocess
 
 import pytest
-from flywheel_client import FlywheelClient, PermissionDenied, Unauthenticated
 
+from flywheel_client import FlywheelClient, PermissionDenied, Unauthenticated
 from tests.support import FLYWHEEL, ServerProcess
 
 pytestmark = pytest.mark.integration

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from flywheel_client import FlywheelError, NotFound
 
 pytestmark = pytest.mark.integration

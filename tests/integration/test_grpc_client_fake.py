@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from flywheel_client import (
     AsyncFlywheelClient,
     Conflict,

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from flywheel_proto.archive import MAX_FILES, pack_directory, sha256, unpack_archive
 
 pytestmark = pytest.mark.unit

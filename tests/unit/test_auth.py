@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from flywheel_server.auth import ApiKey, Authenticator, parse_env, parse_file
 from flywheel_server.errors import PermissionDenied, Unauthenticated
 

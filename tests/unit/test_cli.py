@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from flywheel_client import cli
 
 pytestmark = pytest.mark.unit
@@ -26,6 +27,7 @@ HELP_FLAGS = {
     "demonstrate": [*CLIENT_FLAGS, "--labeler", "--key", "PROMPT", "RESPONSE"],
     "score": [*CLIENT_FLAGS, "--reward-model", "COMPLETION"],
     "policies": [*CLIENT_FLAGS, "--name"],
+    "simulate": [*CLIENT_FLAGS, *SAMPLING_FLAGS, "--preference", "--k", "--count", "--seconds"],
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from flywheel_client import errors as e
 from flywheel_client.adapter_archive import pack_adapter, upload_chunks
 from flywheel_client.ranking import as_tiers, parse_tiers

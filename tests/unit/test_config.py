@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from flywheel_server.auth import Authenticator
 from flywheel_server.config import ServerConfig, add_arguments, from_arguments
 

@@ -1,6 +1,7 @@
 import random
 
 import pytest
+
 from flywheel_learner import demo_task
 from flywheel_learner.demo_task import Example, check, demonstrations, preference_pairs
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from flywheel_server.domain import Sampling
 from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
@@ -53,8 +54,9 @@ def fresh_engine(model_dir: Path) -> Iterator[TorchEngine]:
 
 def make_adapter(model_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     """A random LoRA adapter in the served format (as tests/conftest.py's make_adapter)."""
-    from flywheel_learner import modeling
     from peft import LoraConfig, get_peft_model
+
+    from flywheel_learner import modeling
 
     torch.manual_seed(seed)
     model, _ = modeling.load_base(model_dir)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
+
 from flywheel_client import cli
 from flywheel_client.errors import Conflict, InvalidArgument, NotFound, Overloaded
 from flywheel_client.labelers import (

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from flywheel_learner.losses import masked_token_nll, pairwise_accuracy, ranking_loss
 
 pytestmark = pytest.mark.unit

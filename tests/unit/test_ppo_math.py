@@ -3,6 +3,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from flywheel_learner.ppo_math import (
     AdaptiveKLController,
     FixedKLController,

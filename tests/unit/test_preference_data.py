@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from flywheel_learner.preference_data import (
     PreferenceDataError,
     iter_preferences,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from flywheel_server.domain import AdapterVersion
 from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
 from flywheel_server.registry import AdapterRegistry, parse_id

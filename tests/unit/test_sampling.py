@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from flywheel_server.sampling import filter_logits, find_stop, safe_prefix_length, sample
 
 pytestmark = pytest.mark.unit

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from flywheel_learner import modeling
 from flywheel_learner.demo_model import build_tiny_model, chat_prompt
 from flywheel_learner.demo_task import demonstrations

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
 from flywheel_server.domain import (
     CompletionRecord,
     Demonstration,
@@ -22,9 +26,6 @@ from flywheel_server.domain import (
 from flywheel_server.errors import Conflict, InvalidRequest, NotFound
 from flywheel_server.store import Store
 from flywheel_server.store.schema import Base, RankingRow
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
 
 pytestmark = pytest.mark.unit
 

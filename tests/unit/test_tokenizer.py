@@ -2,9 +2,10 @@ import random
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
+
 from flywheel_learner.demo_task import demonstrations
 from flywheel_learner.tokenizer import train_tokenizer
-from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from flywheel_server import validation
 from flywheel_server.domain import Sampling
 from flywheel_server.errors import InvalidRequest

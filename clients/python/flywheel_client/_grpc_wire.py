@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from flywheel_proto.v1 import flywheel_pb2 as pb
-
 from flywheel_client import types as t
 from flywheel_client.errors import InvalidArgument
 from flywheel_client.ranking import Tiers
+from flywheel_proto.v1 import flywheel_pb2 as pb
 
 Messages = Sequence[Mapping[str, str]]
 

@@ -17,13 +17,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from flywheel_server.config import add_arguments, from_arguments
-
 from flywheel_client.errors import FlywheelError, InvalidArgument, Unauthenticated, Unavailable
 from flywheel_client.grpc_client import DEFAULT_TARGET, FlywheelClient
 from flywheel_client.labelers import Labeler, LabelStats, demo_prompts, preference_from_spec
 from flywheel_client.ranking import TIE, parse_tiers
 from flywheel_client.types import Chunk, Completion, SamplingOptions
+from flywheel_server.config import add_arguments, from_arguments
 
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2

@@ -14,14 +14,14 @@ from typing import Any, Self, Unpack
 
 import grpc
 import grpc.aio
-from flywheel_proto.v1 import flywheel_pb2 as pb
-from flywheel_proto.v1 import flywheel_pb2_grpc as pb_grpc
 
 from flywheel_client import _grpc_wire as wire
 from flywheel_client import types as t
 from flywheel_client.adapter_archive import pack_adapter, upload_chunks
 from flywheel_client.errors import from_grpc_error
 from flywheel_client.ranking import RankingArg, as_tiers
+from flywheel_proto.v1 import flywheel_pb2 as pb
+from flywheel_proto.v1 import flywheel_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 Metadata = tuple[tuple[str, str], ...]
