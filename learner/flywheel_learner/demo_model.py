@@ -145,10 +145,30 @@ def _save_hf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, direct
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     """An untrained tiny Llama + demo tokenizer saved as a HF directory, for tests (~1 s)."""
+    return build_random_model(out_dir, hidden=32, layers=2, heads=2, intermediate=64, seed=seed)
+
+
+def build_random_model(
+    out_dir: Path,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    max_positions: int = 256,
+    seed: int = 0,
+) -> Path:
+    """An untrained Llama of any size + demo tokenizer: speed does not need trained weights."""
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(_task_texts(random.Random(seed), 200))
     model = _llama(
-        tokenizer, hidden=32, layers=2, heads=2, intermediate=64, max_positions=256, seed=seed
+        tokenizer,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        intermediate=intermediate,
+        max_positions=max_positions,
+        seed=seed,
     )
     _save_hf(model, tokenizer, out_dir)
     return out_dir

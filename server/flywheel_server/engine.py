@@ -54,7 +54,7 @@ class TokenEvent:
 @dataclass(eq=False)
 class _Request:
     spec: EngineRequest
-    emit: Callable[[list[TokenEvent | None] | BaseException], None]
+    emit: Callable[[list[TokenEvent | None] | BaseException], object]
     cancelled: threading.Event = field(default_factory=threading.Event)
     alive: int = 0  # rows still decoding
 

@@ -19,7 +19,13 @@ from starlette.routing import Route
 
 from flywheel_server import errors
 from flywheel_server.domain import AdapterVersion
-from flywheel_server.service import FlywheelService, Generation, PromptInput, StreamEvent
+from flywheel_server.service import (
+    FlywheelService,
+    Generation,
+    GenerationStream,
+    PromptInput,
+    StreamEvent,
+)
 from flywheel_server.validation import RawSampling
 
 STATUS: list[tuple[type[errors.FlywheelError], int, str]] = [
@@ -76,6 +82,7 @@ class _OpenAI(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
 
     def raw_sampling(self) -> RawSampling:
         return RawSampling(
@@ -335,7 +342,10 @@ async def _generate(
     if b.stream:
         # Pull the first event before answering, so overload and engine errors get a status code.
         first = await anext(stream, None)
-        return StreamingResponse(_sse(stream, first, chat=chat), media_type="text/event-stream")
+        usage = bool((b.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            _sse(stream, first, chat=chat, usage=usage), media_type="text/event-stream"
+        )
     async for _ in stream:
         pass
     return JSONResponse(_completion_json(stream.result, chat=chat))
@@ -371,7 +381,7 @@ def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
 
 
 async def _sse(
-    stream: AsyncIterator[StreamEvent], first: StreamEvent | None, *, chat: bool
+    stream: GenerationStream, first: StreamEvent | None, *, chat: bool, usage: bool = False
 ) -> AsyncIterator[bytes]:
     started: set[int] = set()
     created = int(time.time())
@@ -405,6 +415,17 @@ async def _sse(
             yield chunk(first)
         async for e in stream:
             yield chunk(e)
+        if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+            totals = _completion_json(stream.result, chat=chat)
+            doc = {
+                "id": totals["id"],
+                "object": totals["object"],
+                "created": created,
+                "model": totals["model"],
+                "choices": [],
+                "usage": totals["usage"],
+            }
+            yield f"data: {json.dumps(doc)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     except errors.FlywheelError as e:
         # Headers are gone; report in-band as OpenAI does, then end the stream.

@@ -166,13 +166,13 @@ class FlywheelService:
 
     def generate_stream(
         self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
-    ) -> _Stream:
+    ) -> GenerationStream:
         """Validate now (errors raise before any event), then stream as the caller iterates."""
         n = validation.integer("n", n, 1, self.config.max_n)
         kind, text = self.render(prompt)
         policy_id, adapter = self.registry.resolve(policy, kind="policy", field="policy")
         rows = [_Row(new_id("cmpl"), i, policy_id, adapter) for i in range(n)]
-        return _Stream(
+        return GenerationStream(
             self,
             PromptRecord(new_id("prm"), text, kind),
             self._encode_prompt(text, sampling),
@@ -190,7 +190,7 @@ class FlywheelService:
             self.registry.resolve(p, kind="policy", field="policies") for p in (policies or [""])
         ]
         rows = [_Row(new_id("cmpl"), i, *chosen[i % len(chosen)]) for i in range(k)]
-        stream = _Stream(
+        stream = GenerationStream(
             self,
             PromptRecord(new_id("prm"), text, kind),
             self._encode_prompt(text, sampling),
@@ -384,7 +384,7 @@ class FlywheelService:
             return live
 
 
-class _Stream:
+class GenerationStream:
     """An async iterator of StreamEvents; records every completion once all have finished.
 
     Finishing events are held back until the completions are in the store, so an id a client
@@ -407,7 +407,7 @@ class _Stream:
         self._iter: AsyncGenerator[StreamEvent, None] = self._run()
         self.result: Generation
 
-    def __aiter__(self) -> _Stream:
+    def __aiter__(self) -> GenerationStream:
         return self
 
     async def __anext__(self) -> StreamEvent:

@@ -112,3 +112,12 @@ def test_ranking_survives_restart(tiny_model, tmp_path):
         assert sorted(c.completion_id for c in exported[0].completions) == sorted(ids)
     finally:
         restarted.stop()
+
+
+def test_stream_usage_when_asked(server):
+    stream = client_for(server).completions.create(
+        model="policy", prompt="add: 1 + 1", max_tokens=5, n=2, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
