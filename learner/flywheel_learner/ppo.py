@@ -453,7 +453,7 @@ def accumulate_ptx(models: SharedBaseModels, batch: PtxBatch, config: PPOConfig)
     ):
         nll = models.pretraining_nll(batch.select(rows))
         (config.gamma_ptx * weight * nll).backward()
-        total += weight * float(nll)
+        total += weight * float(nll.detach())
     return total
 
 

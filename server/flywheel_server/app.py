@@ -70,7 +70,13 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
     config.data_dir.mkdir(parents=True, exist_ok=True)
     model_dir, seed_reward = await asyncio.to_thread(resolve_model, config)
     store = await asyncio.to_thread(Store.open, config.database_url)
-    engine = await asyncio.to_thread(TorchEngine, model_dir, device=config.device)
+    engine = await asyncio.to_thread(
+        TorchEngine,
+        model_dir,
+        device=config.device,
+        max_pending=config.max_pending,
+        max_batch=config.max_batch,
+    )
     service = FlywheelService(engine, store, config)
     await service.start(seed_reward=seed_reward)
     runtime = Runtime(service, auth)

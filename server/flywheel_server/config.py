@@ -45,6 +45,11 @@ class ServerConfig:
     max_n: int = _opt(
         "largest n (completions per request) and k (comparison candidates)", default=16
     )
+    max_pending: int = _opt(
+        "requests admitted at once (running or waiting); more get 429 / RESOURCE_EXHAUSTED",
+        default=256,
+    )
+    max_batch: int = _opt("rows (completions) decoded together in one step", default=64)
     max_body_bytes: int = _opt("largest HTTP request body, in bytes", default=1 << 20)
     max_prompt_tokens: int = _opt(
         "longest prompt, in tokens (longer prompts are refused)", default=1024
@@ -62,6 +67,8 @@ class ServerConfig:
             ("max_tokens_limit", 1, 1 << 16),
             ("max_n", 2, 256),
             ("max_body_bytes", 1024, 1 << 30),
+            ("max_pending", 1, 1 << 16),
+            ("max_batch", 1, 4096),
             ("max_prompt_tokens", 1, 1 << 20),
         ):
             value = getattr(self, name)

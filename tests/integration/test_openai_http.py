@@ -116,7 +116,12 @@ def test_ranking_survives_restart(tiny_model, tmp_path):
 
 def test_stream_usage_when_asked(server):
     stream = client_for(server).completions.create(
-        model="policy", prompt="add: 1 + 1", max_tokens=5, n=2, stream=True, stream_options={"include_usage": True}
+        model="policy",
+        prompt="add: 1 + 1",
+        max_tokens=5,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0

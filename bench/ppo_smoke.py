@@ -1,0 +1,145 @@
+"""PPO-ptx on the demo model: reward, KL and pretraining loss before and after, per gamma_ptx.
+
+A program, not a test. For each gamma_ptx it starts from the same SFT base and reward adapter,
+runs `--steps` PPO steps of `--rollout-batch` prompts, and evaluates before and after on the
+same held-out prompts (sampled at temperature 1, seeded) and the same pretraining batch:
+
+    .venv/bin/python bench/ppo_smoke.py --demo-dir /tmp/demo5 --steps 20 --gammas 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from flywheel_learner import demo_task
+from flywheel_learner.demo_model import chat_prompt, ensure_demo_model
+from flywheel_learner.ppo import (
+    PPOConfig,
+    PPOStats,
+    PtxBatch,
+    SharedBaseModels,
+    demo_pretraining_texts,
+    make_optimizer,
+    ppo_step,
+    ptx_batches,
+    sample_responses,
+)
+
+
+def demo_dirs(demo_dir: Path | None) -> tuple[Path, Path]:
+    """(model dir, reward adapter dir): an existing build, or one built under /tmp/ppo-demo."""
+    if demo_dir is not None and (demo_dir / "model").is_dir():
+        return demo_dir / "model", demo_dir / "reward-init"
+    demo = ensure_demo_model(Path("/tmp/ppo-demo"))
+    return demo.model_dir, demo.reward_dir
+
+
+def instructions(rng: random.Random, n: int) -> list[str]:
+    return [demo_task.sample_example(rng).instruction for _ in range(n)]
+
+
+@torch.no_grad()
+def evaluate(
+    models: SharedBaseModels, prompts: list[str], ptx: PtxBatch, config: PPOConfig, seed: int
+) -> dict[str, float]:
+    """Reward mean, exact-answer accuracy and pretraining NLL on fixed data."""
+    torch.manual_seed(seed)
+    samples = sample_responses(models, prompts, config)
+    scores = models.rewards(samples.prompts, samples.responses)
+    right = [bool(demo_task.check(p, r)) for p, r in zip(prompts, samples.responses, strict=True)]
+    return {
+        "reward": float(scores.mean()),
+        "accuracy": sum(right) / len(right),
+        "ptx_nll": float(models.pretraining_nll(ptx)),
+    }
+
+
+def run(
+    model_dir: Path, reward_dir: Path, config: PPOConfig, steps: int, eval_n: int
+) -> dict[str, object]:
+    models = SharedBaseModels.build(model_dir, reward_dir, config)
+    tok = models.tokenizer
+    eval_rng = random.Random(1234)  # the same held-out data for every gamma
+    eval_prompts = [chat_prompt(tok, i) for i in instructions(eval_rng, eval_n)]
+    eval_ptx = next(ptx_batches(tok, demo_pretraining_texts(eval_rng, 64), 64, 128, eval_rng))
+    rng = random.Random(config.seed)
+    train_ptx = ptx_batches(
+        tok, demo_pretraining_texts(rng, 4096), config.ptx_batch, config.ptx_max_length, rng
+    )
+    optimizer, kl_ctl = make_optimizer(models, config), config.kl_controller()
+    before = evaluate(models, eval_prompts, eval_ptx, config, seed=99)
+    history: list[PPOStats] = []
+    torch.manual_seed(config.seed)
+    for step in range(steps):
+        prompts = [chat_prompt(tok, i) for i in instructions(rng, config.rollout_batch)]
+        history.append(ppo_step(models, optimizer, prompts, next(train_ptx), config, kl_ctl))
+        s = history[-1]
+        print(
+            f"  gamma={config.gamma_ptx:<4} step {step + 1:2d}  reward {s.reward_mean:+.3f}  "
+            f"kl {s.kl_mean:6.3f}  ptx {s.ptx_loss:.3f}  clip {s.policy_clip_fraction:.3f}  "
+            f"len {s.response_length:4.1f}  {s.seconds:5.1f}s",
+            flush=True,
+        )
+    after = evaluate(models, eval_prompts, eval_ptx, config, seed=99)
+    return {
+        "gamma_ptx": config.gamma_ptx,
+        "before": before,
+        "after": after,
+        "steps": [s._asdict() for s in history],
+    }
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| gamma_ptx | reward before -> after | accuracy before -> after | ptx NLL before -> after "
+        "| KL last 5 | s/step | samples/s |"
+    )
+    lines = [head, "|" + "---|" * 7]
+    for r in results:
+        b, a, steps = r["before"], r["after"], r["steps"]
+        tail = steps[-5:]
+        kl = sum(s["kl_mean"] for s in tail) / len(tail)
+        sec = sum(s["seconds"] for s in steps) / len(steps)
+        sps = sum(s["samples_per_second"] for s in steps) / len(steps)
+        lines.append(
+            f"| {r['gamma_ptx']} | {b['reward']:+.3f} -> {a['reward']:+.3f} "
+            f"| {b['accuracy']:.3f} -> {a['accuracy']:.3f} "
+            f"| {b['ptx_nll']:.4f} -> {a['ptx_nll']:.4f} | {kl:.3f} | {sec:.2f} | {sps:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo-dir", type=Path, default=Path("/tmp/demo5"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rollout-batch", type=int, default=32)
+    parser.add_argument("--gammas", default="0,1")
+    parser.add_argument("--lr", type=float, default=PPOConfig.lr)
+    parser.add_argument("--eval", type=int, default=256, help="held-out prompts")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model_dir, reward_dir = demo_dirs(args.demo_dir)
+    results = []
+    started = time.perf_counter()
+    for gamma in (float(g) for g in args.gammas.split(",")):
+        config = PPOConfig(gamma_ptx=gamma, rollout_batch=args.rollout_batch, lr=args.lr)
+        results.append(run(model_dir, reward_dir, config, args.steps, args.eval))
+    print(f"\nmodel {model_dir}, {args.steps} steps, rollout_batch {args.rollout_batch}, "
+          f"{time.perf_counter() - started:.0f}s in all, {torch.get_num_threads()} threads")  # fmt: skip
+    print(table(results))
+    if args.json:
+        config_fields = dataclasses.asdict(PPOConfig(rollout_batch=args.rollout_batch, lr=args.lr))
+        args.json.write_text(json.dumps({"config": config_fields, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
