@@ -125,16 +125,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=PPOConfig.lr)
     parser.add_argument("--eval", type=int, default=256, help="held-out prompts")
     parser.add_argument("--json", type=Path, default=None)
+    # One thread: on a shared 2-core box, two torch threads spin-wait on each other and the
+    # same update takes 0.1 s or 5 s depending on the neighbours' load.
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     model_dir, reward_dir = demo_dirs(args.demo_dir)
     results = []
     started = time.perf_counter()
     for gamma in (float(g) for g in args.gammas.split(",")):
         config = PPOConfig(gamma_ptx=gamma, rollout_batch=args.rollout_batch, lr=args.lr)
         results.append(run(model_dir, reward_dir, config, args.steps, args.eval))
+    elapsed = time.perf_counter() - started
     print(f"\nmodel {model_dir}, {args.steps} steps, rollout_batch {args.rollout_batch}, "
-          f"{time.perf_counter() - started:.0f}s in all, {torch.get_num_threads()} threads")  # fmt: skip
+          f"{elapsed:.0f}s in all, {args.threads} threads")  # fmt: skip
     print(table(results))
     if args.json:
         config_fields = dataclasses.asdict(PPOConfig(rollout_batch=args.rollout_batch, lr=args.lr))

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -139,8 +139,8 @@ class PPOConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        at_least_one = ("kl_horizon", "epochs", "minibatches", "micro_batches",
-                        "max_new_tokens", "rollout_batch", "ptx_batch", "lora_r", "lora_alpha")  # fmt: skip
+        at_least_one = ("kl_horizon", "epochs", "minibatches", "micro_batches", "max_new_tokens",
+                        "rollout_batch", "ptx_batch", "lora_r", "lora_alpha")  # fmt: skip
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -255,7 +255,7 @@ class SharedBaseModels:
 
     def _forward(
         self, ids: torch.Tensor, attention: torch.Tensor, keep: int, hidden: bool = False
-    ) -> object:
+    ) -> Any:
         """ids, attention: (B, L). Position ids follow the attention mask, as in generate, so
         left-padded prompts see the same positions when sampled and when scored."""
         positions = (attention.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -269,7 +269,7 @@ class SharedBaseModels:
 
     def _logprobs(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
         width = ids.shape[1] - start  # R
-        logits = self._forward(ids, attention, keep=width + 1).logits[:, :-1]  # type: ignore[attr-defined]  # (B, R, V)
+        logits = self._forward(ids, attention, keep=width + 1).logits[:, :-1]  # (B, R, V)
         logp = torch.log_softmax(logits.float() / self.config.temperature, dim=-1)  # (B, R, V)
         return logp.gather(-1, ids[:, start:, None]).squeeze(-1)  # (B, R)
 
@@ -291,7 +291,7 @@ class SharedBaseModels:
         """V of the state before each token of ids[:, start:]. (B, L) -> (B, R)."""
         self._use(VALUE)
         out = self._forward(ids, attention, keep=1, hidden=True)
-        states = out.hidden_states[-1][:, start - 1 : -1]  # type: ignore[attr-defined]  # (B, R, H)
+        states = out.hidden_states[-1][:, start - 1 : -1]  # (B, R, H)
         return self.value_head(states)  # (B, R)
 
     @torch.no_grad()
@@ -346,10 +346,8 @@ class Rollout(NamedTuple):
     beta: float  # the KL coefficient the rewards were shaped with
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
-        def pick(x: object) -> object:
-            return x[rows] if isinstance(x, torch.Tensor) else x
-
-        return Rollout(*(pick(x) for x in self))  # type: ignore[arg-type]
+        rows_of = {k: v[rows] for k, v in self._asdict().items() if isinstance(v, torch.Tensor)}
+        return self._replace(**rows_of)
 
 
 def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:

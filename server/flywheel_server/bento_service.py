@@ -12,6 +12,7 @@ from typing import Any
 
 import bentoml
 
+from flywheel_server import metrics
 from flywheel_server.http_api import create_app
 
 _runtime: dict[str, Any] = {}
@@ -41,3 +42,11 @@ class Flywheel:
 
     async def __is_ready__(self) -> bool:
         return bool(self.runtime.ready)
+
+
+def _sample_gauges() -> None:
+    if runtime := _runtime.get("current"):
+        metrics.sample(runtime.service.engine.load, runtime.service.registry.live())
+
+
+Flywheel.add_asgi_middleware(metrics.RefreshOnScrape, refresh=_sample_gauges)  # type: ignore[attr-defined]

@@ -50,6 +50,11 @@ class ServerConfig:
         default=256,
     )
     max_batch: int = _opt("rows (completions) decoded together in one step", default=64)
+    keep_versions: int = _opt(
+        "retired versions per adapter kept loaded (pinnable, instant rollback); older ones are "
+        "unloaded once drained",
+        default=2,
+    )
     max_body_bytes: int = _opt("largest HTTP request body, in bytes", default=1 << 20)
     max_prompt_tokens: int = _opt(
         "longest prompt, in tokens (longer prompts are refused)", default=1024
@@ -68,6 +73,7 @@ class ServerConfig:
             ("max_n", 2, 256),
             ("max_body_bytes", 1024, 1 << 30),
             ("max_pending", 1, 1 << 16),
+            ("keep_versions", 0, 1024),
             ("max_batch", 1, 4096),
             ("max_prompt_tokens", 1, 1 << 20),
         ):

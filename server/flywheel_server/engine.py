@@ -429,7 +429,8 @@ class TorchEngine:
         self.heads.pop(adapter_id, None)
         if adapter_id not in self.adapters:
             return
-        if any(r.adapter == adapter_id for r in self._batch.rows):
+        in_use = [r.adapter for r in self._batch.rows] + [q.spec.adapter for q in self._waiting]
+        if adapter_id in in_use:
             raise Conflict(f"adapter {adapter_id} is serving requests; unload it once they finish")
         remaining = [a for a in self.adapters if a != adapter_id]
         if remaining:

@@ -7,6 +7,8 @@ report INTERNAL).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -20,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flywheel_proto.v1 import flywheel_pb2 as pb
-from flywheel_server import domain, errors
+from flywheel_server import domain, errors, metrics
 from flywheel_server.auth import Authenticator
 from flywheel_server.service import FlywheelService, PromptInput, PublishHeader
 from flywheel_server.validation import RawSampling
@@ -67,6 +69,7 @@ def _check(request: Any) -> Any:
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: errors.FlywheelError) -> None:
+    metrics.rejected(e)
     # The offending field travels as trailing metadata, so clients can point at it.
     await context.abort(
         status_of(e), e.message, trailing_metadata=(("field", e.field),) if e.field else ()
@@ -81,26 +84,40 @@ def _guard(
     fn: Callable[..., Any], auth: Authenticator, scope: str, request_stream: bool
 ) -> Callable[..., Any]:
     """Auth, malformed-input check and error mapping around one handler (unary or streaming)."""
+
+    @contextlib.asynccontextmanager
+    async def boundary(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        clock = metrics.start_request("grpc", fn.__name__)
+        try:
+            yield
+        except errors.FlywheelError as e:
+            clock.finish(status_of(e).name)
+            await _abort(context, e)
+        except (asyncio.CancelledError, GeneratorExit):
+            clock.finish(grpc.StatusCode.CANCELLED.name)
+            raise
+        except BaseException:
+            clock.finish(grpc.StatusCode.UNKNOWN.name)  # what grpc answers for an uncaught error
+            raise
+        else:
+            clock.finish(grpc.StatusCode.OK.name)
+
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
+            async with boundary(context):
                 auth.check(_authorization(context), scope)
                 async for item in fn(_check(request), context):
                     yield item
-            except errors.FlywheelError as e:
-                await _abort(context, e)
 
         return stream
 
     @functools.wraps(fn)
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
+        async with boundary(context):
             auth.check(_authorization(context), scope)
             return await fn(request if request_stream else _check(request), context)
-        except errors.FlywheelError as e:
-            await _abort(context, e)
 
     return unary
 

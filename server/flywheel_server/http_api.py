@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from flywheel_server import errors
+from flywheel_server import errors, metrics
 from flywheel_server.domain import AdapterVersion
 from flywheel_server.service import (
     FlywheelService,
@@ -56,6 +56,7 @@ HTTP_FIELDS = {"policy": "model", "reward_model": "model"}
 
 
 def from_error(e: errors.FlywheelError) -> JSONResponse:
+    metrics.rejected(e)
     field = HTTP_FIELDS.get(e.field, e.field) if e.field else None
     message = e.message
     if field and e.field and field != e.field and message.startswith(e.field + " "):
@@ -182,6 +183,21 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             handler: Callable[..., Awaitable[Response]],
         ) -> Callable[[Request], Awaitable[Response]]:
             async def endpoint(request: Request) -> Response:
+                clock = metrics.start_request("http", request.url.path)
+                try:
+                    response = await handle(request)
+                except BaseException:
+                    clock.finish(500)
+                    raise
+                if isinstance(response, StreamingResponse):
+                    response.body_iterator = metrics.finish_after(
+                        response.body_iterator, clock, response.status_code
+                    )
+                else:
+                    clock.finish(response.status_code)
+                return response
+
+            async def handle(request: Request) -> Response:
                 runtime = get_runtime()
                 try:
                     runtime.auth.check(request.headers.get("authorization"), scope)
@@ -190,6 +206,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
                     parsed = await body(request, model, runtime.service.config.max_body_bytes)
                     return await handler(runtime.service, parsed)
                 except ValidationError as e:
+                    metrics.rejected(e)
                     first = e.errors()[0]
                     field = str(first["loc"][0]) if first["loc"] else "body"
                     got = repr(first.get("input"))[:80]

@@ -34,7 +34,7 @@ from flywheel_server.domain import (
     Sampling,
 )
 from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine
-from flywheel_server.errors import AdapterRefused, InvalidRequest, NotFound
+from flywheel_server.errors import AdapterRefused, Conflict, InvalidRequest, NotFound
 from flywheel_server.registry import AdapterRegistry
 from flywheel_server.store import Store
 
@@ -364,7 +364,25 @@ class FlywheelService:
         live = await asyncio.to_thread(self.store.promote, name, version)
         await self._refresh(name)
         log.info("%s is live", live.id)
+        await self._unload_retired(name)
         return live
+
+    async def _unload_retired(self, name: str) -> None:
+        """Unload retired versions beyond the newest few once nothing runs on them.
+
+        Versions are never reloaded in place, so memory would otherwise grow with every
+        promotion. One still serving requests is skipped and retried at the next promotion.
+        """
+        retired = [
+            v for v in self.registry.versions(name) if v.version > 0 and v.state == "retired"
+        ]
+        for v in retired[: max(0, len(retired) - self.config.keep_versions)]:
+            try:
+                await self.engine.unload_adapter(v.id)
+            except Conflict:
+                continue
+            self.registry.remove(v.id)
+            log.info("unloaded %s (retired, drained)", v.id)
 
     async def _refresh(self, name: str) -> None:
         self.registry.refresh(name, await asyncio.to_thread(self.store.list_adapter_versions, name))
@@ -377,6 +395,10 @@ class FlywheelService:
         async with self._admin:
             # Only the policy has something to fall back to (the base model, policy-v0).
             live = await asyncio.to_thread(self.store.rollback, name, allow_empty=name == "policy")
+            if live is not None and live.id not in {v.id for v in self.registry.versions(name)}:
+                # Unloaded since it retired: load it again before the alias moves to it.
+                await self.engine.load_adapter(live.id, live.path, reward=name == "reward")
+                self.registry.add(live)
             await self._refresh(name)
             if live is None:
                 return self.registry.versions(name)[0]

@@ -60,6 +60,9 @@ def test_promotions_under_streaming_load(server, tiny_model, tmp_path):
     with FlywheelClient(server.grpc) as client:
         assert client.versions().live["policy"] == promoted[-1]
         assert client.generate("x", max_tokens=2).completions[0].policy == promoted[-1]
+        # Drained retired versions are unloaded beyond --keep-versions (default 2).
+        retired = [v for v in client.versions("policy").versions if v.state == "retired"]
+        assert len(retired) <= 2
         client.rollback("policy")  # leave the shared server as other tests expect it
         while client.versions().live["policy"] != "policy-v0":
             client.rollback("policy")
