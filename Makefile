@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(UV) || $(PY) -m pip install --quiet uv
 	$(UV) pip install --quiet --python $(PY) -c constraints.txt $(FIND_LINKS) -e '.[dev]'
 	$(PY) scripts/check_no_cuda.py
+	test -x $(VENV)/bin/promtool || scripts/get_promtool.sh $(VENV)/bin/promtool \
+		|| echo "promtool unavailable: tests/integration/test_metrics.py will skip its promtool check"
 	touch $@
 
 up: install

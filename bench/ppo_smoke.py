@@ -47,11 +47,11 @@ def instructions(rng: random.Random, n: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate(
-    models: SharedBaseModels, prompts: list[str], ptx: PtxBatch, config: PPOConfig, seed: int
+    models: SharedBaseModels, prompts: list[str], ptx: PtxBatch, seed: int
 ) -> dict[str, float]:
     """Reward mean, exact-answer accuracy and pretraining NLL on fixed data."""
     torch.manual_seed(seed)
-    samples = sample_responses(models, prompts, config)
+    samples = sample_responses(models, prompts)
     scores = models.rewards(samples.prompts, samples.responses)
     right = [bool(demo_task.check(p, r)) for p, r in zip(prompts, samples.responses, strict=True)]
     return {
@@ -68,13 +68,13 @@ def run(
     tok = models.tokenizer
     eval_rng = random.Random(1234)  # the same held-out data for every gamma
     eval_prompts = [chat_prompt(tok, i) for i in instructions(eval_rng, eval_n)]
-    eval_ptx = next(ptx_batches(tok, demo_pretraining_texts(eval_rng, 64), 64, 128, eval_rng))
+    eval_ptx = next(ptx_batches(tok, demo_pretraining_texts(eval_rng, 64, tok), 64, 128, eval_rng))
     rng = random.Random(config.seed)
     train_ptx = ptx_batches(
-        tok, demo_pretraining_texts(rng, 4096), config.ptx_batch, config.ptx_max_length, rng
+        tok, demo_pretraining_texts(rng, 4096, tok), config.ptx_batch, config.ptx_max_length, rng
     )
     optimizer, kl_ctl = make_optimizer(models, config), config.kl_controller()
-    before = evaluate(models, eval_prompts, eval_ptx, config, seed=99)
+    before = evaluate(models, eval_prompts, eval_ptx, seed=99)
     history: list[PPOStats] = []
     torch.manual_seed(config.seed)
     for step in range(steps):
@@ -87,7 +87,7 @@ def run(
             f"len {s.response_length:4.1f}  {s.seconds:5.1f}s",
             flush=True,
         )
-    after = evaluate(models, eval_prompts, eval_ptx, config, seed=99)
+    after = evaluate(models, eval_prompts, eval_ptx, seed=99)
     return {
         "gamma_ptx": config.gamma_ptx,
         "before": before,
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--rollout-batch", type=int, default=32)
     parser.add_argument("--gammas", default="0,1")
     parser.add_argument("--lr", type=float, default=PPOConfig.lr)
+    parser.add_argument("--seed", type=int, default=0, help="training prompts, LoRA init, sampling")
     parser.add_argument("--eval", type=int, default=256, help="held-out prompts")
     parser.add_argument("--json", type=Path, default=None)
     # One thread: on a shared 2-core box, two torch threads spin-wait on each other and the
@@ -134,14 +135,18 @@ def main() -> None:
     results = []
     started = time.perf_counter()
     for gamma in (float(g) for g in args.gammas.split(",")):
-        config = PPOConfig(gamma_ptx=gamma, rollout_batch=args.rollout_batch, lr=args.lr)
+        config = PPOConfig(
+            gamma_ptx=gamma, rollout_batch=args.rollout_batch, lr=args.lr, seed=args.seed
+        )
         results.append(run(model_dir, reward_dir, config, args.steps, args.eval))
     elapsed = time.perf_counter() - started
     print(f"\nmodel {model_dir}, {args.steps} steps, rollout_batch {args.rollout_batch}, "
           f"{elapsed:.0f}s in all, {args.threads} threads")  # fmt: skip
     print(table(results))
     if args.json:
-        config_fields = dataclasses.asdict(PPOConfig(rollout_batch=args.rollout_batch, lr=args.lr))
+        config_fields = dataclasses.asdict(
+            PPOConfig(rollout_batch=args.rollout_batch, lr=args.lr, seed=args.seed)
+        )
         args.json.write_text(json.dumps({"config": config_fields, "results": results}, indent=2))
 
 

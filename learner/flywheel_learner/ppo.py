@@ -47,6 +47,7 @@ from flywheel_learner.ppo_math import (
     value_loss,
 )
 from flywheel_learner.reward import make_batch
+from flywheel_learner.sft import collate, encode_pair
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -55,18 +56,17 @@ if TYPE_CHECKING:
 POLICY, VALUE, REWARD = "policy", "value", "reward"
 TRAINABLE = (POLICY, VALUE)
 
-# Paper (Ouyang et al. 2022, appendix C.4, 1.3B/6B/175B) vs ours, and why ours differs.
-# | setting         | paper                         | ours (default)  | why                        |
-# |-----------------|-------------------------------|-----------------|----------------------------|
-# | beta (KL coef)  | 0.02, fixed                   | 0.02, fixed     | same; adaptive optional    |
-# | gamma_ptx       | 27.8                          | 1.0             | see PPOConfig.gamma_ptx    |
-# | clip            | 0.2                           | 0.2             | same                       |
-# | value init      | from the 6B RM, full weights  | RM's LoRA+head  | one shared frozen base     |
-# | policy weights  | full fine-tuning              | LoRA r=8        | one base, hot-swap adapter |
-# | epochs / batch  | 4? / 512 episodes, mb 64      | 4 / 32, mb 8    | demo-sized CPU budget      |
-# | lr              | 9.65e-6 (full weights)        | 3e-4 (LoRA)     | LoRA needs ~10-100x higher |
-# | GAE gamma/lam   | 1 / 0.95                      | 1 / 0.95        | same                       |
-# | ptx data        | 8x the RL episodes            | one batch/step  | CPU budget; ratio via gamma|
+# Paper (Ouyang et al. 2022, section 3.5 and appendix C.4) vs ours; "-" where the paper is silent.
+# | setting          | paper                        | ours (default)   | why                         |
+# |------------------|------------------------------|------------------|-----------------------------|
+# | beta (KL coef)   | 0.02, fixed                  | 0.02, fixed      | same; adaptive optional     |
+# | KL estimator     | log(pi / pi_SFT), per token  | k1, per token    | same                        |
+# | gamma_ptx        | 27.8                         | 1.0              | see PPOConfig.gamma_ptx     |
+# | value init       | from the reward model        | RM's LoRA + head | same, on the shared base    |
+# | policy weights   | full fine-tuning             | LoRA r=8         | one base, hot-swap adapters |
+# | batch / minibatch| 512 / 64 episodes            | 32 / 8           | CPU budget for the demo     |
+# | clip, GAE        | -                            | 0.2; 1, 0.95     | PPO's and GAE's usual ones  |
+# | ptx data         | 8x the RL episodes           | one batch / step | CPU budget; ratio via gamma |
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,26 @@ class SharedBaseModels:
         with torch.no_grad(), self.peft.disable_adapter():
             return self._logprobs(ids, attention, start)
 
+    @torch.no_grad()
+    def policy_generate(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Plain sampling (no top-k/top-p: the ratio needs pi itself) from the policy.
+
+        ids, attention: (B, P) left-padded prompts -> (B, P + R), R <= max_new_tokens; rows
+        that stop early are padded after their eos.
+        """
+        self._use(POLICY)
+        return self.peft.generate(
+            input_ids=ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=self.config.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=self.config.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
     def values(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
         """V of the state before each token of ids[:, start:]. (B, L) -> (B, R)."""
         self._use(VALUE)
@@ -309,7 +329,7 @@ class SharedBaseModels:
         """Per-token NLL of a pretraining batch under the policy (the ptx term). -> scalar"""
         self._use(POLICY)
         logits = self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.attention_mask[:, 1:])
+        return ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:])
 
 
 def make_optimizer(models: SharedBaseModels, config: PPOConfig) -> torch.optim.Optimizer:
@@ -346,8 +366,13 @@ class Rollout(NamedTuple):
     beta: float  # the KL coefficient the rewards were shaped with
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
-        rows_of = {k: v[rows] for k, v in self._asdict().items() if isinstance(v, torch.Tensor)}
-        return self._replace(**rows_of)
+        """These rows of every per-row tensor; `start` and `beta` are the batch's."""
+        r = rows
+        return Rollout(
+            self.ids[r], self.attention[r], self.start, self.mask[r], self.logp[r],
+            self.ref_logp[r], self.values[r], self.advantages[r], self.returns[r],
+            self.scores[r], self.beta,
+        )  # fmt: skip
 
 
 def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -357,9 +382,7 @@ def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_responses(
-    models: SharedBaseModels, prompts: Sequence[str], config: PPOConfig
-) -> Samples:
+def sample_responses(models: SharedBaseModels, prompts: Sequence[str]) -> Samples:
     """Sample one response per prompt from the policy (left-padded batch, eos or length stop)."""
     tok = models.tokenizer
     batch = tok(
@@ -369,17 +392,7 @@ def sample_responses(
         padding_side="left",
         return_tensors="pt",
     )
-    models._use(POLICY)
-    out = models.peft.generate(
-        **batch,
-        do_sample=True,
-        temperature=config.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=config.max_new_tokens,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )  # (B, P + R)
+    out = models.policy_generate(batch["input_ids"], batch["attention_mask"])  # (B, P + R)
     start = batch["input_ids"].shape[1]
     mask = response_mask(out[:, start:], tok.eos_token_id)  # (B, R)
     tokens = out[:, start:].masked_fill(~mask, tok.pad_token_id)  # (B, R)
@@ -394,7 +407,7 @@ def collect_rollout(
     models: SharedBaseModels, prompts: Sequence[str], config: PPOConfig, beta: float
 ) -> Rollout:
     """Sample, score, and turn the scores into whitened per-token advantages."""
-    s = sample_responses(models, prompts, config)
+    s = sample_responses(models, prompts)
     scores = models.rewards(s.prompts, s.responses)  # (B,)
     logp = models.policy_logprobs(s.ids, s.attention, s.start)  # (B, R)
     ref_logp = models.reference_logprobs(s.ids, s.attention, s.start)  # (B, R)
@@ -411,44 +424,50 @@ def collect_rollout(
 # --- optimisation ------------------------------------------------------------------------------
 
 
-class UpdateStats(NamedTuple):
+class Metrics(NamedTuple):
+    """Token-weighted means over a minibatch, or means over minibatches once `optimise` ends."""
+
     policy_loss: float
     value_loss: float
-    ptx_loss: float  # NaN when gamma_ptx == 0 or there is no ptx batch (never computed)
-    policy_clip_fraction: float
+    policy_clip_fraction: float  # share of tokens whose ratio was clipped
     value_clip_fraction: float
-    approx_kl: float  # KL(pi_old || pi_new) over the last epoch, k3
-    updates: int  # optimiser steps taken
+    approx_kl: float  # KL(pi_old || pi_new), k3; `optimise` reports its last epoch's
+    ptx_loss: float = math.nan  # NaN when gamma_ptx == 0 or no ptx batch: never computed
+
+
+def mean_metrics(parts: Sequence[Metrics], weights: Sequence[float]) -> Metrics:
+    columns = zip(*parts, strict=True)  # one tuple per field
+    return Metrics(*(sum(w * v for w, v in zip(weights, col, strict=True)) for col in columns))
 
 
 def ppo_losses(
     models: SharedBaseModels, part: Rollout, config: PPOConfig
-) -> tuple[torch.Tensor, list[float]]:
+) -> tuple[torch.Tensor, Metrics]:
     """policy + vf_coef * value loss of one micro-batch, and its metrics."""
     logp = models.policy_logprobs(part.ids, part.attention, part.start)  # (b, R)
     values = models.values(part.ids, part.attention, part.start)  # (b, R)
     pol = policy_loss(logp, part.logp, part.advantages, part.mask, config.clip)
     val = value_loss(values, part.values, part.returns, part.mask, config.value_clip)
-    metrics = [pol.loss, val.loss, pol.clip_fraction, val.clip_fraction, pol.approx_kl]
-    return ppo_objective(pol, val, config.vf_coef), [float(m.detach()) for m in metrics]
+    metrics = (pol.loss, val.loss, pol.clip_fraction, val.clip_fraction, pol.approx_kl)
+    return ppo_objective(pol, val, config.vf_coef), Metrics(*(float(m.detach()) for m in metrics))
 
 
-def accumulate_ppo(models: SharedBaseModels, mb: Rollout, config: PPOConfig) -> list[float]:
+def accumulate_ppo(models: SharedBaseModels, mb: Rollout, config: PPOConfig) -> Metrics:
     """Backward of the minibatch's token-mean loss, in token-weighted micro-batches."""
-    totals = [0.0] * 5
+    parts, weights = [], []
     for rows, weight in token_weighted_microbatches(mb.mask, config.micro_batches):
         loss, metrics = ppo_losses(models, mb.select(rows), config)
         (weight * loss).backward()
-        totals = [t + weight * m for t, m in zip(totals, metrics, strict=True)]
-    return totals
+        parts.append(metrics)
+        weights.append(weight)
+    return mean_metrics(parts, weights)
 
 
 def accumulate_ptx(models: SharedBaseModels, batch: PtxBatch, config: PPOConfig) -> float:
     """Backward of gamma_ptx * the pretraining NLL (InstructGPT eq. 2's last term)."""
     total = 0.0
-    for rows, weight in token_weighted_microbatches(
-        batch.attention_mask[:, 1:], config.micro_batches
-    ):
+    scored = batch.loss_mask[:, 1:]  # (B, T-1), the labels ptx_loss reads
+    for rows, weight in token_weighted_microbatches(scored, config.micro_batches):
         nll = models.pretraining_nll(batch.select(rows))
         (config.gamma_ptx * weight * nll).backward()
         total += weight * float(nll.detach())
@@ -461,7 +480,7 @@ def minibatch_update(
     mb: Rollout,
     ptx_batch: PtxBatch | None,
     config: PPOConfig,
-) -> list[float]:
+) -> Metrics:
     """One optimiser step on policy + vf_coef value + gamma_ptx ptx (eq. 2, as a loss).
 
     The terms are backpropagated one after another: gradients add, so this equals the
@@ -470,12 +489,11 @@ def minibatch_update(
     """
     optimizer.zero_grad(set_to_none=True)
     metrics = accumulate_ppo(models, mb, config)
-    ptx = math.nan
     if ptx_batch is not None and config.gamma_ptx > 0:
-        ptx = accumulate_ptx(models, ptx_batch, config)
+        metrics = metrics._replace(ptx_loss=accumulate_ptx(models, ptx_batch, config))
     torch.nn.utils.clip_grad_norm_(models.trainable_parameters(), config.max_grad_norm)
     optimizer.step()
-    return [*metrics, ptx]
+    return metrics
 
 
 def optimise(
@@ -484,20 +502,20 @@ def optimise(
     rollout: Rollout,
     ptx_batch: PtxBatch | None,
     config: PPOConfig,
-) -> UpdateStats:
-    """`epochs` passes over the rollout in shuffled minibatches, one optimiser step each."""
-    order_rng = torch.Generator().manual_seed(config.seed)
-    history: list[list[float]] = []
+) -> Metrics:
+    """`epochs` passes over the rollout in shuffled minibatches, one optimiser step each.
+
+    Shuffles with torch's global generator, like sampling: the caller's seed fixes both.
+    """
+    history: list[Metrics] = []
     for _ in range(config.epochs):
-        order = torch.randperm(rollout.mask.shape[0], generator=order_rng)
+        order = torch.randperm(rollout.mask.shape[0])  # (B,)
         for rows in order.chunk(config.minibatches):
-            history.append(
-                minibatch_update(models, optimizer, rollout.select(rows), ptx_batch, config)
-            )
-    mean = [sum(col) / len(col) for col in zip(*history, strict=True)]
+            mb = rollout.select(rows)
+            history.append(minibatch_update(models, optimizer, mb, ptx_batch, config))
+    mean = mean_metrics(history, [1.0 / len(history)] * len(history))
     last_epoch = history[-config.minibatches :]
-    approx_kl = sum(h[4] for h in last_epoch) / len(last_epoch)
-    return UpdateStats(mean[0], mean[1], mean[5], mean[2], mean[3], approx_kl, len(history))
+    return mean._replace(approx_kl=sum(m.approx_kl for m in last_epoch) / len(last_epoch))
 
 
 # --- one step ----------------------------------------------------------------------------------
@@ -564,41 +582,52 @@ def save_policy(models: SharedBaseModels, out_dir: str | Path, base_model_dir: s
 
 # --- pretraining data (the ptx term) ----------------------------------------------------------
 
+# A document (every token scored), or (context, continuation) where only the continuation is.
+PtxText = str | tuple[str, str]
+
 
 class PtxBatch(NamedTuple):
-    input_ids: torch.Tensor  # (B, T) right-padded, each document ends with eos
+    input_ids: torch.Tensor  # (B, T) right-padded, each text ends with eos
     attention_mask: torch.Tensor  # (B, T)
+    loss_mask: torch.Tensor  # (B, T) bool: the tokens the ptx NLL scores
 
     def select(self, rows: torch.Tensor | slice) -> PtxBatch:
-        return PtxBatch(self.input_ids[rows], self.attention_mask[rows])
+        return PtxBatch(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows])
 
 
-def demo_pretraining_texts(rng: random.Random, n: int) -> list[str]:
-    """Plain text for the demo's ptx term: task instructions with their correct answers.
+def demo_pretraining_texts(
+    rng: random.Random, n: int, tokenizer: PreTrainedTokenizerBase | None = None
+) -> list[PtxText]:
+    """The demo's stand-in for pretraining data: task instructions with their correct answers.
 
-    No chat template: it stands in for the pretraining distribution, not for conversations,
-    so the policy keeps modelling the task's language while PPO moves its chat behaviour.
+    The demo base never saw a pretraining corpus; what it learned is SFT on chat-rendered
+    demonstrations, scored on the response only. So its "pretraining loss" is that: the NLL of
+    correct answers given the prompt (rendered with the chat template when `tokenizer` is
+    given). Scoring the prompt tokens too would teach a new task (their NLL starts at ~7.4
+    nats, above uniform) and on the demo drove the KL from 0.5 to 7.7 in five steps.
     """
     from flywheel_learner import demo_task
+    from flywheel_learner.demo_model import chat_prompt
 
-    return [
-        f"{e.instruction}\n{e.answer}" for e in (demo_task.sample_example(rng) for _ in range(n))
-    ]
+    examples = [demo_task.sample_example(rng) for _ in range(n)]
+    if tokenizer is None:
+        return [(f"{e.instruction}\n", e.answer) for e in examples]
+    return [(chat_prompt(tokenizer, e.instruction), e.answer) for e in examples]
 
 
-def read_pretraining_texts(path: str | Path) -> list[str]:
+def read_pretraining_texts(path: str | Path) -> list[PtxText]:
     """Documents from a .jsonl file ({"text": ...} per line) or a .txt file.
 
     A .txt file with blank lines is split into paragraphs; one without, into lines.
     """
     path = Path(path)
     if path.suffix == ".jsonl":
-        return _read_jsonl_texts(path)
+        return list(_read_jsonl_texts(path))
     if path.suffix != ".txt":
         raise ValueError(f"pretraining texts must be a .txt or .jsonl file, got {path.name}")
     raw = path.read_text()
     parts = raw.split("\n\n") if "\n\n" in raw else raw.splitlines()
-    texts = [p.strip() for p in parts if p.strip()]
+    texts: list[PtxText] = [p.strip() for p in parts if p.strip()]
     if not texts:
         raise ValueError(f"{path} holds no text")
     return texts
@@ -623,21 +652,23 @@ def _read_jsonl_texts(path: Path) -> list[str]:
 
 def ptx_batches(
     tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
+    texts: Sequence[PtxText],
     batch_size: int,
     max_length: int,
     rng: random.Random,
 ) -> Iterator[PtxBatch]:
-    """Endless right-padded batches of `texts` + eos, reshuffled every pass."""
+    """Endless right-padded batches of `texts` + eos, reshuffled every pass.
+
+    Encoded as SFT encodes (sft.encode_pair): a document is a continuation with no context.
+    """
     if not texts:
         raise ValueError("ptx_batches needs at least one text")
     if batch_size < 1 or max_length < 2:
         raise ValueError(
-            f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}"
+            f"batch_size must be >= 1 and max_length >= 2, got {batch_size} and {max_length}"
         )
     encoded = [
-        [*tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id][:max_length]
-        for t in texts
+        encode_pair(tokenizer, *(("", t) if isinstance(t, str) else t), max_length) for t in texts
     ]
     order: list[int] = []
     while True:
@@ -646,14 +677,4 @@ def ptx_batches(
             rng.shuffle(fresh)
             order += fresh
         rows, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
-        yield _pad(rows, tokenizer.pad_token_id)
-
-
-def _pad(rows: Sequence[list[int]], pad_id: int) -> PtxBatch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        attention[i, : len(r)] = 1
-    return PtxBatch(ids, attention)
+        yield PtxBatch(*collate(rows, tokenizer.pad_token_id))

@@ -8,17 +8,21 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from flywheel_server.auth import Authenticator
 from flywheel_server.config import ServerConfig
 from flywheel_server.engine import TorchEngine
-from flywheel_server.service import FlywheelService
 from flywheel_server.store import Store
+
+if TYPE_CHECKING:  # the service imports prometheus-client, which must wait for prepare_process
+    from flywheel_server.service import FlywheelService
 
 log = logging.getLogger("flywheel")
 
@@ -64,6 +68,7 @@ def check_exposure(config: ServerConfig, auth: Authenticator) -> None:
 async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> None:
     from flywheel_server import bento_service
     from flywheel_server.grpc_service import start_grpc
+    from flywheel_server.service import FlywheelService
 
     auth = Authenticator.load(config.api_keys_file, os.environ)
     check_exposure(config, auth)
@@ -150,6 +155,8 @@ def prepare_process(config: ServerConfig) -> None:
     """Process-wide settings that must exist before bentoml or prometheus-client is imported."""
     # BentoML exposes prometheus-client in multiprocess mode, which reads this directory at
     # import time; files left by an earlier process would leak stale samples into /metrics.
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set")
     metrics_dir = config.data_dir.resolve() / "prometheus"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)

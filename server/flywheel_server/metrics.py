@@ -13,7 +13,7 @@ stored, and the gauges that mirror state (queue, batch, live versions) are sampl
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
@@ -144,7 +144,7 @@ def first_token() -> None:
 
 
 async def finish_after(
-    body: AsyncIterator[Any], clock: RequestClock, status: int | str
+    body: AsyncIterable[Any], clock: RequestClock, status: int | str
 ) -> AsyncIterator[Any]:
     """`body`, finishing `clock` when the last item is sent (or the client goes away)."""
     try:

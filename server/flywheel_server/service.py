@@ -10,6 +10,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from flywheel_proto import archive
-from flywheel_server import validation
+from flywheel_server import metrics, validation
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (
     ADAPTER_NAMES,
@@ -41,6 +42,8 @@ from flywheel_server.store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 4
+DRAIN_POLL_S = 0.2
+DRAIN_ATTEMPTS = 1500  # five minutes: longer than any request within the token limits
 EXPORT_PAGE = 500
 MAX_ADAPTER_BYTES = 2 << 30
 
@@ -107,6 +110,7 @@ class FlywheelService:
         # A request may not ask for more tokens than the model has positions for.
         self.max_tokens_limit = min(config.max_tokens_limit, engine.max_positions - 1)
         self._admin = asyncio.Lock()
+        self._draining: dict[str, asyncio.Task[None]] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -242,7 +246,9 @@ class FlywheelService:
                 f"ranking mixes completions of {len(prompts)} different prompts; rank completions of one prompt",
                 field="ranking",
             )
-        return await asyncio.to_thread(self.store.add_ranking, ranking, prompts.pop())
+        receipt = await asyncio.to_thread(self.store.add_ranking, ranking, prompts.pop())
+        metrics.ranked(receipt)
+        return receipt
 
     async def demonstrate(
         self, prompt: PromptInput, response: str, *, labeler: str, idempotency_key: str = ""
@@ -256,7 +262,9 @@ class FlywheelService:
             if idempotency_key
             else new_id("key"),
         )
-        return await asyncio.to_thread(self.store.add_demonstration, demo)
+        receipt = await asyncio.to_thread(self.store.add_demonstration, demo)
+        metrics.demonstrated(receipt)
+        return receipt
 
     # -- learner-facing ---------------------------------------------------------------------
 
@@ -282,6 +290,7 @@ class FlywheelService:
         Checksum, size and archive errors store nothing. An adapter that loads but fails its
         checks is recorded as "refused" and the live version stays.
         """
+        started = time.perf_counter()
         if header.name not in ADAPTER_NAMES:
             raise InvalidRequest(
                 f"name must be one of {', '.join(ADAPTER_NAMES)}, got {header.name!r}", field="name"
@@ -310,7 +319,10 @@ class FlywheelService:
                 f"checksum mismatch: header says {header.sha256}, received {digest}", field="sha256"
             )
         async with self._admin:
-            return await self._install(header, bytes(data), digest)
+            version = await self._install(header, bytes(data), digest)
+        if header.promote:
+            metrics.hot_swapped(header.name, started)
+        return version
 
     async def _install(self, header: PublishHeader, data: bytes, digest: str) -> AdapterVersion:
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
@@ -351,8 +363,13 @@ class FlywheelService:
         return version
 
     async def promote(self, name: str, version: int) -> AdapterVersion:
+        started = time.perf_counter()
         async with self._admin:
-            return await self._promote(name, version)
+            was = self.registry.live().get(name)
+            live = await self._promote(name, version)
+        if live.id != was:  # promoting the live version again swaps nothing
+            metrics.hot_swapped(name, started)
+        return live
 
     async def _promote(self, name: str, version: int) -> AdapterVersion:
         if name not in ADAPTER_NAMES:
@@ -371,18 +388,36 @@ class FlywheelService:
         """Unload retired versions beyond the newest few once nothing runs on them.
 
         Versions are never reloaded in place, so memory would otherwise grow with every
-        promotion. One still serving requests is skipped and retried at the next promotion.
+        promotion. A version still serving requests is retried in the background until drained.
         """
+        if not await self._try_unload_retired(name) and name not in self._draining:
+            self._draining[name] = asyncio.create_task(self._drain(name))
+
+    async def _try_unload_retired(self, name: str) -> bool:
         retired = [
             v for v in self.registry.versions(name) if v.version > 0 and v.state == "retired"
         ]
+        drained = True
         for v in retired[: max(0, len(retired) - self.config.keep_versions)]:
             try:
                 await self.engine.unload_adapter(v.id)
             except Conflict:
+                drained = False
                 continue
             self.registry.remove(v.id)
             log.info("unloaded %s (retired, drained)", v.id)
+        return drained
+
+    async def _drain(self, name: str) -> None:
+        try:
+            for _ in range(DRAIN_ATTEMPTS):
+                await asyncio.sleep(DRAIN_POLL_S)
+                async with self._admin:
+                    if await self._try_unload_retired(name):
+                        return
+            log.warning("retired %s versions still serving after %d attempts", name, DRAIN_ATTEMPTS)
+        finally:
+            self._draining.pop(name, None)
 
     async def _refresh(self, name: str) -> None:
         self.registry.refresh(name, await asyncio.to_thread(self.store.list_adapter_versions, name))
@@ -392,6 +427,7 @@ class FlywheelService:
             raise InvalidRequest(
                 f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name"
             )
+        started = time.perf_counter()
         async with self._admin:
             # Only the policy has something to fall back to (the base model, policy-v0).
             live = await asyncio.to_thread(self.store.rollback, name, allow_empty=name == "policy")
@@ -400,6 +436,7 @@ class FlywheelService:
                 await self.engine.load_adapter(live.id, live.path, reward=name == "reward")
                 self.registry.add(live)
             await self._refresh(name)
+            metrics.hot_swapped(name, started)
             if live is None:
                 return self.registry.versions(name)[0]
             log.info("rolled back: %s is live", live.id)
@@ -448,6 +485,7 @@ class GenerationStream:
                 self.prompt_ids, len(rows), self._group_sampling(rows[0].index), adapter
             )
             async for event in self.service.engine.generate(request):
+                metrics.first_token()
                 out = self._apply(rows[event.index], event)
                 if out.finish_reason is None:
                     yield out
@@ -468,6 +506,7 @@ class GenerationStream:
             for r in self.rows
         ]
         await asyncio.to_thread(self.service.store.record_generation, self.prompt, completions)
+        metrics.generated(completions)
         self.result = Generation(self.prompt.id, len(self.prompt_ids), completions)
         for out in held:
             yield out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -61,8 +62,7 @@ def test_promotions_under_streaming_load(server, tiny_model, tmp_path):
         assert client.versions().live["policy"] == promoted[-1]
         assert client.generate("x", max_tokens=2).completions[0].policy == promoted[-1]
         # Drained retired versions are unloaded beyond --keep-versions (default 2).
-        retired = [v for v in client.versions("policy").versions if v.state == "retired"]
-        assert len(retired) <= 2
+        assert _eventually(lambda: _retired(client) <= 2)
         client.rollback("policy")  # leave the shared server as other tests expect it
         while client.versions().live["policy"] != "policy-v0":
             client.rollback("policy")
@@ -71,3 +71,16 @@ def test_promotions_under_streaming_load(server, tiny_model, tmp_path):
 def _publish(target: str, adapter, base: str) -> str:
     with FlywheelClient(target) as client:
         return client.publish_adapter(adapter, name="policy", base_model=base, promote=True).id
+
+
+def _retired(client: FlywheelClient) -> int:
+    return sum(v.state == "retired" for v in client.versions("policy").versions)
+
+
+def _eventually(condition, attempts: int = 300) -> bool:
+    """Poll a condition (a bound on waiting, not a timing assertion)."""
+    for _ in range(attempts):
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False

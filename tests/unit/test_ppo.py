@@ -2,6 +2,7 @@ import dataclasses
 import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,15 @@ CONFIG = PPOConfig(
 INSTRUCTIONS = ["reverse: abc", "add: 1 + 2", "sort: cba", "capitalise: hi"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; two spin-wait when the CI box is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
@@ -73,7 +83,9 @@ def prompts(models: SharedBaseModels) -> list[str]:
 
 def ptx_batch(models: SharedBaseModels) -> PtxBatch:
     rng = random.Random(0)
-    return next(ptx_batches(models.tokenizer, demo_pretraining_texts(rng, 8), 4, 32, rng))
+    return next(
+        ptx_batches(models.tokenizer, demo_pretraining_texts(rng, 8, models.tokenizer), 4, 32, rng)
+    )
 
 
 def snapshot(models: SharedBaseModels) -> dict[str, torch.Tensor]:
@@ -116,8 +128,9 @@ def test_one_copy_of_the_base_weights_shared_by_every_role(
         {p.data_ptr() for p in plain.parameters()}
     )
     assert not any(p.requires_grad for p in base.values())
-    q_proj = models.peft.base_model.model.model.layers[0].self_attn.q_proj
-    assert set(q_proj.lora_A) == {"policy", "value", "reward"}  # three adapters, one base_layer
+    q_proj = models.peft.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    adapters = {n.split(".")[1] for n, _ in q_proj.named_parameters() if n.startswith("lora_A")}
+    assert adapters == {"policy", "value", "reward"}  # three adapters around one base_layer
     trainable = {id(p) for p in models.trainable_parameters()}
     assert {role(n) for n, p in models.peft.named_parameters() if id(p) in trainable} == {
         "policy",
@@ -199,6 +212,7 @@ def test_micro_batches_give_the_same_update(base_dir: Path, reward_dir: Path) ->
     for micro in (1, 2):
         restore(models, start)
         config = dataclasses.replace(CONFIG, micro_batches=micro)
+        torch.manual_seed(1)  # the same minibatch shuffle
         optimise(models, make_optimizer(models, config), rollout, ptx, config)
         results.append(current(models))
     one, two = results
@@ -277,6 +291,19 @@ def test_ptx_batches_are_right_padded_and_end_with_eos(base_dir: Path) -> None:
         assert batch.input_ids.shape[0] == 4
         assert (batch.input_ids[torch.arange(4), lengths - 1] == tokenizer.eos_token_id).all()
         assert (batch.attention_mask.cumsum(1)[:, -1] == lengths).all()
+        assert (batch.loss_mask <= batch.attention_mask.bool()).all()
+
+
+def test_ptx_scores_whole_documents_but_only_the_continuation_of_pairs(base_dir: Path) -> None:
+    _, tokenizer = modeling.load_base(base_dir)
+    rng = random.Random(0)
+    context = len(tokenizer("add: 1 + 2\n", add_special_tokens=False)["input_ids"])
+    pair = next(ptx_batches(tokenizer, [("add: 1 + 2\n", "3")], 1, 64, rng))
+    doc = next(ptx_batches(tokenizer, ["add: 1 + 2\n3"], 1, 64, rng))
+    assert pair.loss_mask[0].tolist() == [False] * context + [True] * (
+        pair.input_ids.shape[1] - context
+    )
+    assert doc.loss_mask.equal(doc.attention_mask.bool())
 
 
 @pytest.mark.parametrize(
@@ -289,7 +316,8 @@ def test_ptx_batches_are_right_padded_and_end_with_eos(base_dir: Path) -> None:
         ({"rollout_batch": 10, "minibatches": 4}, r"rollout_batch \(10\) must be divisible"),
         (
             {"rollout_batch": 8, "minibatches": 4, "micro_batches": 3},
-            r"micro_batches \(3\) must be <= the rows of a minibatch \(rollout_batch / minibatches = 2\)",
+            r"micro_batches \(3\) must be <= the rows of a minibatch "
+            r"\(rollout_batch / minibatches = 2\)",
         ),
         ({"adaptive_kl": True, "beta": 0.0}, "adaptive_kl needs beta > 0"),
         ({"micro_batches": 8, "ptx_batch": 4}, r"micro_batches \(8\) must be <= ptx_batch \(4\)"),
