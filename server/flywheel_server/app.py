@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,7 +66,9 @@ def check_exposure(config: ServerConfig, auth: Authenticator) -> None:
     log.warning("no API keys configured: auth is off, serving on loopback only (%s)", config.host)
 
 
-async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: ServerConfig, *, stop: asyncio.Event | None = None, up: bool = False
+) -> None:
     from flywheel_server import bento_service
     from flywheel_server.grpc_service import start_grpc
     from flywheel_server.service import FlywheelService
@@ -119,11 +122,14 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
         flush=True,
     )
 
+    learner = start_learner(config, auth, grpc_port, model_dir) if up else None
     stop = stop or _stop_on_signals()
     await asyncio.wait(
         [asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED
     )
     log.info("shutting down")
+    if learner is not None:
+        await asyncio.to_thread(stop_learner, learner)
     runtime.ready = False
     await health.enter_graceful_shutdown()
     http.should_exit = True
@@ -132,6 +138,39 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
         await http_task
     engine.close()
     store.close()
+
+
+def start_learner(
+    config: ServerConfig, auth: Authenticator, grpc_port: int, model_dir: Path
+) -> subprocess.Popen[bytes]:
+    """`flywheel learn` against this server, as a child process logging to a file."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    work_dir = config.data_dir.resolve() / "learner"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    admin = [k.key for k in auth.keys if "admin" in k.scopes]
+    if admin:  # through the environment, not argv, so `ps` does not show it
+        env["FLYWHEEL_API_KEY"] = admin[0]
+    elif auth.enabled:
+        log.warning("no admin-scope API key configured: the learner cannot export or publish")
+    command = [sys.executable, "-m", "flywheel_client.cli", "learn", "--server",
+               f"{host}:{grpc_port}", "--model", str(model_dir), "--work-dir", str(work_dir)]  # fmt: skip
+    log_path = work_dir / "learner.log"
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    print(f"  learner:                  pid {proc.pid}, log {log_path}", flush=True)
+    return proc
+
+
+def stop_learner(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then wait; its checkpoints are atomic, so stopping mid-round loses nothing."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -143,12 +182,12 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 def run(config: ServerConfig, *, up: bool = False) -> None:
-    """Entry point of `flywheel serve` (and `flywheel up`, which will also start the learner)."""
+    """Entry point of `flywheel serve`; `flywheel up` also runs the learner as a child process."""
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     prepare_process(config)
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, up=up))
 
 
 def prepare_process(config: ServerConfig) -> None:

@@ -26,7 +26,7 @@ class Row:
     index: int  # completion index within its request
     adapter: str | None
     sampling: Sampling
-    generator: torch.Generator
+    generator: torch.Generator | None  # None: draw from torch's shared generator
     position: int  # position id of the next token fed in
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters already streamed

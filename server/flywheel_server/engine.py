@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -51,12 +52,32 @@ class TokenEvent:
     completion_tokens: int = 0
 
 
+Delivery = list[TokenEvent | None] | BaseException
+
+
 @dataclass(eq=False)
 class _Request:
     spec: EngineRequest
-    emit: Callable[[list[TokenEvent | None] | BaseException], object]
+    loop: asyncio.AbstractEventLoop  # where the caller awaits
+    queue: asyncio.Queue[Delivery]
     cancelled: threading.Event = field(default_factory=threading.Event)
     alive: int = 0  # rows still decoding
+
+    def emit(self, item: Delivery) -> None:
+        _post(self.loop, [(self.queue, item)])
+
+
+def _post(
+    loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue[Delivery], Delivery]]
+) -> None:
+    """Hand events to an event loop: one wake-up for many requests."""
+
+    def deliver() -> None:
+        for queue, item in items:
+            queue.put_nowait(item)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is gone; nobody is listening
+        loop.call_soon_threadsafe(deliver)
 
 
 def resolve_device(device: str) -> str:
@@ -127,8 +148,8 @@ class TorchEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
         """Stream token events; closing the iterator drops the request's rows at the next step."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[list[TokenEvent | None] | BaseException] = asyncio.Queue()
-        req = _Request(request, lambda items: loop.call_soon_threadsafe(queue.put_nowait, items))
+        queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        req = _Request(request, loop, queue)
         with self._wake:
             if self._closed:
                 raise Overloaded("the engine is shutting down")
@@ -220,51 +241,67 @@ class TorchEngine:
             future.set_exception(Overloaded("the engine shut down"))
 
     def _admit_waiting(self) -> None:
-        while self._waiting:
-            with self._wake:
+        """Move waiting requests into the batch while rows are free, prefilling them together."""
+        admitted: list[_Request] = []
+        room = self.max_batch - len(self._batch)
+        with self._wake:
+            while self._waiting:
                 req = self._waiting[0]
-                if (
-                    not req.cancelled.is_set()
-                    and len(self._batch) + req.spec.n > self.max_batch
-                    and self._batch.rows
-                ):
-                    return
-                self._waiting.popleft()
-            if req.cancelled.is_set():
-                self._release()
-                continue
-            try:
-                self._prefill(req)
-            except Exception as e:
+                if req.cancelled.is_set():
+                    self._waiting.popleft()
+                    self._release()
+                    continue
+                if req.spec.n > room and (self._batch.rows or admitted):
+                    break
+                admitted.append(self._waiting.popleft())
+                room -= req.spec.n
+        if not admitted:
+            return
+        try:
+            self._prefill(admitted)
+        except Exception as e:
+            for req in admitted:
                 self._finish(req, e)
 
     @torch.inference_mode()
-    def _prefill(self, req: _Request) -> None:
-        spec, n = req.spec, req.spec.n
-        length = len(spec.prompt_ids)
-        ids = torch.tensor([spec.prompt_ids], device=self.device)
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """One left-padded forward over the new prompts; each request's n rows share it."""
+        prompts = [r.spec.prompt_ids for r in reqs]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor(
+            [[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
+        )
         out = self._net(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(length, device=self.device).unsqueeze(0),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
             use_cache=True,
-            **self._adapter_kwargs([spec.adapter]),
+            **self._adapter_kwargs([r.spec.adapter for r in reqs]),
         )
-        rows = [
-            Row(req, i, spec.adapter, spec.sampling, self._generator(spec.sampling.seed, i), length)
-            for i in range(n)
-        ]
-        req.alive = n
-        first = self._sample(rows, out.logits[:, -1].expand(n, -1))
+        rows, owners = [], []
+        for j, req in enumerate(reqs):
+            spec = req.spec
+            req.alive = spec.n
+            for i in range(spec.n):
+                generator = self._generator(spec.sampling.seed, i)
+                rows.append(
+                    Row(req, i, spec.adapter, spec.sampling, generator, len(spec.prompt_ids))
+                )
+                owners.append(j)
+        owner = torch.tensor(owners, device=self.device)  # (rows,) -> prompt
+        first = self._sample(rows, out.logits[owner, -1])
         alive = self._emit(rows, first)
         if not alive:
             return
+        index = owner[alive]
         cache = out.past_key_values
-        for layer in cache.layers:  # one prefill, n rows
-            layer.keys = layer.keys.expand(len(alive), -1, -1, -1).contiguous()
-            layer.values = layer.values.expand(len(alive), -1, -1, -1).contiguous()
-        mask = torch.ones(len(alive), length, dtype=torch.long, device=self.device)
-        self._batch.join([rows[i] for i in alive], cache, mask, first[alive])
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self._batch.join([rows[i] for i in alive], cache, mask[index], first[alive])
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -319,12 +356,17 @@ class TorchEngine:
                 alive.append(i)
             else:
                 req.alive -= 1
+        deliveries: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delivery], Delivery]]
+        ] = {}
         for req, items in events.items():
             if req.alive <= 0:
                 items.append(None)
                 self._release()
             if items:
-                req.emit(items)
+                deliveries.setdefault(req.loop, []).append((req.queue, items))
+        for loop, batch in deliveries.items():
+            _post(loop, batch)
         return alive
 
     def _finish(self, req: _Request, error: BaseException) -> None:
@@ -335,12 +377,12 @@ class TorchEngine:
         with self._wake:
             self._admitted -= 1
 
-    def _generator(self, seed: int | None, row: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
+    def _generator(self, seed: int | None, row: int) -> torch.Generator | None:
+        """A seeded request gets a generator per row (reproducible); others share torch's."""
         if seed is None:
-            g.seed()
-        else:
-            g.manual_seed((seed + row * 1_000_003) % (1 << 63))
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed((seed + row * 1_000_003) % (1 << 63))
         return g
 
     @torch.inference_mode()

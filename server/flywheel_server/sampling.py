@@ -34,17 +34,24 @@ def sample(
     top_p: torch.Tensor,
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
-    """One token per row. Temperature 0 is greedy. logits: (B, V) -> (B,) int64"""
+    """One token per row. Temperature 0 is greedy; a row with a generator draws from it
+    (reproducible seeds), the others draw together. logits: (B, V) -> (B,) int64"""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)  # (B,)
+    if not bool((temperature > 0).any()):
+        return greedy
     scaled = logits / temperature.clamp_min(1e-6).unsqueeze(-1)
-    probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)  # (B, V)
-    drawn = torch.stack(
-        [
-            torch.multinomial(p, 1, generator=g).squeeze(0)
-            for p, g in zip(probs, generators, strict=True)
-        ]
-    )
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        scaled = filter_logits(scaled, top_k, top_p)
+    probs = scaled.softmax(dim=-1)  # (B, V)
+    drawn = torch.empty_like(greedy)
+    free = [i for i, g in enumerate(generators) if g is None]
+    if free:
+        rows = torch.tensor(free, device=logits.device)
+        drawn[rows] = torch.multinomial(probs[rows], 1).squeeze(-1)
+    for i, g in enumerate(generators):
+        if g is not None:
+            drawn[i] = torch.multinomial(probs[i], 1, generator=g).squeeze(0)
     return torch.where(temperature > 0, drawn, greedy)
 
 

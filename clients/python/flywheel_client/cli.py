@@ -261,7 +261,87 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="comma-separated versions; candidate i comes from the (i mod count)-th",
     )
     sub.set_defaults(func=_simulate)
+    _add_learn(commands, environ)
     return parser
+
+
+def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
+    sub = commands.add_parser(
+        "learn",
+        help="run the continuous learner against a server",
+        description=(
+            "Learn from the server's feedback, round after round: export new rankings and "
+            "prompts, refit the reward model, run PPO-ptx on the logged prompts, compare the "
+            "candidate with the live policy on held-out prompts, and publish it (live only if "
+            "it passes the gate). Wakes on --min-new-rankings new rankings, or every --interval "
+            "seconds when any arrived. Checkpoints live in --work-dir: a killed learner resumes "
+            "there without losing feedback or publishing a version twice. Needs an admin key "
+            "when the server has API keys."
+        ),
+    )
+    sub.add_argument(
+        "--server",
+        default=environ.get("FLYWHEEL_SERVER") or DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help="gRPC address of the server (default: $FLYWHEEL_SERVER or %(default)s)",
+    )
+    sub.add_argument(
+        "--api-key",
+        default=environ.get("FLYWHEEL_API_KEY") or None,
+        metavar="KEY",
+        help="admin-scope API key (default: $FLYWHEEL_API_KEY)",
+    )
+    sub.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="the base model directory the server serves (loaded again here to train)",
+    )
+    sub.add_argument(
+        "--work-dir",
+        default=".flywheel/learner",
+        metavar="DIR",
+        help="checkpoints, exported feedback and adapters (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--min-new-rankings",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="wake when N rankings arrived since the last round (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--interval",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="also wake after this long if any ranking arrived (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--rounds", type=_positive_int, metavar="N", help="stop after N rounds (default: never)"
+    )
+    sub.add_argument(
+        "--ppo-steps",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="PPO-ptx steps per round (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--import-preferences",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="JSONL preference files ({prompt, chosen, rejected} or HH-RLHF) added to every "
+        "reward-model refit",
+    )
+    sub.add_argument(
+        "--pretraining",
+        metavar="FILE",
+        help="a .txt or .jsonl corpus for the ptx term (default: the demo task's answers)",
+    )
+    sub.add_argument("--seed", type=_non_negative_int, default=0, help="default: %(default)s")
+    sub.set_defaults(func=_learn)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -476,6 +556,43 @@ def _simulate(args: argparse.Namespace) -> int:
     print(line)
     if stats.last_error:
         print(f"last error: {stats.last_error}", file=sys.stderr)
+    return 0
+
+
+def _learn(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    from pathlib import Path
+
+    from flywheel_learner.loop import LearnerConfig, LearnerError, run  # torch: only here
+
+    try:
+        config = LearnerConfig(
+            server=args.server,
+            api_key=args.api_key,
+            model_dir=Path(args.model),
+            work_dir=Path(args.work_dir),
+            min_new_rankings=args.min_new_rankings,
+            interval_s=args.interval,
+            max_rounds=args.rounds,
+            ppo_steps_per_round=args.ppo_steps,
+            import_preferences=tuple(Path(p) for p in args.import_preferences),
+            pretraining=Path(args.pretraining) if args.pretraining else None,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    logging.basicConfig(level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s %(message)s")
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # checkpoints are atomic: stopping anywhere is safe
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        rounds = run(config)
+    except LearnerError as e:
+        raise UsageError(str(e)) from e
+    print(f"learner: {rounds} round(s) done; state in {config.work_dir}")
     return 0
 
 

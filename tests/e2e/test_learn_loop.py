@@ -1,0 +1,99 @@
+"""The whole loop: scripted labelers rank through the public API, one learner round publishes.
+
+Runs against the session `server` fixture (tiny random model, a reward model live) with tiny
+training settings; it leaves the live policy and reward model as it found them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel_client import FlywheelClient
+from flywheel_client.labelers import Labeler, demo_prompts, preference_from_spec
+from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
+from flywheel_learner.gate import GateThresholds
+from flywheel_learner.loop import Learner, LearnerConfig, Progress
+from flywheel_learner.ppo import PPOConfig
+from flywheel_learner.publishing import archive_sha256
+from flywheel_learner.reward import RewardConfig
+from tests.support import ServerProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[FlywheelClient]:
+    with FlywheelClient(server.grpc, timeout=60) as c:
+        live = dict(c.versions().live)
+        yield c
+        for name, version_id in live.items():  # other tests share the server: restore it
+            for _ in range(20):
+                if c.versions().live.get(name) == version_id:
+                    break
+                c.rollback(name)
+            assert c.versions().live.get(name) == version_id
+
+
+def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerConfig:
+    return LearnerConfig(
+        server=server.grpc,
+        model_dir=model,
+        work_dir=work_dir,
+        max_rounds=1,
+        reward=RewardConfig(steps=4, r=4, batch_rankings=8, warmup=0, max_length=64, held_out=0.25),
+        ppo=PPOConfig(
+            rollout_batch=8, minibatches=2, epochs=1, max_new_tokens=8, ptx_batch=8,
+            ptx_max_length=64, reward_max_length=64, lora_r=4, lora_alpha=8,
+        ),  # fmt: skip
+        ppo_steps_per_round=2,
+        eval_prompts=4,
+        # Wide open: this test checks the plumbing of promotion, not learning.
+        gate=GateThresholds(min_reward_gain=-1e9, max_kl=1e9, max_ptx_rise=1e9),
+        rm_min_accuracy=0.0,
+    )
+
+
+def test_one_round_publishes_and_resume_does_not_duplicate(
+    server: ServerProcess, tiny_model: Path, client: FlywheelClient, tmp_path: Path
+) -> None:
+    torch.set_num_threads(1)
+    labeler = Labeler(client, preference_from_spec("longer"), name="e2e-longer", k=3, max_tokens=8)
+    stats = labeler.run(demo_prompts(seed=7), count=20)
+    assert stats.submitted >= 10, stats
+    before = {v.id for v in client.versions().versions}
+
+    learner = Learner(tiny_config(server, tiny_model, tmp_path), progress=Progress(tty=False))
+    try:
+        assert learner.run() == 1
+    finally:
+        learner.close()
+
+    versions = client.versions()
+    new = [v for v in versions.versions if v.id not in before]
+    reward = [v for v in new if v.name == "reward"]
+    policy = [v for v in new if v.name == "policy"]
+    assert len(reward) == 1 and len(policy) == 1, new
+    assert {"held_out_accuracy", "train_loss", "rankings"} <= set(reward[0].metrics)
+    assert {"reward_gain", "kl_to_reference", "ptx_rise", "gate_passed"} <= set(policy[0].metrics)
+    assert policy[0].metrics["gate_passed"] == 1.0
+    assert versions.live["policy"] == policy[0].id
+    state = load_state(tmp_path)
+    assert state.round == 1 and state.pending is None and state.rankings_cursor > 0
+
+    # Killed after checkpointing the pending record but with the upload already landed:
+    # a restarted learner finds the sha256 on the server and publishes nothing.
+    directory = state.policy_dir
+    pending = PendingPublish("policy", directory, archive_sha256(directory), {}, True)
+    save_state(tmp_path, state.replace(pending=pending))
+    count = len(client.versions().versions)
+    restarted = Learner(tiny_config(server, tiny_model, tmp_path), progress=Progress(tty=False))
+    try:
+        restarted.recover()
+    finally:
+        restarted.close()
+    assert len(client.versions().versions) == count
+    assert load_state(tmp_path).pending is None
