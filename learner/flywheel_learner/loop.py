@@ -238,6 +238,10 @@ class Learner:
 
     def run(self) -> int:
         """Recover an interrupted publish, then wake and run rounds; returns rounds run."""
+        log.info(
+            kv("learner_start", server=self.config.server, work_dir=str(self.work_dir),
+               rounds_done=self.state.round, min_new_rankings=self.config.min_new_rankings)
+        )  # fmt: skip
         self.recover()
         rounds = 0
         while self.config.max_rounds is None or rounds < self.config.max_rounds:
@@ -256,9 +260,11 @@ class Learner:
         new = len(feedback_log.read_rankings(self.work_dir)) - self.state.rankings_at_last_round
         idle = time.time() - max(self.state.last_round_at, self._started)
         first_with_imports = self.state.round == 0 and bool(self.imported)
-        return first_with_imports or should_wake(
+        wake = first_with_imports or should_wake(
             new, self.config.min_new_rankings, idle, self.config.interval_s
         )
+        # A reward model needs pairs: rankings whose candidates all tied do not count.
+        return wake and len(self.training_rankings()) >= 2
 
     def run_round(self) -> bool:
         """One round; True when the candidate policy passed the gate and went live."""

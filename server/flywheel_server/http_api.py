@@ -6,6 +6,7 @@ status codes in one place (`error_response`), in OpenAI's error shape.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -397,6 +398,14 @@ def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
     }
 
 
+_MARK = "\u0000flywheel-delta\u0000"
+_MARK_JSON = json.dumps(_MARK).encode()
+
+
+def _with_delta(e: StreamEvent, delta: str) -> StreamEvent:
+    return dataclasses.replace(e, delta=delta)
+
+
 async def _sse(
     stream: GenerationStream, first: StreamEvent | None, *, chat: bool, usage: bool = False
 ) -> AsyncIterator[bytes]:
@@ -427,11 +436,24 @@ async def _sse(
         }
         return f"data: {json.dumps(doc)}\n\n".encode()
 
+    # Mid-stream chunks differ only in their text: build each completion's envelope once and
+    # splice the escaped delta in (the per-token cost at high concurrency).
+    envelopes: dict[int, tuple[bytes, bytes]] = {}
+
+    def fast_chunk(e: StreamEvent) -> bytes:
+        if e.finish_reason is not None or e.index not in started:
+            return chunk(e)
+        if e.index not in envelopes:
+            head, _, tail = chunk(_with_delta(e, _MARK)).partition(_MARK_JSON)
+            envelopes[e.index] = head, tail
+        head, tail = envelopes[e.index]
+        return head + json.dumps(e.delta).encode() + tail
+
     try:
         if first is not None:
             yield chunk(first)
         async for e in stream:
-            yield chunk(e)
+            yield fast_chunk(e)
         if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
             totals = _completion_json(stream.result, chat=chat)
             doc = {

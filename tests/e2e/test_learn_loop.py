@@ -46,9 +46,16 @@ def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerCo
         max_rounds=1,
         reward=RewardConfig(steps=4, r=4, batch_rankings=8, warmup=0, max_length=64, held_out=0.25),
         ppo=PPOConfig(
-            rollout_batch=8, minibatches=2, epochs=1, max_new_tokens=8, ptx_batch=8,
-            ptx_max_length=64, reward_max_length=64, lora_r=4, lora_alpha=8,
-        ),  # fmt: skip
+            rollout_batch=8,
+            minibatches=2,
+            epochs=1,
+            max_new_tokens=8,
+            ptx_batch=8,
+            ptx_max_length=64,
+            reward_max_length=64,
+            lora_r=4,
+            lora_alpha=8,
+        ),
         ppo_steps_per_round=2,
         eval_prompts=4,
         # Wide open: this test checks the plumbing of promotion, not learning.

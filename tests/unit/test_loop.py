@@ -281,3 +281,24 @@ def test_recovery_without_pending_does_nothing(tmp_path: Path) -> None:
     fake = FakePublisher()
     state, version = recover(fake, tmp_path, LearnerState(), "base")
     assert version is None and fake.published == [] and state == LearnerState()
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_learn_cli_rejects_a_missing_model_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flywheel_client.cli import main
+
+    assert main(["learn", "--model", str(tmp_path / "nope"), "--server", "127.0.0.1:1"]) == 2
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_learn_cli_help_explains_the_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    from flywheel_client.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["learn", "--help"])
+    out = capsys.readouterr().out
+    assert "--min-new-rankings" in out and "--import-preferences" in out and "gate" in out
