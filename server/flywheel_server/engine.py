@@ -146,7 +146,15 @@ class TorchEngine:
     # -- async API --------------------------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
-        """Stream token events; closing the iterator drops the request's rows at the next step."""
+        """Stream token events one by one (see generate_batches)."""
+        async for batch in self.generate_batches(request):
+            for event in batch:
+                yield event
+
+    async def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
+        """Stream token events, as many at a time as are ready: a consumer that falls behind
+        catches up in one write instead of one per token. Closing the iterator drops the
+        request's rows at the next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         req = _Request(request, loop, queue)
@@ -161,14 +169,23 @@ class TorchEngine:
             self._waiting.append(req)
             self._wake.notify()
         try:
-            while True:
-                items = await queue.get()
-                if isinstance(items, BaseException):
-                    raise items
-                for item in items:
-                    if item is None:
-                        return
-                    yield item
+            done = False
+            while not done:
+                ready: list[TokenEvent] = []
+                delivery = await queue.get()
+                while True:
+                    if isinstance(delivery, BaseException):
+                        raise delivery
+                    for item in delivery:
+                        if item is None:
+                            done = True
+                        else:
+                            ready.append(item)
+                    if done or queue.empty():
+                        break
+                    delivery = queue.get_nowait()
+                if ready:
+                    yield ready
         finally:
             req.cancelled.set()
             with self._wake:

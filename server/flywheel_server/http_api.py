@@ -358,15 +358,14 @@ async def _generate(
     sampling = service.sampling(b.raw_sampling())
     stream = service.generate_stream(prompt, n=b.n, sampling=sampling, policy=b.model)
     if b.stream:
-        # Pull the first event before answering, so overload and engine errors get a status code.
-        first = await anext(stream, None)
+        # Pull the first events before answering, so overload and engine errors get a status code.
+        batches = stream.batches()
+        first: list[StreamEvent] = await anext(batches, [])
         usage = bool((b.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            _sse(stream, first, chat=chat, usage=usage), media_type="text/event-stream"
+            _sse(stream, batches, first, chat=chat, usage=usage), media_type="text/event-stream"
         )
-    async for _ in stream:
-        pass
-    return JSONResponse(_completion_json(stream.result, chat=chat))
+    return JSONResponse(_completion_json(await stream.finish(), chat=chat))
 
 
 def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
@@ -407,7 +406,12 @@ def _with_delta(e: StreamEvent, delta: str) -> StreamEvent:
 
 
 async def _sse(
-    stream: GenerationStream, first: StreamEvent | None, *, chat: bool, usage: bool = False
+    stream: GenerationStream,
+    batches: AsyncIterator[list[StreamEvent]],
+    first: list[StreamEvent],
+    *,
+    chat: bool,
+    usage: bool = False,
 ) -> AsyncIterator[bytes]:
     started: set[int] = set()
     created = int(time.time())
@@ -450,10 +454,11 @@ async def _sse(
         return head + json.dumps(e.delta).encode() + tail
 
     try:
-        if first is not None:
-            yield chunk(first)
-        async for e in stream:
-            yield fast_chunk(e)
+        # One write per batch of ready events: under load a write carries several tokens.
+        if first:
+            yield b"".join(fast_chunk(e) for e in first)
+        async for batch in batches:
+            yield b"".join(fast_chunk(e) for e in batch)
         if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
             totals = _completion_json(stream.result, chat=chat)
             doc = {

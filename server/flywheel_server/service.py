@@ -7,6 +7,7 @@ the store. A request that fails validation stores nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import shutil
 import tempfile
@@ -110,6 +111,7 @@ class FlywheelService:
         # A request may not ask for more tokens than the model has positions for.
         self.max_tokens_limit = min(config.max_tokens_limit, engine.max_positions - 1)
         self._admin = asyncio.Lock()
+        self.recorder = GroupCommit(store)
         self._draining: dict[str, asyncio.Task[None]] = {}
 
     # -- start-up ---------------------------------------------------------------------------
@@ -163,10 +165,7 @@ class FlywheelService:
     async def generate(
         self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
     ) -> Generation:
-        events = self.generate_stream(prompt, n=n, sampling=sampling, policy=policy)
-        async for _ in events:
-            pass
-        return events.result  # type: ignore[attr-defined]
+        return await self.generate_stream(prompt, n=n, sampling=sampling, policy=policy).finish()
 
     def generate_stream(
         self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
@@ -201,9 +200,7 @@ class FlywheelService:
             sampling,
             rows,
         )
-        async for _ in stream:
-            pass
-        return stream.result
+        return await stream.finish()
 
     async def score(
         self, prompt: str, completions: Sequence[str], reward_model: str = ""
@@ -443,6 +440,42 @@ class FlywheelService:
             return live
 
 
+class GroupCommit:
+    """Finished generations from many requests, written in one transaction: one fsync for all.
+
+    Each caller still waits until its own rows are committed, so an id a client sees finish can
+    always be ranked; under load the commits of concurrent requests share the disk flush.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pending: list[tuple[PromptRecord, list[CompletionRecord], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def record(self, prompt: PromptRecord, completions: list[CompletionRecord]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((prompt, completions, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(
+                    self.store.record_generations, [(p, c) for p, c, _ in batch]
+                )
+            except Exception as e:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
+            else:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+
 class GenerationStream:
     """An async iterator of StreamEvents; records every completion once all have finished.
 
@@ -463,19 +496,36 @@ class GenerationStream:
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.rows = rows
-        self._iter: AsyncGenerator[StreamEvent, None] = self._run()
+        self._batches: AsyncGenerator[list[StreamEvent], None] = self._run()
+        self._buffer: collections.deque[StreamEvent] = collections.deque()
         self.result: Generation
 
     def __aiter__(self) -> GenerationStream:
         return self
 
     async def __anext__(self) -> StreamEvent:
-        return await self._iter.__anext__()
+        while not self._buffer:
+            self._buffer.extend(await self._batches.__anext__())
+        return self._buffer.popleft()
+
+    async def batches(self) -> AsyncIterator[list[StreamEvent]]:
+        """The events as they become ready, several at a time under load."""
+        if self._buffer:
+            yield list(self._buffer)
+            self._buffer.clear()
+        async for batch in self._batches:
+            yield batch
+
+    async def finish(self) -> Generation:
+        """Run to the end without looking at the events."""
+        async for _ in self.batches():
+            pass
+        return self.result
 
     async def aclose(self) -> None:
-        await self._iter.aclose()
+        await self._batches.aclose()
 
-    async def _run(self) -> AsyncGenerator[StreamEvent, None]:
+    async def _run(self) -> AsyncGenerator[list[StreamEvent], None]:
         groups: dict[str | None, list[_Row]] = {}
         for row in self.rows:
             groups.setdefault(row.adapter, []).append(row)
@@ -484,13 +534,14 @@ class GenerationStream:
             request = EngineRequest(
                 self.prompt_ids, len(rows), self._group_sampling(rows[0].index), adapter
             )
-            async for event in self.service.engine.generate(request):
+            async for events in self.service.engine.generate_batches(request):
                 metrics.first_token()
-                out = self._apply(rows[event.index], event)
-                if out.finish_reason is None:
-                    yield out
-                else:
-                    held.append(out)
+                ready: list[StreamEvent] = []
+                for event in events:
+                    out = self._apply(rows[event.index], event)
+                    (ready if out.finish_reason is None else held).append(out)
+                if ready:
+                    yield ready
         completions = [
             CompletionRecord(
                 r.id,
@@ -505,11 +556,11 @@ class GenerationStream:
             )
             for r in self.rows
         ]
-        await asyncio.to_thread(self.service.store.record_generation, self.prompt, completions)
+        await self.service.recorder.record(self.prompt, completions)
         metrics.generated(completions)
         self.result = Generation(self.prompt.id, len(self.prompt_ids), completions)
-        for out in held:
-            yield out
+        if held:
+            yield held
 
     def _group_sampling(self, first_index: int) -> Sampling:
         s = self.sampling

@@ -123,6 +123,24 @@ def test_generation_round_trip(store: Store) -> None:
     assert store.counts()["completions"] == 2
 
 
+def test_generations_commit_together_or_not_at_all(store: Store) -> None:
+    first, second = _generate(store, n=2), _generate(store, n=1)
+    fresh = PromptRecord(id=f"prm-{uuid.uuid4().hex}", text="again", kind="text")
+    ok = [
+        CompletionRecord(
+            f"cmp-{uuid.uuid4().hex}", fresh.id, 0, "x", "stop", "policy-v0", Sampling(), 1, 1
+        )
+    ]
+    taken = PromptRecord(id=first[0].prompt_id, text="dup", kind="text")  # an id already stored
+    before = store.counts()
+    with pytest.raises(Conflict, match="not stored"):
+        store.record_generations([(fresh, ok), (taken, [])])
+    assert store.counts() == before  # the good one was not half-written either
+    store.record_generations([(fresh, ok)])
+    assert store.counts()["prompts"] == before["prompts"] + 1
+    assert set(store.get_completions([ok[0].id, second[0].id])) == {ok[0].id, second[0].id}
+
+
 def test_get_completions_returns_only_known_ids(store: Store) -> None:
     completions = _generate(store, n=2)
     got = store.get_completions([completions[1].id, "cmp-unknown"])

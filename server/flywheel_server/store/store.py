@@ -103,19 +103,27 @@ class Store:
     def record_generation(
         self, prompt: PromptRecord, completions: Sequence[CompletionRecord]
     ) -> None:
-        for c in completions:
-            if c.prompt_id != prompt.id:
-                raise InvalidRequest(
-                    f"completion {c.id} belongs to prompt {c.prompt_id}, not to {prompt.id}"
-                )
+        self.record_generations([(prompt, completions)])
+
+    def record_generations(
+        self, generations: Sequence[tuple[PromptRecord, Sequence[CompletionRecord]]]
+    ) -> None:
+        """Several generations in one transaction (the server's group commit: one fsync)."""
+        for prompt, completions in generations:
+            for c in completions:
+                if c.prompt_id != prompt.id:
+                    raise InvalidRequest(
+                        f"completion {c.id} belongs to prompt {c.prompt_id}, not to {prompt.id}"
+                    )
         try:
             with self._write(PromptRow) as s:
-                s.add(_prompt_row(prompt))
-                s.flush()  # the prompt row must exist before its completions reference it
-                s.add_all(_completion_row(c) for c in completions)
+                s.add_all(_prompt_row(prompt) for prompt, _ in generations)
+                s.flush()  # the prompt rows must exist before their completions reference them
+                s.add_all(_completion_row(c) for _, completions in generations for c in completions)
         except IntegrityError as e:
+            ids = ", ".join(prompt.id for prompt, _ in generations)
             raise Conflict(
-                f"generation for prompt {prompt.id} was not stored: an id is already taken"
+                f"generations for prompts {ids} were not stored: an id is already taken"
             ) from e
 
     def get_completions(self, ids: Sequence[str]) -> dict[str, CompletionRecord]:
