@@ -81,6 +81,36 @@ def baselines(
     }
 
 
+async def engine_load(
+    model_dir: Path, clients: int, requests: int, max_tokens: int, device: str
+) -> float:
+    """tok/s of the engine alone, in-process (no HTTP, no store): where the server's time goes."""
+    from flywheel_server.domain import Sampling
+    from flywheel_server.engine import EngineRequest, TorchEngine
+
+    engine = TorchEngine(model_dir, device=device, max_pending=4 * clients + 4, max_batch=64)
+    request = EngineRequest(
+        tuple(engine.encode(PROMPT)), 1, Sampling(temperature=1.0, max_tokens=max_tokens), None
+    )
+
+    async def one() -> int:
+        tokens = 0
+        async for event in engine.generate(request):
+            tokens = event.completion_tokens
+        return tokens
+
+    async def worker() -> int:
+        return sum([await one() for _ in range(requests)])
+
+    try:
+        await one()
+        start = time.perf_counter()
+        total = sum(await asyncio.gather(*(worker() for _ in range(clients))))
+        return total / (time.perf_counter() - start)
+    finally:
+        engine.close()
+
+
 async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[float, int]:
     """(time to first token, completion tokens) of one streamed completion."""
     body = {
@@ -156,6 +186,10 @@ def main() -> None:
             .parameters()
         )
         base = baselines(model_dir, args.max_tokens, args.device)
+        engine_only = {
+            c: asyncio.run(engine_load(model_dir, c, args.requests, args.max_tokens, args.device))
+            for c in levels
+        }
         server = ServerProcess(
             model_dir, Path(tmp) / "data", args=["--device", args.device]
         ).start()
@@ -179,6 +213,7 @@ def main() -> None:
         },
         "max_tokens": args.max_tokens,
         "baselines": base,
+        "engine_in_process_tok_s": engine_only,
         "http": runs,
     }
     print(
