@@ -1,0 +1,421 @@
+"""Side by side with TRL: reward-model refit and one PPO step, ours vs TRL's, on identical inputs.
+
+A program, not a test. Run it from our venv; it prepares the shared inputs, runs our half in
+process and TRL's halves in their own venvs (made by bench/trl_setup.sh):
+
+    bash bench/trl_setup.sh                       # .venv-trl116 (RewardTrainer), .venv-trl112 (PPO)
+    .venv/bin/python bench/trl_compare.py         # table on stdout, JSON in bench/out/trl_compare.json
+
+Shared inputs (bench/out/trl_work/): one tiny random Llama (build_random_model), preference
+pairs from demo_task.preference_pairs, tokenised once with our reward_token_ids (prompt +
+completion + eos) and handed to TRL pre-tokenised, a fixed reward tensor, and a fixed PPO
+tensor set (logp, old logp, advantages, values, old values, returns, mask).
+
+What is compared:
+- reward loss: our ranking_loss with K = 2 against RewardTrainer.compute_loss, fed the same
+  rewards through a stub model (TRL's own code path, minus the network).
+- reward throughput: fit_reward_model vs RewardTrainer.train(), same pairs, pairs per step,
+  steps, LoRA (r, alpha, targets), lr and cosine schedule. Model heads differ by design: ours
+  is base + LoRA + ScoreHead on the last hidden state, TRL's is LlamaForSequenceClassification
+  + LoRA (its score layer trained in full via peft's modules_to_save).
+- PPO loss: TRL 1.12 computes its losses inline in PPOTrainer.train() (no function to call),
+  so the TRL side re-states those lines verbatim (see `trl_ppo_losses`) using TRL's own
+  masked_mean; ours is ppo_math.policy_loss / value_loss. Both get the same mask for the policy
+  and the value term (TRL's trainer itself masks values one token later, padding_mask_p1).
+- PPO throughput: our ppo_step (gamma_ptx = 0, plain PPO) vs PPOTrainer.train(), same rollout
+  batch, epochs, minibatches, max new tokens, temperature, LoRA policy. TRL keeps separate full
+  reward and value models (the value model trained in full); ours hot-swaps adapters on one base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+WORK = OUT / "trl_work"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {
+        "hidden": args.hidden, "layers": args.layers, "pairs_per_step": args.batch,
+        "reward_steps": args.reward_steps, "lora_r": 8, "lora_alpha": 16, "reward_lr": 1e-3,
+        "reward_warmup": 1, "max_length": 128, "rollout_batch": args.rollout_batch,
+        "ppo_steps": args.ppo_steps, "epochs": 2, "minibatches": 4, "max_new_tokens": 16,
+        "ppo_lr": 3e-4, "beta": 0.02, "clip": 0.2, "value_clip": 0.2, "vf_coef": 0.5,
+        "gamma": 1.0, "lam": 0.95, "seed": 0,
+    }  # fmt: skip
+
+
+# --- shared inputs (our venv) ------------------------------------------------------------------
+
+
+def prepare(s: dict) -> None:
+    from flywheel_learner import demo_task, modeling
+    from flywheel_learner.demo_model import build_random_model, chat_prompt
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    model_dir = WORK / "model"
+    build_random_model(
+        model_dir, hidden=s["hidden"], layers=s["layers"], heads=4,
+        intermediate=2 * s["hidden"], seed=s["seed"],
+    )  # fmt: skip
+    _, tok = modeling.load_base(model_dir)
+    rng = random.Random(s["seed"])
+    n = s["pairs_per_step"] * s["reward_steps"]
+    pairs = demo_task.preference_pairs(rng, n)
+    ids = [
+        (
+            modeling.reward_token_ids(tok, p, c, s["max_length"]),
+            modeling.reward_token_ids(tok, p, r, s["max_length"]),
+        )
+        for p, c, r in pairs
+    ]
+    prompts = [
+        chat_prompt(tok, demo_task.sample_example(rng).instruction)
+        for _ in range(s["rollout_batch"] * s["ppo_steps"])
+    ]
+    g = torch.Generator().manual_seed(s["seed"])
+    b, t = 64, 16
+    mask = torch.arange(t)[None, :] < torch.randint(4, t + 1, (b, 1), generator=g)
+    old_logp = -torch.rand(b, t, generator=g) * 4
+    old_values = torch.randn(b, t, generator=g)
+    tensors = {
+        "rewards": torch.randn(2 * 256, generator=g) * 2,
+        "logp": old_logp + torch.randn(b, t, generator=g) * 0.3,
+        "old_logp": old_logp,
+        "advantages": torch.randn(b, t, generator=g),
+        "values": old_values + torch.randn(b, t, generator=g) * 0.5,
+        "old_values": old_values,
+        "returns": old_values + torch.randn(b, t, generator=g),
+        "mask": mask,
+    }
+    torch.save(tensors, WORK / "tensors.pt")
+    (WORK / "inputs.json").write_text(
+        json.dumps({"settings": s, "pairs": pairs, "ids": ids, "prompts": prompts})
+    )
+
+
+# --- ours --------------------------------------------------------------------------------------
+
+
+def run_ours(s: dict) -> dict:
+    from flywheel_learner import modeling
+    from flywheel_learner.losses import ranking_loss
+    from flywheel_learner.ppo import PPOConfig, SharedBaseModels, make_optimizer, ppo_step
+    from flywheel_learner.ppo_math import policy_loss, value_loss
+    from flywheel_learner.reward import RewardConfig, fit_reward_model
+
+    inputs = json.loads((WORK / "inputs.json").read_text())
+    t = torch.load(WORK / "tensors.pt")
+    out: dict = {}
+
+    # reward loss, K = 2: one group per pair, chosen tier 0, rejected tier 1
+    r = t["rewards"]
+    n = r.shape[0] // 2
+    tiers = torch.cat([torch.zeros(n), torch.ones(n)]).long()
+    group = torch.cat([torch.arange(n), torch.arange(n)])
+    out["reward_loss"] = float(ranking_loss(r, tiers, group))
+
+    # reward throughput
+    base, tok = modeling.load_base(WORK / "model")
+    rankings = [(p, [[c], [rj]]) for p, c, rj in inputs["pairs"]]
+    cfg = RewardConfig(
+        steps=s["reward_steps"], lr=s["reward_lr"], r=s["lora_r"], alpha=s["lora_alpha"],
+        target_modules=tuple(TARGETS), batch_rankings=s["pairs_per_step"],
+        max_length=s["max_length"], held_out=0.0, seed=s["seed"], warmup=s["reward_warmup"],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    fit = fit_reward_model(base, tok, rankings, cfg, progress=False)
+    wall = time.perf_counter() - t0
+    out["reward_train_seconds"] = wall
+    out["reward_pairs_per_s"] = s["reward_steps"] * s["pairs_per_step"] / wall
+    out["reward_final_loss"] = fit.train_loss
+    reward_dir = WORK / "reward-adapter"
+    modeling.save_adapter(fit.model, fit.adapter_name, reward_dir, head=fit.head)
+
+    # PPO loss on fixed tensors
+    m = t["mask"]
+    pol = policy_loss(t["logp"], t["old_logp"], t["advantages"], m, s["clip"])
+    val = value_loss(t["values"], t["old_values"], t["returns"], m, s["value_clip"])
+    out["ppo_policy_loss"] = float(pol.loss)
+    out["ppo_value_loss"] = float(val.loss)
+    out["ppo_policy_clipfrac"] = float(pol.clip_fraction)
+    out["ppo_value_clipfrac"] = float(val.clip_fraction)
+
+    # PPO throughput
+    pcfg = PPOConfig(
+        beta=s["beta"], gamma_ptx=0.0, clip=s["clip"], value_clip=s["value_clip"],
+        vf_coef=s["vf_coef"], gae_gamma=s["gamma"], gae_lambda=s["lam"], epochs=s["epochs"],
+        minibatches=s["minibatches"], lr=s["ppo_lr"], max_new_tokens=s["max_new_tokens"],
+        rollout_batch=s["rollout_batch"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"],
+        target_modules=tuple(TARGETS), seed=s["seed"],
+    )  # fmt: skip
+    models = SharedBaseModels.build(WORK / "model", reward_dir, pcfg)
+    opt, kl_ctl = make_optimizer(models, pcfg), pcfg.kl_controller()
+    torch.manual_seed(s["seed"])
+    prompts = inputs["prompts"]
+    b = s["rollout_batch"]
+    t0 = time.perf_counter()
+    lengths = []
+    for step in range(s["ppo_steps"]):
+        st = ppo_step(models, opt, prompts[step * b : (step + 1) * b], None, pcfg, kl_ctl)
+        lengths.append(st.response_length)
+    wall = time.perf_counter() - t0
+    out["ppo_train_seconds"] = wall
+    out["ppo_samples_per_s"] = s["ppo_steps"] * b / wall
+    out["ppo_mean_response_tokens"] = sum(lengths) / len(lengths)
+    return out
+
+
+# --- TRL 1.16: RewardTrainer -------------------------------------------------------------------
+
+
+def run_trl116(s: dict) -> dict:
+    from types import SimpleNamespace
+
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    inputs = json.loads((WORK / "inputs.json").read_text())
+    t = torch.load(WORK / "tensors.pt")
+    tok = AutoTokenizer.from_pretrained(WORK / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(WORK / "model", num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    ds = Dataset.from_dict(
+        {"chosen_ids": [c for c, _ in inputs["ids"]], "rejected_ids": [r for _, r in inputs["ids"]]}
+    )
+    tmp = tempfile.mkdtemp(prefix="trl116-")
+    args = RewardConfig(
+        output_dir=tmp, per_device_train_batch_size=s["pairs_per_step"], max_steps=s["reward_steps"],
+        learning_rate=s["reward_lr"], lr_scheduler_type="cosine", warmup_steps=s["reward_warmup"],
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=10_000, save_strategy="no",
+        report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+        max_length=s["max_length"], dataloader_num_workers=0, seed=s["seed"],
+        disable_tqdm=True,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=s["lora_r"],
+        lora_alpha=s["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        task_type="SEQ_CLS",
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora
+    )
+    out: dict = {"trl_version": trl.__version__}
+
+    # loss on the same rewards through RewardTrainer.compute_loss (stub model returns them)
+    r = t["rewards"]
+
+    def stub(**_: object) -> SimpleNamespace:
+        return SimpleNamespace(logits=r[:, None])
+
+    with torch.no_grad():
+        out["reward_loss"] = float(
+            trainer.compute_loss(
+                stub, {"attention_mask": torch.ones(r.shape[0], 2, dtype=torch.long)}
+            )
+        )
+
+    t0 = time.perf_counter()
+    res = trainer.train()
+    wall = time.perf_counter() - t0
+    out["reward_train_seconds"] = wall
+    out["reward_pairs_per_s"] = s["reward_steps"] * s["pairs_per_step"] / wall
+    out["reward_final_loss"] = float(res.training_loss)
+    out["reward_trainer_metrics"] = res.metrics
+    return out
+
+
+# --- TRL 1.12: experimental PPOTrainer ---------------------------------------------------------
+
+
+def trl_ppo_losses(t: dict, s: dict) -> dict:
+    """TRL 1.12 PPOTrainer.train()'s loss lines, verbatim but for names, with TRL's masked_mean.
+
+    padding_mask is ~mask for both terms (TRL's trainer uses padding_mask_p1 for the value term).
+    """
+    from trl.experimental.ppo.ppo_trainer import masked_mean
+
+    padding_mask = ~t["mask"]
+    mb_values, mb_return, vpred = t["old_values"], t["returns"], t["values"]
+    new_logprobs, mb_logprobs, mb_advantage = t["logp"], t["old_logp"], t["advantages"]
+    vpredclipped = torch.clamp(vpred, mb_values - s["value_clip"], mb_values + s["value_clip"])
+    vf_losses1 = torch.square(vpred - mb_return)
+    vf_losses2 = torch.square(vpredclipped - mb_return)
+    vf_loss_max = torch.max(vf_losses1, vf_losses2)
+    vf_loss = 0.5 * masked_mean(vf_loss_max, ~padding_mask)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), ~padding_mask)
+    logprobs_diff = new_logprobs - mb_logprobs
+    ratio = torch.exp(logprobs_diff)
+    pg_losses = -mb_advantage * ratio
+    pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - s["clip"], 1.0 + s["clip"])
+    pg_loss_max = torch.max(pg_losses, pg_losses2)
+    pg_loss = masked_mean(pg_loss_max, ~padding_mask)
+    pg_clipfrac = masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask)
+    return {
+        "ppo_policy_loss": float(pg_loss), "ppo_value_loss": float(vf_loss),
+        "ppo_policy_clipfrac": float(pg_clipfrac), "ppo_value_clipfrac": float(vf_clipfrac),
+    }  # fmt: skip
+
+
+def run_trl112(s: dict) -> dict:
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    inputs = json.loads((WORK / "inputs.json").read_text())
+    t = torch.load(WORK / "tensors.pt")
+    out: dict = {"trl_version": trl.__version__}
+    out.update(trl_ppo_losses(t, s))
+
+    tok = AutoTokenizer.from_pretrained(WORK / "model", padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(WORK / "model")
+    reward = AutoModelForSequenceClassification.from_pretrained(WORK / "model", num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(WORK / "model", num_labels=1)
+    for m in (reward, value):
+        m.config.pad_token_id = tok.pad_token_id
+    b = s["rollout_batch"]
+    prompts = inputs["prompts"][: b * s["ppo_steps"]]
+    ds = Dataset.from_dict(
+        {"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]}
+    )
+    tmp = tempfile.mkdtemp(prefix="trl112-")
+    args = PPOConfig(
+        output_dir=tmp, per_device_train_batch_size=b, gradient_accumulation_steps=1,
+        num_mini_batches=s["minibatches"], num_ppo_epochs=s["epochs"],
+        response_length=s["max_new_tokens"], total_episodes=b * s["ppo_steps"],
+        local_rollout_forward_batch_size=b, learning_rate=s["ppo_lr"], kl_coef=s["beta"],
+        cliprange=s["clip"], cliprange_value=s["value_clip"], vf_coef=s["vf_coef"],
+        gamma=s["gamma"], lam=s["lam"], temperature=1.0, stop_token="eos",
+        missing_eos_penalty=None, num_sample_generations=0, report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=10_000, bf16=False, gradient_checkpointing=False,
+        seed=s["seed"], disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=s["lora_r"],
+        lora_alpha=s["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+    )
+    trainer = PPOTrainer(
+        args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
+        train_dataset=ds, value_model=value, peft_config=lora,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    out["ppo_train_seconds"] = wall
+    out["ppo_samples_per_s"] = s["ppo_steps"] * b / wall
+    return out
+
+
+# --- orchestration ------------------------------------------------------------------------------
+
+
+def run_part(venv: str, part: str, args: argparse.Namespace) -> dict:
+    py = ROOT / venv / "bin" / "python"
+    if not py.exists():
+        return {"error": f"{py} missing: run bash bench/trl_setup.sh"}
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "learner"), OMP_NUM_THREADS=str(args.threads))
+    cmd = [str(py), __file__, "--part", part, *sys.argv[1:]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": f"{part} exited {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
+    return json.loads((WORK / f"{part}.json").read_text())
+
+
+def ratio(a: object, b: object) -> str:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return f"{a / b:.3f}"
+    return "-"
+
+
+def fmt(x: object) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["ours", "trl116", "trl112"])
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16, help="preference pairs per step")
+    ap.add_argument("--reward-steps", type=int, default=30)
+    ap.add_argument("--rollout-batch", type=int, default=16)
+    ap.add_argument("--ppo-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    s = settings(args)
+    if args.part:
+        fn = {"ours": run_ours, "trl116": run_trl116, "trl112": run_trl112}[args.part]
+        (WORK / f"{args.part}.json").write_text(json.dumps(fn(s), default=str))
+        return
+
+    prepare(s)
+    ours = run_part(".venv", "ours", args)
+    t116 = run_part(".venv-trl116", "trl116", args)
+    t112 = run_part(".venv-trl112", "trl112", args)
+    rows = [
+        ("reward loss K=2 (same rewards)", "reward_loss", t116),
+        ("reward fit pairs/s", "reward_pairs_per_s", t116),
+        ("reward fit seconds", "reward_train_seconds", t116),
+        ("reward final train loss", "reward_final_loss", t116),
+        ("PPO policy loss (same tensors)", "ppo_policy_loss", t112),
+        ("PPO value loss (same tensors)", "ppo_value_loss", t112),
+        ("PPO policy clip fraction", "ppo_policy_clipfrac", t112),
+        ("PPO value clip fraction", "ppo_value_clipfrac", t112),
+        ("PPO samples/s", "ppo_samples_per_s", t112),
+        ("PPO seconds", "ppo_train_seconds", t112),
+    ]
+    table = []
+    print(f"{'quantity':34} {'ours':>14} {'TRL':>14} {'ours/TRL':>9}")
+    for label, key, trl_side in rows:
+        a, b = ours.get(key, "n/a"), trl_side.get(key, "n/a")
+        table.append({"quantity": label, "ours": a, "trl": b, "ratio": ratio(a, b)})
+        print(f"{label:34} {fmt(a):>14} {fmt(b):>14} {ratio(a, b):>9}")
+    diffs = {
+        k: abs(ours[k] - t[k])
+        for k, t in [("reward_loss", t116), ("ppo_policy_loss", t112), ("ppo_value_loss", t112)]
+        if isinstance(ours.get(k), float) and isinstance(t.get(k), float)
+    }
+    for k, d in diffs.items():
+        print(f"|ours - TRL| {k}: {d:.3e}")
+    for name, part in [("ours", ours), ("trl116", t116), ("trl112", t112)]:
+        if "error" in part:
+            print(f"{name}: {part['error']}\n{part.get('stderr_tail', '')}", file=sys.stderr)
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = {
+        "settings": s, "table": table, "abs_diff": diffs, "ours": ours,
+        "trl116": t116, "trl112": t112,
+    }  # fmt: skip
+    (OUT / "trl_compare.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {OUT / 'trl_compare.json'}")
+
+
+if __name__ == "__main__":
+    main()
