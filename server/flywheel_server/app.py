@@ -123,6 +123,11 @@ async def serve(
     )
 
     learner = start_learner(config, auth, grpc_port, model_dir) if up else None
+    follower = (
+        asyncio.create_task(follow_store(service, config.sync_interval))
+        if config.sync_interval
+        else None
+    )
     stop = stop or _stop_on_signals()
     await asyncio.wait(
         [asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED
@@ -131,6 +136,8 @@ async def serve(
     if learner is not None:
         await asyncio.to_thread(stop_learner, learner)
     runtime.ready = False
+    if follower is not None:
+        follower.cancel()
     await health.enter_graceful_shutdown()
     http.should_exit = True
     await grpc_server.stop(grace=30)
@@ -171,6 +178,16 @@ def stop_learner(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def follow_store(service: FlywheelService, interval: int) -> None:
+    """Keep this replica's versions and aliases in step with the shared store."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await service.sync()
+        except Exception:  # a failed poll must not stop serving; the next one retries
+            log.exception("sync with the store failed")
 
 
 def _stop_on_signals() -> asyncio.Event:

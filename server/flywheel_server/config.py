@@ -55,6 +55,11 @@ class ServerConfig:
         "unloaded once drained",
         default=2,
     )
+    sync_interval: int = _opt(
+        "seconds between checks of the shared store for versions other replicas published "
+        "(0 = never: a single server)",
+        default=2,
+    )
     max_body_bytes: int = _opt("largest HTTP request body, in bytes", default=1 << 20)
     max_prompt_tokens: int = _opt(
         "longest prompt, in tokens (longer prompts are refused)", default=1024
@@ -74,6 +79,7 @@ class ServerConfig:
             ("max_body_bytes", 1024, 1 << 30),
             ("max_pending", 1, 1 << 16),
             ("keep_versions", 0, 1024),
+            ("sync_interval", 0, 3600),
             ("max_batch", 1, 4096),
             ("max_prompt_tokens", 1, 1 << 20),
         ):

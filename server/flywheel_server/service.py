@@ -139,6 +139,29 @@ class FlywheelService:
                 continue
             (self.registry.set_live if v.state == "live" else self.registry.add)(v)
 
+    async def sync(self) -> None:
+        """Follow the shared store: load versions other replicas published, move the aliases.
+
+        Replicas share one database and an adapter directory they can all read; each calls this
+        every few seconds (app.serve), so a version promoted on one goes live on all.
+        """
+        async with self._admin:
+            versions = await asyncio.to_thread(self.store.list_adapter_versions)
+            loaded = {v.id for v in self.registry.versions()}
+            for v in versions:
+                if v.id in loaded or v.state not in ("live", "ready") or not v.path:
+                    continue  # a path is set once the publishing replica renamed the files in place
+                try:
+                    await self.engine.load_adapter(v.id, v.path, reward=v.name == "reward")
+                except AdapterRefused as e:
+                    log.error("adapter %s from the shared store refused here: %s", v.id, e.message)
+                    continue
+                self.registry.add(v)
+                log.info("loaded %s published by another replica", v.id)
+            for name in ADAPTER_NAMES:
+                self.registry.refresh(name, [v for v in versions if v.name == name])
+                await self._unload_retired(name)
+
     # -- generation -------------------------------------------------------------------------
 
     def render(self, prompt: PromptInput) -> tuple[Literal["text", "chat"], str]:
