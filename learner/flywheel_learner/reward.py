@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flywheel_learner import modeling
+from flywheel_learner import distributed, modeling
 from flywheel_learner.losses import pairwise_accuracy, ranking_loss
 from flywheel_learner.sft import warmup_cosine
 
@@ -209,21 +209,24 @@ def fit_reward_model(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, config.warmup, config.steps)
     )
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed)  # the same draws on every rank: one global batch
+    rank, size = distributed.world()
     losses: list[float] = []
     start = time.perf_counter()
     peft_model.train()
-    bar = tqdm(range(config.steps), desc="reward", disable=not progress, leave=False)
+    bar = tqdm(range(config.steps), desc="reward", disable=not progress or rank > 0, leave=False)
     for _ in bar:
-        batch = make_batch(
-            tokenizer, rng.sample(train, min(config.batch_rankings, len(train))), config.max_length
-        )
+        chosen = rng.sample(train, min(config.batch_rankings, len(train)))
+        local = distributed.shard(chosen, rank, size)
+        batch = make_batch(tokenizer, local, config.max_length)
         rewards = modeling.score(
             peft_model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
         )  # (N,)
         loss = ranking_loss(rewards, batch.tiers.to(device), batch.group.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # The loss is a mean over rankings: weight each rank by its share of the global batch.
+        distributed.average_gradients(params, len(local) / len(chosen))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
