@@ -25,6 +25,7 @@ import torch
 
 from flywheel_client import FlywheelClient
 from flywheel_learner import feedback_log, modeling
+from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
 from flywheel_learner.ppo import (
@@ -321,6 +322,9 @@ class Learner:
         metrics = {"held_out_accuracy": accuracy, "train_loss": fit.train_loss,
                    "rankings": float(len(rankings))}  # fmt: skip
         log.info(kv("reward_fit", round=number, promote=promote, seconds=fit.seconds, **metrics))
+        learner_metrics.reward_train_loss.set(fit.train_loss)
+        learner_metrics.reward_accuracy.set(accuracy)
+        learner_metrics.versions.labels("reward", "promoted" if promote else "refused").inc()
         self._publish("reward", directory, metrics, promote)
         if promote:
             self.state = self.state.replace(reward_dir=str(directory))
@@ -352,6 +356,11 @@ class Learner:
         for step in self.progress.steps(self.config.ppo_steps_per_round, f"ppo r{number}"):
             batch = rng.choices(prompts, k=ppo.rollout_batch)
             stats = ppo_step(models, optimizer, batch, next(ptx) if ptx else None, ppo, kl_ctl)
+            learner_metrics.ppo_steps.inc()
+            learner_metrics.ppo_reward.set(stats.reward_mean)
+            learner_metrics.ppo_kl.set(stats.kl_mean)
+            learner_metrics.ppo_ptx.set(stats.ptx_loss)
+            learner_metrics.ppo_clip.set(stats.policy_clip_fraction)
             self.progress.step(
                 "ppo_step", round=number, step=step + 1, reward=stats.reward_mean,
                 kl=stats.kl_mean, ptx=stats.ptx_loss, policy_loss=stats.policy_loss,
@@ -401,6 +410,7 @@ class Learner:
         values = {**metrics.as_dict(), "gate_passed": float(passed),
                   "ppo_steps": float(self.config.ppo_steps_per_round)}  # fmt: skip
         version = self._publish("policy", directory, values, passed)
+        learner_metrics.versions.labels("policy", "promoted" if passed else "refused").inc()
         live = version is not None and version.state == "live"
         if live:
             self.state = self.state.replace(policy_dir=str(directory))
@@ -414,6 +424,7 @@ class Learner:
         )
         save_state(self.work_dir, self.state)
         log.info(kv("round_done", round=number, rankings=total))
+        learner_metrics.rounds.inc()
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import torch
 
 from flywheel_client import FlywheelClient
 from flywheel_client.labelers import Labeler, demo_prompts, preference_from_spec
+from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.gate import GateThresholds
 from flywheel_learner.loop import Learner, LearnerConfig, Progress
@@ -90,6 +91,14 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
     assert versions.live["policy"] == policy[0].id
     state = load_state(tmp_path)
     assert state.round == 1 and state.pending is None and state.rankings_cursor > 0
+    sample = learner_metrics.REGISTRY.get_sample_value
+    assert sample("flywheel_learner_rounds_total") == 1
+    assert sample("flywheel_learner_versions_total", {"kind": "policy", "outcome": "promoted"}) == 1
+    assert (
+        sample("flywheel_learner_ppo_steps_total")
+        == tiny_config(server, tiny_model, tmp_path).ppo_steps_per_round
+    )
+    assert 0 <= sample("flywheel_learner_reward_held_out_accuracy") <= 1
 
     # Killed after checkpointing the pending record but with the upload already landed:
     # a restarted learner finds the sha256 on the server and publishes nothing.

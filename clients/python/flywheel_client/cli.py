@@ -280,6 +280,13 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         ),
     )
     sub.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve the learner's Prometheus metrics at 127.0.0.1:PORT/metrics (default: off)",
+    )
+    sub.add_argument(
         "--server",
         default=environ.get("FLYWHEEL_SERVER") or DEFAULT_TARGET,
         metavar="HOST:PORT",
@@ -588,6 +595,10 @@ def _learn(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # checkpoints are atomic: stopping anywhere is safe
 
     signal.signal(signal.SIGTERM, _stop)
+    if args.metrics_port:
+        from flywheel_learner import metrics
+
+        metrics.serve(args.metrics_port)
     try:
         rounds = run(config)
     except LearnerError as e:
