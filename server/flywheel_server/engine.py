@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from flywheel_learner import modeling
+import flywheel_learner.modeling as modeling
 from flywheel_server.batch import Batch, Row
 from flywheel_server.domain import Sampling
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Conflict, Overloaded

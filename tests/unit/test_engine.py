@@ -15,6 +15,7 @@ import torch
 from flywheel_server.domain import Sampling
 from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
+from tests.support import make_adapter
 
 pytestmark = [
     pytest.mark.unit,
@@ -50,23 +51,6 @@ def fresh_engine(model_dir: Path) -> Iterator[TorchEngine]:
     e = TorchEngine(model_dir, device="cpu")
     yield e
     e.close()
-
-
-def make_adapter(model_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
-    """A random LoRA adapter in the served format (as tests/conftest.py's make_adapter)."""
-    from peft import LoraConfig, get_peft_model
-
-    from flywheel_learner import modeling
-
-    torch.manual_seed(seed)
-    model, _ = modeling.load_base(model_dir)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    peft = get_peft_model(model, config, adapter_name="tuned")
-    return modeling.save_adapter(
-        peft, "tuned", out_dir, base_model=modeling.base_fingerprint(model_dir)
-    )
 
 
 @pytest.fixture(scope="module")

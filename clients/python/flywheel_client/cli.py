@@ -93,17 +93,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     client = argparse.ArgumentParser(add_help=False)
     group = client.add_argument_group("server connection")
-    group.add_argument(
-        "--server",
-        default=environ.get("FLYWHEEL_SERVER") or DEFAULT_TARGET,
-        metavar="HOST:PORT",
-        help="gRPC address of the server (default: $FLYWHEEL_SERVER or %(default)s)",
-    )
-    group.add_argument(
-        "--api-key",
-        default=environ.get("FLYWHEEL_API_KEY") or None,
-        metavar="KEY",
-        help="API key, sent as 'authorization: Bearer KEY' (default: $FLYWHEEL_API_KEY)",
+    _add_connection(
+        group, environ, "API key, sent as 'authorization: Bearer KEY' (default: $FLYWHEEL_API_KEY)"
     )
     group.add_argument(
         "--timeout",
@@ -286,18 +277,7 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         metavar="PORT",
         help="serve the learner's Prometheus metrics at 127.0.0.1:PORT/metrics (default: off)",
     )
-    sub.add_argument(
-        "--server",
-        default=environ.get("FLYWHEEL_SERVER") or DEFAULT_TARGET,
-        metavar="HOST:PORT",
-        help="gRPC address of the server (default: $FLYWHEEL_SERVER or %(default)s)",
-    )
-    sub.add_argument(
-        "--api-key",
-        default=environ.get("FLYWHEEL_API_KEY") or None,
-        metavar="KEY",
-        help="admin-scope API key (default: $FLYWHEEL_API_KEY)",
-    )
+    _add_connection(sub, environ, "admin-scope API key (default: $FLYWHEEL_API_KEY)")
     sub.add_argument(
         "--model",
         required=True,
@@ -564,6 +544,22 @@ def _simulate(args: argparse.Namespace) -> int:
     if stats.last_error:
         print(f"last error: {stats.last_error}", file=sys.stderr)
     return 0
+
+
+def _add_connection(group: Any, environ: Mapping[str, str], api_key_help: str) -> None:
+    """--server and --api-key, defaulting to $FLYWHEEL_SERVER and $FLYWHEEL_API_KEY."""
+    group.add_argument(
+        "--server",
+        default=environ.get("FLYWHEEL_SERVER") or DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help="gRPC address of the server (default: $FLYWHEEL_SERVER or %(default)s)",
+    )
+    group.add_argument(
+        "--api-key",
+        default=environ.get("FLYWHEEL_API_KEY") or None,
+        metavar="KEY",
+        help=api_key_help,
+    )
 
 
 def _learn(args: argparse.Namespace) -> int:
