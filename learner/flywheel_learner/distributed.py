@@ -1,8 +1,9 @@
 """Data parallelism for the learner's steps under torchrun (gloo on CPU, NCCL on GPU).
 
 Every rank draws the same global batch (same seed), works on its own contiguous shard, and
-scales its gradients by its share before an all-reduce SUM: the result is the gradient of the
-global-batch mean, so every rank takes the same optimiser step as a single process would.
+weights its loss by its share of the global batch before an all-reduce SUM of the gradients:
+the result is the gradient of the global-batch mean, so every rank takes the same optimiser
+step as a single process would. Outside a process group every function here is the identity.
 """
 
 from __future__ import annotations
@@ -33,21 +34,64 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous part of n rows (sizes differ by at most one)."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
 def shard(items: Sequence[T], rank: int, size: int) -> list[T]:
-    """This rank's contiguous part of a global batch (sizes differ by at most one)."""
+    """This rank's contiguous part of a global batch."""
     if len(items) < size:
         raise ValueError(f"a global batch of {len(items)} cannot be split over {size} processes")
-    base, extra = divmod(len(items), size)
-    start = rank * base + min(rank, extra)
-    return list(items[start : start + base + (1 if rank < extra else 0)])
+    start, stop = bounds(len(items), rank, size)
+    return list(items[start:stop])
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter], share: float) -> None:
-    """Scale local gradients by this rank's share of the global batch, then sum over ranks."""
-    _, size = world()
-    if size == 1:
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over ranks (a new tensor); `x` itself when run alone."""
+    if world()[1] == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def global_mean(x: torch.Tensor) -> float:
+    """Mean of the rows of `x` (N,) over every rank's rows."""
+    sums = all_sum(
+        torch.stack([x.double().sum(), torch.tensor(float(x.numel()), dtype=torch.double)])
+    )
+    return float(sums[0] / sums[1])
+
+
+def row_offset(rows: int) -> tuple[int, int]:
+    """(index of this rank's first row, total rows) when ranks hold consecutive shards."""
+    rank, size = world()
+    counts = torch.zeros(size, dtype=torch.long)
+    counts[rank] = rows
+    counts = all_sum(counts)
+    return int(counts[:rank].sum()), int(counts.sum())
+
+
+def from_rank0(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of `x` on every rank (in place); `x` when run alone."""
+    if world()[1] > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], share: float = 1.0) -> None:
+    """Scale local gradients by this rank's share of the global batch, then sum over ranks.
+
+    A rank whose shard had no rows in this step contributes zeros, so every rank joins every
+    all-reduce in the same order. share=1 when the losses were already weighted globally.
+    """
+    if world()[1] == 1:
         return
     for p in params:
-        if p.grad is not None:
-            p.grad.mul_(share)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(share)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from flywheel_learner import modeling
+from flywheel_learner import distributed, modeling
 from flywheel_learner.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -351,6 +351,13 @@ class Samples(NamedTuple):
     start: int  # P: the prompt width, where every response begins
     mask: torch.Tensor  # (B, R) bool: response tokens up to and including the first eos
 
+    def select(self, rows: slice) -> Samples:
+        """These rows; the widths (and `start`) stay the batch's."""
+        return Samples(
+            self.prompts[rows], self.responses[rows], self.ids[rows], self.attention[rows],
+            self.start, self.mask[rows],
+        )  # fmt: skip
+
 
 class Rollout(NamedTuple):
     ids: torch.Tensor  # (B, L)
@@ -402,19 +409,26 @@ def sample_responses(models: SharedBaseModels, prompts: Sequence[str]) -> Sample
     return Samples(list(prompts), responses, ids, attention, start, mask)
 
 
-@torch.no_grad()
 def collect_rollout(
     models: SharedBaseModels, prompts: Sequence[str], config: PPOConfig, beta: float
 ) -> Rollout:
     """Sample, score, and turn the scores into whitened per-token advantages."""
-    s = sample_responses(models, prompts)
+    return score_rollout(models, sample_responses(models, prompts), config, beta)
+
+
+@torch.no_grad()
+def score_rollout(models: SharedBaseModels, s: Samples, config: PPOConfig, beta: float) -> Rollout:
+    """Score samples and turn the scores into whitened per-token advantages.
+
+    Under torchrun `s` is this rank's shard, whitened with the global batch's statistics.
+    """
     scores = models.rewards(s.prompts, s.responses)  # (B,)
     logp = models.policy_logprobs(s.ids, s.attention, s.start)  # (B, R)
     ref_logp = models.reference_logprobs(s.ids, s.attention, s.start)  # (B, R)
     values = models.values(s.ids, s.attention, s.start)  # (B, R)
     rewards = kl_shaped_rewards(scores, logp, ref_logp, s.mask, beta, config.kl_estimator)
     adv = gae(rewards, values, s.mask, config.gae_gamma, config.gae_lambda)  # (B, R) each
-    advantages = masked_whiten(adv.advantages, s.mask)  # (B, R)
+    advantages = masked_whiten(adv.advantages, s.mask, all_sum=distributed.all_sum)  # (B, R)
     return Rollout(
         s.ids, s.attention, s.start, s.mask, logp, ref_logp, values, advantages, adv.returns,
         scores, beta,
@@ -452,26 +466,36 @@ def ppo_losses(
     return ppo_objective(pol, val, config.vf_coef), Metrics(*(float(m.detach()) for m in metrics))
 
 
+def _microbatches(mask: torch.Tensor, n: int) -> list[tuple[slice, float]]:
+    """Micro-batches of this rank's rows, weighted by their share of the global tokens."""
+    total = int(distributed.all_sum(mask.bool().sum()))
+    rows = mask.shape[0]
+    return token_weighted_microbatches(mask, min(n, rows), total) if rows else []
+
+
 def accumulate_ppo(models: SharedBaseModels, mb: Rollout, config: PPOConfig) -> Metrics:
     """Backward of the minibatch's token-mean loss, in token-weighted micro-batches."""
-    parts, weights = [], []
-    for rows, weight in token_weighted_microbatches(mb.mask, config.micro_batches):
+    weighted = torch.zeros(len(Metrics._fields) - 1, dtype=torch.double)  # all but ptx_loss
+    for rows, weight in _microbatches(mb.mask, config.micro_batches):
         loss, metrics = ppo_losses(models, mb.select(rows), config)
         (weight * loss).backward()
-        parts.append(metrics)
-        weights.append(weight)
-    return mean_metrics(parts, weights)
+        weighted += weight * torch.tensor(metrics[:-1], dtype=torch.double)
+    return Metrics(*distributed.all_sum(weighted).tolist())
 
 
 def accumulate_ptx(models: SharedBaseModels, batch: PtxBatch, config: PPOConfig) -> float:
-    """Backward of gamma_ptx * the pretraining NLL (InstructGPT eq. 2's last term)."""
-    total = 0.0
+    """Backward of gamma_ptx * the pretraining NLL (InstructGPT eq. 2's last term).
+
+    Every rank holds the same global batch and forwards its own contiguous shard of it.
+    """
+    batch = batch.select(slice(*distributed.bounds(batch.input_ids.shape[0], *distributed.world())))
+    total = torch.zeros((), dtype=torch.double)
     scored = batch.loss_mask[:, 1:]  # (B, T-1), the labels ptx_loss reads
-    for rows, weight in token_weighted_microbatches(scored, config.micro_batches):
+    for rows, weight in _microbatches(scored, config.micro_batches):
         nll = models.pretraining_nll(batch.select(rows))
         (config.gamma_ptx * weight * nll).backward()
         total += weight * float(nll.detach())
-    return total
+    return float(distributed.all_sum(total))
 
 
 def minibatch_update(
@@ -491,6 +515,7 @@ def minibatch_update(
     metrics = accumulate_ppo(models, mb, config)
     if ptx_batch is not None and config.gamma_ptx > 0:
         metrics = metrics._replace(ptx_loss=accumulate_ptx(models, ptx_batch, config))
+    distributed.average_gradients(models.trainable_parameters())  # losses were weighted globally
     torch.nn.utils.clip_grad_norm_(models.trainable_parameters(), config.max_grad_norm)
     optimizer.step()
     return metrics
@@ -506,12 +531,17 @@ def optimise(
     """`epochs` passes over the rollout in shuffled minibatches, one optimiser step each.
 
     Shuffles with torch's global generator, like sampling: the caller's seed fixes both.
+    Under torchrun the ranks hold consecutive shards of the global rollout; rank 0's shuffle
+    is used by all, and each forwards its own rows of every global minibatch.
     """
+    local = rollout.mask.shape[0]
+    start, total = distributed.row_offset(local)
     history: list[Metrics] = []
     for _ in range(config.epochs):
-        order = torch.randperm(rollout.mask.shape[0])  # (B,)
+        order = distributed.from_rank0(torch.randperm(total))  # (B_global,)
         for rows in order.chunk(config.minibatches):
-            mb = rollout.select(rows)
+            mine = rows[(rows >= start) & (rows < start + local)] - start
+            mb = rollout.select(mine)
             history.append(minibatch_update(models, optimizer, mb, ptx_batch, config))
     mean = mean_metrics(history, [1.0 / len(history)] * len(history))
     last_epoch = history[-config.minibatches :]
@@ -537,9 +567,9 @@ class PPOStats(NamedTuple):
 
 
 def sequence_kl(rollout: Rollout) -> float:
-    """Mean over rows of sum_t k1 over the response: the KL the paper's beta penalises."""
+    """Mean over rows (of every rank) of sum_t k1 over the response: what beta penalises."""
     per_token = kl_k1(rollout.logp, rollout.ref_logp) * rollout.mask  # (B, R)
-    return float(per_token.sum(dim=1).mean())
+    return distributed.global_mean(per_token.sum(dim=1))
 
 
 def ppo_step(
@@ -550,15 +580,19 @@ def ppo_step(
     config: PPOConfig,
     kl_ctl: KLController,
 ) -> PPOStats:
-    """One PPO-ptx iteration: a rollout of `prompts`, then `epochs` x `minibatches` updates."""
+    """One PPO-ptx iteration: a rollout of `prompts`, then `epochs` x `minibatches` updates.
+
+    Under torchrun every rank passes the same global `prompts` and rolls out its own shard.
+    """
     started = time.perf_counter()
-    rollout = collect_rollout(models, prompts, config, kl_ctl.beta)
+    local = distributed.shard(prompts, *distributed.world())
+    rollout = collect_rollout(models, local, config, kl_ctl.beta)
     update = optimise(models, optimizer, rollout, ptx_batch, config)
     kl = sequence_kl(rollout)
     kl_ctl.update(kl, n_steps=len(prompts))
     seconds = time.perf_counter() - started
     return PPOStats(
-        reward_mean=float(rollout.scores.mean()),
+        reward_mean=distributed.global_mean(rollout.scores),
         kl_mean=kl,
         ptx_loss=update.ptx_loss,
         policy_loss=update.policy_loss,
@@ -567,7 +601,7 @@ def ppo_step(
         value_clip_fraction=update.value_clip_fraction,
         approx_kl=update.approx_kl,
         beta=rollout.beta,
-        response_length=float(rollout.mask.sum(dim=1).float().mean()),
+        response_length=distributed.global_mean(rollout.mask.sum(dim=1)),
         seconds=seconds,
         samples_per_second=len(prompts) / seconds,
     )

@@ -7,6 +7,7 @@ contiguous span, padding after it). The two KL controllers are the only objects 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple, Protocol
 
 import torch
@@ -67,21 +68,33 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var * n / (n - 1)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
 ) -> torch.Tensor:
     """Whiten `x` to zero mean and unit (population) variance over the masked entries.
 
     x, mask: (B, T) -> (B, T), 0 on masked-out entries. shift_mean=False only rescales, keeping
     the mean (used for rewards, whose sign carries meaning). Population variance, so a single
-    masked entry whitens to 0 instead of raising.
+    masked entry whitens to 0 instead of raising. all_sum sums a tensor over data-parallel
+    ranks, so that each rank's shard is whitened with the statistics of the global batch.
     """
-    mean = masked_mean(x, mask)  # scalar
-    var = masked_var(x, mask, unbiased=False)  # scalar
+    keep = mask.bool()  # (B, T)
+    zeros = torch.zeros_like(x)
+    count = all_sum(keep.to(x.dtype).sum()).clamp(min=1.0)  # scalar
+    mean = all_sum(torch.where(keep, x, zeros).sum()) / count  # scalar
+    var = all_sum(torch.where(keep, (x - mean) ** 2, zeros).sum()) / count  # scalar
     whitened = (x - mean) * torch.rsqrt(var + eps)  # (B, T)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+    return torch.where(keep, whitened, zeros)
 
 
 # --- KL estimators (Schulman, "Approximating KL divergence", 2020) -------------------------------
@@ -279,20 +292,24 @@ def ppo_ptx_objective(
 # --- micro-batching ------------------------------------------------------------------------------
 
 
-def microbatch_weight(mask_mb: torch.Tensor, mask_full: torch.Tensor) -> float:
+def microbatch_weight(mask_mb: torch.Tensor, mask_full: torch.Tensor | int) -> float:
     """Weight of one micro-batch's token-level masked-mean loss in gradient accumulation.
 
     Its share of the batch's masked tokens, so sum_k w_k mean_k = the full batch's masked mean.
-    Under DDP, which averages over ranks, use the global count and multiply by the world size.
+    mask_full is the batch's mask or its token count: under data parallelism, the global
+    minibatch's count (summed over ranks), so the ranks' weighted losses add up to its mean.
     """
-    total = int(mask_full.bool().sum())
+    total = mask_full if isinstance(mask_full, int) else int(mask_full.bool().sum())
     return int(mask_mb.bool().sum()) / total if total else 0.0
 
 
-def token_weighted_microbatches(mask: torch.Tensor, n: int) -> list[tuple[slice, float]]:
+def token_weighted_microbatches(
+    mask: torch.Tensor, n: int, total_tokens: int | None = None
+) -> list[tuple[slice, float]]:
     """Split the B rows of `mask` (B, T) into n contiguous micro-batches with their weights.
 
-    Sizes differ by at most one row; weights come from `microbatch_weight` and sum to 1.
+    Sizes differ by at most one row; weights come from `microbatch_weight` and sum to 1, or
+    to this batch's share of `total_tokens` when given (a data-parallel shard).
     """
     rows = mask.shape[0]
     if not 1 <= n <= rows:
@@ -300,7 +317,8 @@ def token_weighted_microbatches(mask: torch.Tensor, n: int) -> list[tuple[slice,
     size, extra = divmod(rows, n)  # the first `extra` micro-batches take one more row
     starts = [k * size + min(k, extra) for k in range(n + 1)]
     slices = [slice(starts[k], starts[k + 1]) for k in range(n)]
-    return [(part, microbatch_weight(mask[part], mask)) for part in slices]
+    total = mask if total_tokens is None else total_tokens
+    return [(part, microbatch_weight(mask[part], total)) for part in slices]
 
 
 # --- KL coefficient control (Ziegler et al. 2019, section 2.2) -----------------------------------

@@ -5,8 +5,9 @@ The overlays are rendered here in Python (resources, namespace, labels, componen
 add/replace patches: the only kustomize features deploy/k8s uses), then every built-in object is
 checked against the Kubernetes 1.32 OpenAPI schemas shipped inside `kubernetes-validate`
 (offline, strict). Where `kubectl` is installed its own `kubectl kustomize` output must match.
-`bentoml build` needs the network (it locks requirements with uv), so it is not run: the
-bentofile is parsed by BentoML's own loader and its service import string is resolved instead.
+The Bento is built for real and offline, as deploy/bentofile.yaml documents it (`pip wheel`, then
+`bentoml build`), in a copy of the working tree with a temporary BENTOML_HOME and every package
+index blocked; the bentofile does not lock its (already exact) pins, so no index is needed.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import pathspec
 import pytest
 import yaml
 
@@ -358,6 +363,100 @@ def test_bentofile() -> None:
     (wheel,) = config.python.wheels
     assert Path(wheel).name == f"{project['name']}-{project['version']}-py3-none-any.whl"
     assert "flywheel serve" in (DEPLOY / "README.md").read_text()
+
+
+def _copy_working_tree(dest: Path) -> None:
+    """Copy the working tree to `dest` as git sees it: .git and everything .gitignore names
+    (.venv, dist/, build/, *.egg-info, runtime data) stay behind."""
+    ignored = pathspec.GitIgnoreSpec.from_lines(
+        [".git/", *(ROOT / ".gitignore").read_text().splitlines()]
+    )
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        here = Path(directory)
+        rel = here.relative_to(ROOT)
+        return {
+            name
+            for name in names
+            if ignored.match_file((rel / name).as_posix() + ("/" if (here / name).is_dir() else ""))
+        }
+
+    shutil.copytree(ROOT, dest, ignore=ignore)
+
+
+@pytest.mark.slow
+def test_bento_builds_offline(tmp_path: Path) -> None:
+    # The bentofile's own two steps, run in a copy so that nothing (dist/, build/, egg-info, the
+    # Bento) is written into the repository or the user's Bento store.
+    checkout = tmp_path / "checkout"
+    _copy_working_tree(checkout)
+    # Stand-ins for what a real checkout holds beside the sources (the copy left them out).
+    for stray in (".venv/pyvenv.cfg", "data/flywheel.db"):
+        (checkout / stray).parent.mkdir(parents=True)
+        (checkout / stray).write_text("")
+    home = tmp_path / "bentoml-home"
+    closed = "http://127.0.0.1:9"  # nothing listens there: any HTTP(S) request fails at once
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        # Offline for real, even on a machine that has a network: no index for pip or uv, and a
+        # dead proxy for anything else that would fetch over HTTP(S).
+        "PIP_NO_INDEX": "1",
+        "UV_OFFLINE": "1",
+        **{var: closed for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
+        **{var.lower(): closed for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            args, cwd=checkout, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    # Step 1: the project wheel, with the setuptools already installed here (no isolated build
+    # environment to download).
+    pip = (sys.executable, "-m", "pip")
+    run(*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", "dist", ".")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wheel = f"{project['name']}-{project['version']}-py3-none-any.whl"
+    assert (checkout / "dist" / wheel).is_file()
+
+    # Step 2: the Bento, with this environment's own `bentoml` script.
+    bentoml_cli = Path(sys.executable).with_name("bentoml")
+    out = run(str(bentoml_cli), "build", "-f", "deploy/bentofile.yaml", "-o", "tag", ".").stdout
+    (tag,) = re.findall(r"^__tag__:(\S+)$", out, re.MULTILINE)
+    name, _, version = tag.partition(":")
+    assert name == "flywheel"
+    bento = home / "bentos" / name / version
+
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert info["service"] == "flywheel_server.bento_service:Flywheel"
+    assert info["python"]["lock_packages"] is False
+
+    # The build context is the whole checkout; only the include list lands in src/ (no .venv,
+    # data/ or sources), beside the bentofile BentoML writes there itself.
+    src = {
+        p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()
+    }
+    assert src == {"bentofile.yaml", "constraints.txt", "deploy/README.md"}
+    assert (bento / "src" / "constraints.txt").read_text() == (ROOT / "constraints.txt").read_text()
+
+    python_env = bento / "env" / "python"
+    requirements = set((python_env / "requirements.txt").read_text().split())
+    assert f"torch=={_constraints()['torch']}" in requirements
+    assert set(info["python"]["packages"]) <= requirements
+    assert not (python_env / "requirements.lock.txt").exists()
+    assert [p.name for p in (python_env / "wheels").iterdir()] == [wheel]
+    with zipfile.ZipFile(python_env / "wheels" / wheel) as archive:
+        assert "flywheel_server/bento_service.py" in archive.namelist()
+    # The image still installs torch's CPU build from PyTorch's index.
+    install = (python_env / "install.sh").read_text()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in install
+    assert (bento / "env" / "docker" / "Dockerfile").is_file()
 
 
 # --- Grafana ------------------------------------------------------------------------------------
