@@ -77,6 +77,8 @@ class LearnerConfig:
     gate: what a candidate must achieve to go live. rm_min_accuracy: held-out pairwise
         accuracy a refit reward model needs to be promoted (and used for PPO).
     pretraining: a .txt/.jsonl corpus for the ptx term; None = the demo task's answers.
+    reward_init: a saved reward model the first refit warm-starts from (the demo's initial
+        one under `flywheel up`); later refits start from the last promoted refit.
     import_preferences: JSONL preference files (`preference_data`) added to every refit.
     """
 
@@ -95,6 +97,7 @@ class LearnerConfig:
     gate: GateThresholds = field(default_factory=GateThresholds)
     rm_min_accuracy: float = 0.55
     pretraining: Path | None = None
+    reward_init: Path | None = None
     import_preferences: tuple[Path, ...] = ()
     seed: int = 0
     timeout_s: float = 120.0
@@ -123,6 +126,8 @@ class LearnerConfig:
         for path in (*self.import_preferences, *([self.pretraining] if self.pretraining else [])):
             if not Path(path).is_file():
                 raise ValueError(f"{path} does not exist or is not a file")
+        if self.reward_init is not None:
+            modeling.read_adapter_config(self.reward_init)  # a clear error if it is no adapter
 
 
 # -- pure helpers --------------------------------------------------------------------------------
@@ -306,8 +311,9 @@ class Learner:
                 "collect more (e.g. `flywheel simulate`) or pass --import-preferences FILE"
             )
         base, tokenizer = modeling.load_base(self.config.model_dir)
+        init = self.state.reward_dir or self.config.reward_init
         fit = fit_reward_model(
-            base, tokenizer, rankings, self.config.reward, progress=self.progress.tty
+            base, tokenizer, rankings, self.config.reward, init=init, progress=self.progress.tty
         )
         # Centre on the best-ranked responses: what a good response earns scores 0.
         best = [(prompt, tiers[0][0]) for prompt, tiers in rankings if tiers and tiers[0]]
@@ -321,7 +327,8 @@ class Learner:
         promote = accuracy >= self.config.rm_min_accuracy  # NaN (nothing held out): no
         metrics = {"held_out_accuracy": accuracy, "train_loss": fit.train_loss,
                    "rankings": float(len(rankings))}  # fmt: skip
-        log.info(kv("reward_fit", round=number, promote=promote, seconds=fit.seconds, **metrics))
+        log.info(kv("reward_fit", round=number, promote=promote, seconds=fit.seconds,
+                    warm_start=fit.warm_start, **metrics))  # fmt: skip
         learner_metrics.reward_train_loss.set(fit.train_loss)
         learner_metrics.reward_accuracy.set(accuracy)
         learner_metrics.versions.labels("reward", "promoted" if promote else "refused").inc()
@@ -454,18 +461,9 @@ class Learner:
         live = [v for v in versions.versions if v.id == live_id]
         if not live or live[0].sha256 != archive_sha256(self.state.policy_dir):
             return
-        saved = modeling.read_adapter_config(self.state.policy_dir)
-        ppo = self.config.ppo
-        if saved.get("r") != ppo.lora_r or set(saved.get("target_modules") or ()) != set(
-            ppo.target_modules
-        ):
+        if not modeling.load_adapter_weights(models.peft, self.state.policy_dir, POLICY):
             log.info(kv("policy_fresh", reason="live policy adapter has another LoRA shape"))
             return
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(str(Path(self.state.policy_dir) / modeling.ADAPTER_WEIGHTS))
-        set_peft_model_state_dict(models.peft, weights, adapter_name=POLICY)
         log.info(kv("policy_continued", version=live_id))
 
     def pretraining_texts(

@@ -120,11 +120,16 @@ def score(
     attention_mask: torch.Tensor,
     **model_kwargs: Any,
 ) -> torch.Tensor:
-    """Reward of each row. input_ids, attention_mask: (B, T) -> (B,)"""
+    """Reward of each row. input_ids, attention_mask: (B, T) -> (B,)
+
+    The head reads the last hidden states; the LM head runs on one position only (its logits
+    over every position and the vocabulary would cost more than the rest of a small model).
+    """
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         output_hidden_states=True,
+        logits_to_keep=1,
         **model_kwargs,
     )
     return head(last_token_features(out.hidden_states[-1], attention_mask))
@@ -187,3 +192,23 @@ def read_adapter_meta(directory: str | Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_adapter_weights(peft_model: PeftModel, directory: str | Path, adapter_name: str) -> bool:
+    """Copy a saved adapter's LoRA weights into `peft_model`'s adapter `adapter_name`.
+
+    Returns False, loading nothing, when the saved adapter has another shape (rank, alpha or
+    target modules): the caller then starts that adapter fresh.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = read_adapter_config(directory)
+    current = peft_model.peft_config[adapter_name].to_dict()
+    same = all(saved.get(k) == current.get(k) for k in ("r", "lora_alpha")) and set(
+        saved.get("target_modules") or ()
+    ) == set(current.get("target_modules") or ())
+    if same:
+        weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+        set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    return same

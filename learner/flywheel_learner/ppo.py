@@ -81,7 +81,7 @@ class PPOConfig:
         RL objective) and does not transfer. Both of our terms are per-token means of O(1)
         size, so gamma_ptx = 1 gives the pretraining gradient the same weight per token as
         the policy gradient; on the demo that keeps the pretraining loss flat over 20 steps
-        (bench/ppo_smoke.py) while the reward still rises. 0 gives plain PPO, exactly: the
+        (bench/alignment_tax.py) while the reward still rises. 0 gives plain PPO, exactly: the
         ptx batch is then never forwarded.
     clip, value_clip: PPO ratio clip (Schulman et al. 2017 eq. 7) and value clip, both 0.2.
     vf_coef: value-loss weight. Policy and value share no trainable weight here, so with Adam

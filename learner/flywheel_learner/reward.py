@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -83,6 +84,7 @@ class RewardFit(NamedTuple):
     held_out_accuracy: float  # NaN when nothing was held out
     steps: int
     seconds: float
+    warm_start: bool = False  # began from `init`'s weights rather than a fresh adapter
 
 
 class Batch(NamedTuple):
@@ -100,20 +102,39 @@ def _validate(rankings: Sequence[RankingText]) -> None:
             )
 
 
+# One ranking, tokenised: (token ids, tier) per completion, best tier 0.
+EncodedRanking = list[tuple[list[int], int]]
+
+
+def encode_ranking(
+    tokenizer: PreTrainedTokenizerBase, ranking: RankingText, max_length: int
+) -> EncodedRanking:
+    prompt, ranked = ranking
+    return [
+        (modeling.reward_token_ids(tokenizer, prompt, completion, max_length), tier)
+        for tier, completions in enumerate(ranked)
+        for completion in completions
+    ]
+
+
 def make_batch(
     tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
 ) -> Batch:
     """Flatten rankings into one row per completion, tagged with its tier and group."""
-    rows, tiers, group = [], [], []
-    for g, (prompt, ranked) in enumerate(rankings):
-        for tier, completions in enumerate(ranked):
-            for completion in completions:
-                rows.append(modeling.reward_token_ids(tokenizer, prompt, completion, max_length))
-                tiers.append(tier)
-                group.append(g)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    encoded = [encode_ranking(tokenizer, r, max_length) for r in rankings]
+    return collate_rankings(encoded, _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id
+
+
+def collate_rankings(encoded: Sequence[EncodedRanking], pad_id: int) -> Batch:
+    """Right-padded rows of already tokenised rankings, tagged with tier and group."""
+    rows = [ids for ranking in encoded for ids, _ in ranking]
+    tiers = [tier for ranking in encoded for _, tier in ranking]
+    group = [g for g, ranking in enumerate(encoded) for _ in ranking]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -191,12 +212,15 @@ def fit_reward_model(
     config: RewardConfig = RewardConfig(),
     *,
     adapter_name: str = "reward",
+    init: str | Path | None = None,
     progress: bool = True,
 ) -> RewardFit:
     """Add a reward adapter + score head to `model` and fit them on K-way `rankings`.
 
     `model` is modified in place (peft injects the LoRA layers); the returned peft model wraps
     it. Save with `modeling.save_adapter(fit.model, fit.adapter_name, dir, head=fit.head, ...)`.
+    init: a saved reward model to warm-start from (adapter and head), used when its LoRA
+    shape matches `config`; otherwise the adapter starts fresh (`RewardFit.warm_start`).
     """
     _validate(rankings)
     train, held_out = split_held_out(rankings, config.held_out, config.seed)
@@ -204,11 +228,18 @@ def fit_reward_model(
     peft_model = add_reward_adapter(model, config, adapter_name)
     device = next(peft_model.parameters()).device
     head = modeling.ScoreHead(peft_model.config.hidden_size).to(device)
+    warm = False
+    if init is not None and modeling.load_adapter_weights(peft_model, init, adapter_name):
+        saved = modeling.ScoreHead.load(Path(init), peft_model.config.hidden_size)
+        head.load_state_dict(saved.state_dict())
+        warm = True
     params = [p for p in peft_model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, config.warmup, config.steps)
     )
+    encoded = [encode_ranking(tokenizer, r, config.max_length) for r in train]  # once, not per step
+    pad_id = _pad_id(tokenizer)
     rng = random.Random(config.seed)  # the same draws on every rank: one global batch
     rank, size = distributed.world()
     losses: list[float] = []
@@ -216,9 +247,9 @@ def fit_reward_model(
     peft_model.train()
     bar = tqdm(range(config.steps), desc="reward", disable=not progress or rank > 0, leave=False)
     for _ in bar:
-        chosen = rng.sample(train, min(config.batch_rankings, len(train)))
+        chosen = rng.sample(encoded, min(config.batch_rankings, len(encoded)))
         local = distributed.shard(chosen, rank, size)
-        batch = make_batch(tokenizer, local, config.max_length)
+        batch = collate_rankings(local, pad_id)
         rewards = modeling.score(
             peft_model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
         )  # (N,)
@@ -237,8 +268,9 @@ def fit_reward_model(
     tail = losses[-10:]
     seconds = time.perf_counter() - start
     return RewardFit(
-        peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, config.steps, seconds
-    )
+        peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, config.steps, seconds,
+        warm,
+    )  # fmt: skip
 
 
 @torch.no_grad()

@@ -122,7 +122,7 @@ async def serve(
         flush=True,
     )
 
-    learner = start_learner(config, auth, grpc_port, model_dir) if up else None
+    learner = start_learner(config, auth, grpc_port, model_dir, seed_reward) if up else None
     follower = (
         asyncio.create_task(follow_store(service, config.sync_interval))
         if config.sync_interval
@@ -148,7 +148,11 @@ async def serve(
 
 
 def start_learner(
-    config: ServerConfig, auth: Authenticator, grpc_port: int, model_dir: Path
+    config: ServerConfig,
+    auth: Authenticator,
+    grpc_port: int,
+    model_dir: Path,
+    reward_init: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """`flywheel learn` against this server, as a child process logging to a file."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
@@ -162,6 +166,8 @@ def start_learner(
         log.warning("no admin-scope API key configured: the learner cannot export or publish")
     command = [sys.executable, "-m", "flywheel_client.cli", "learn", "--server",
                f"{host}:{grpc_port}", "--model", str(model_dir), "--work-dir", str(work_dir)]  # fmt: skip
+    if reward_init is not None:  # the demo's initial reward model: the first refit starts there
+        command += ["--reward-init", str(reward_init)]
     log_path = work_dir / "learner.log"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)

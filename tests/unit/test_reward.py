@@ -113,3 +113,33 @@ def test_saved_adapter_loads_with_plain_peft(fit, tiny_dir: Path, tmp_path: Path
         fresh = modeling.score(loaded, head, batch.input_ids, batch.attention_mask)
         trained = modeling.score(result.model, result.head, batch.input_ids, batch.attention_mask)
     torch.testing.assert_close(fresh, trained)
+
+
+def test_warm_start_begins_from_the_saved_model(fit, tiny_dir: Path, tmp_path: Path) -> None:
+    result, tokenizer = fit
+    saved = modeling.save_adapter(result.model, "reward", tmp_path / "rm", head=result.head)
+    batch = make_batch(tokenizer, rankings(2), max_length=64)
+    # lr ~ 0: the warm-started model scores as the saved one does, a fresh one does not.
+    still = RewardConfig(steps=2, lr=1e-12, r=4, alpha=8, batch_rankings=8, warmup=1)
+    warm = fit_reward_model(
+        modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), still, init=saved, progress=False
+    )
+    cold = fit_reward_model(modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), still,
+                            progress=False)  # fmt: skip
+    with torch.no_grad():
+        before = modeling.score(result.model, result.head, batch.input_ids, batch.attention_mask)
+        after = modeling.score(warm.model, warm.head, batch.input_ids, batch.attention_mask)
+        fresh = modeling.score(cold.model, cold.head, batch.input_ids, batch.attention_mask)
+    assert warm.warm_start and not cold.warm_start
+    torch.testing.assert_close(after, before)
+    assert not torch.allclose(fresh, before, atol=1e-3)
+
+
+def test_warm_start_from_another_lora_shape_starts_fresh(fit, tiny_dir: Path, tmp_path: Path):
+    result, tokenizer = fit
+    saved = modeling.save_adapter(result.model, "reward", tmp_path / "rm", head=result.head)
+    other = RewardConfig(steps=2, r=8, alpha=8, batch_rankings=8, warmup=1)
+    refit = fit_reward_model(
+        modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), other, init=saved, progress=False
+    )
+    assert not refit.warm_start

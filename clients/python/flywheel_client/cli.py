@@ -323,6 +323,12 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         "reward-model refit",
     )
     sub.add_argument(
+        "--reward-init",
+        metavar="DIR",
+        help="a saved reward model (adapter + score head) the first refit warm-starts from; "
+        "later refits start from the last promoted one (default: a fresh adapter)",
+    )
+    sub.add_argument(
         "--pretraining",
         metavar="FILE",
         help="a .txt or .jsonl corpus for the ptx term (default: the demo task's answers)",
@@ -581,6 +587,7 @@ def _learn(args: argparse.Namespace) -> int:
             ppo_steps_per_round=args.ppo_steps,
             import_preferences=tuple(Path(p) for p in args.import_preferences),
             pretraining=Path(args.pretraining) if args.pretraining else None,
+            reward_init=Path(args.reward_init) if args.reward_init else None,
             seed=args.seed,
         )
     except ValueError as e:

@@ -1,10 +1,12 @@
-"""PPO-ptx on the demo model: reward, KL and pretraining loss before and after, per gamma_ptx.
+"""The alignment tax on the demo: PPO (gamma_ptx = 0) against PPO-ptx, seed by seed.
 
-A program, not a test. For each gamma_ptx it starts from the same SFT base and reward adapter,
-runs `--steps` PPO steps of `--rollout-batch` prompts, and evaluates before and after on the
-same held-out prompts (sampled at temperature 1, seeded) and the same pretraining batch:
+A program, not a test. For each seed and each gamma_ptx it starts from the same SFT base and
+reward adapter, runs `--steps` PPO steps of `--rollout-batch` prompts, and evaluates before and
+after on the same held-out prompts (sampled at temperature 1, seeded) and the same pretraining
+batch. Same seed, same budget: the only difference within a seed is gamma_ptx. The summary
+gives each gamma's reward gain and rise in pretraining NLL (InstructGPT section 3.5, figure 34):
 
-    .venv/bin/python bench/ppo_smoke.py --demo-dir /tmp/demo5 --steps 20 --gammas 0,1
+    .venv/bin/python bench/alignment_tax.py --demo-dir DEMO_BUILD --seeds 1,2,3 --gammas 0,1
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def run(
         )
     after = evaluate(models, eval_prompts, eval_ptx, seed=99)
     return {
+        "seed": config.seed,
         "gamma_ptx": config.gamma_ptx,
         "before": before,
         "after": after,
@@ -98,10 +101,10 @@ def run(
 
 def table(results: list[dict]) -> str:
     head = (
-        "| gamma_ptx | reward before -> after | accuracy before -> after | ptx NLL before -> after "
-        "| KL last 5 | s/step | samples/s |"
+        "| seed | gamma_ptx | reward before -> after | accuracy before -> after "
+        "| ptx NLL before -> after | KL last 5 | s/step | samples/s |"
     )
-    lines = [head, "|" + "---|" * 7]
+    lines = [head, "|" + "---|" * 8]
     for r in results:
         b, a, steps = r["before"], r["after"], r["steps"]
         tail = steps[-5:]
@@ -109,10 +112,42 @@ def table(results: list[dict]) -> str:
         sec = sum(s["seconds"] for s in steps) / len(steps)
         sps = sum(s["samples_per_second"] for s in steps) / len(steps)
         lines.append(
-            f"| {r['gamma_ptx']} | {b['reward']:+.3f} -> {a['reward']:+.3f} "
+            f"| {r['seed']} | {r['gamma_ptx']} | {b['reward']:+.3f} -> {a['reward']:+.3f} "
             f"| {b['accuracy']:.3f} -> {a['accuracy']:.3f} "
             f"| {b['ptx_nll']:.4f} -> {a['ptx_nll']:.4f} | {kl:.3f} | {sec:.2f} | {sps:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def gain(run: dict) -> float:
+    return run["after"]["reward"] - run["before"]["reward"]
+
+
+def rise(run: dict) -> float:
+    return run["after"]["ptx_nll"] - run["before"]["ptx_nll"]
+
+
+def summary(results: list[dict]) -> str:
+    """Per gamma: mean reward gain and mean ptx-NLL rise over seeds, and per-seed verdicts."""
+    lines = [
+        "| gamma_ptx | seeds | reward gain (mean) | ptx NLL rise (mean) |",
+        "|---|---|---|---|",
+    ]
+    for gamma in sorted({r["gamma_ptx"] for r in results}):
+        rows = [r for r in results if r["gamma_ptx"] == gamma]
+        lines.append(
+            f"| {gamma} | {len(rows)} | {sum(map(gain, rows)) / len(rows):+.3f} "
+            f"| {sum(map(rise, rows)) / len(rows):+.4f} |"
+        )
+    by_seed: dict[int, dict[float, dict]] = {}
+    for r in results:
+        by_seed.setdefault(r["seed"], {})[r["gamma_ptx"]] = r
+    smaller = [
+        all(rise(run) < rise(runs[0.0]) for g, run in runs.items() if g > 0)
+        for runs in by_seed.values()
+        if 0.0 in runs and len(runs) > 1
+    ]
+    lines.append(f"\nPPO-ptx's rise smaller than PPO's in {sum(smaller)} of {len(smaller)} seeds")
     return "\n".join(lines)
 
 
@@ -123,7 +158,11 @@ def main() -> None:
     parser.add_argument("--rollout-batch", type=int, default=32)
     parser.add_argument("--gammas", default="0,1")
     parser.add_argument("--lr", type=float, default=PPOConfig.lr)
-    parser.add_argument("--seed", type=int, default=0, help="training prompts, LoRA init, sampling")
+    parser.add_argument(
+        "--seeds",
+        default="1,2,3",
+        help="comma-separated; each sets training prompts, LoRA init, sampling",
+    )
     parser.add_argument("--eval", type=int, default=256, help="held-out prompts")
     parser.add_argument("--json", type=Path, default=None)
     # One thread: on a shared 2-core box, two torch threads spin-wait on each other and the
@@ -134,19 +173,20 @@ def main() -> None:
     model_dir, reward_dir = demo_dirs(args.demo_dir)
     results = []
     started = time.perf_counter()
-    for gamma in (float(g) for g in args.gammas.split(",")):
-        config = PPOConfig(
-            gamma_ptx=gamma, rollout_batch=args.rollout_batch, lr=args.lr, seed=args.seed
-        )
-        results.append(run(model_dir, reward_dir, config, args.steps, args.eval))
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for gamma in (float(g) for g in args.gammas.split(",")):
+            config = PPOConfig(
+                gamma_ptx=gamma, rollout_batch=args.rollout_batch, lr=args.lr, seed=seed
+            )
+            results.append(run(model_dir, reward_dir, config, args.steps, args.eval))
     elapsed = time.perf_counter() - started
     print(f"\nmodel {model_dir}, {args.steps} steps, rollout_batch {args.rollout_batch}, "
           f"{elapsed:.0f}s in all, {args.threads} threads")  # fmt: skip
     print(table(results))
+    print()
+    print(summary(results))
     if args.json:
-        config_fields = dataclasses.asdict(
-            PPOConfig(rollout_batch=args.rollout_batch, lr=args.lr, seed=args.seed)
-        )
+        config_fields = dataclasses.asdict(PPOConfig(rollout_batch=args.rollout_batch, lr=args.lr))
         args.json.write_text(json.dumps({"config": config_fields, "results": results}, indent=2))
 
 
