@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=RewardConfig.lr)
     parser.add_argument("--eval", type=int, default=2000, help="fresh held-out pairs")
     parser.add_argument("--warm-from", type=Path, default=None, help="a saved reward model")
+    parser.add_argument("--save", type=Path, default=None, help="save the last fit here")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -68,6 +69,9 @@ def main() -> None:
             row[f"accuracy_{task}"] = evaluate(fit.model, fit.head, tokenizer, some, config)
         results.append(row)
         print(json.dumps(row), flush=True)
+        if args.save:
+            modeling.save_adapter(fit.model, fit.adapter_name, args.save, head=fit.head,
+                                  base_model=modeling.base_fingerprint(model_dir))  # fmt: skip
     print("\n| steps | pairs seen | warm | s | train loss | held-out acc | "
           + " | ".join(demo_task.TASKS) + " |")  # fmt: skip
     print("|" + "---|" * (6 + len(demo_task.TASKS)))

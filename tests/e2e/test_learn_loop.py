@@ -6,6 +6,7 @@ training settings; it leaves the live policy and reward model as it found them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
         == tiny_config(server, tiny_model, tmp_path).ppo_steps_per_round
     )
     assert 0 <= sample("flywheel_learner_reward_held_out_accuracy") <= 1
+    for gauge in ("reward_train_loss", "ppo_reward_mean", "ppo_kl_nats", "ppo_ptx_loss"):
+        assert sample(f"flywheel_learner_{gauge}") not in (None, 0.0), gauge  # set by the round
+    assert 0 <= sample("flywheel_learner_ppo_clip_fraction") <= 1
 
     # Killed after checkpointing the pending record but with the upload already landed:
     # a restarted learner finds the sha256 on the server and publishes nothing.
@@ -113,3 +117,28 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
         restarted.close()
     assert len(client.versions().versions) == count
     assert load_state(tmp_path).pending is None
+
+
+def test_a_candidate_the_gate_refuses_is_uploaded_but_not_live(
+    server: ServerProcess, tiny_model: Path, client: FlywheelClient, tmp_path: Path
+) -> None:
+    torch.set_num_threads(1)
+    labeler = Labeler(client, preference_from_spec("longer"), name="e2e-gate", k=3, max_tokens=8)
+    assert labeler.run(demo_prompts(seed=8), count=12).submitted >= 4
+    live = client.versions().live["policy"]
+    sample = learner_metrics.REGISTRY.get_sample_value
+    outcome = {"kind": "policy", "outcome": "refused"}
+    refused = sample("flywheel_learner_versions_total", outcome) or 0.0
+    closed = GateThresholds(min_reward_gain=1e9)  # no candidate can gain this much
+    config = dataclasses.replace(tiny_config(server, tiny_model, tmp_path), gate=closed)
+    learner = Learner(config, progress=Progress(tty=False))
+    try:
+        learner.sync()
+        assert learner.run_round() is False
+    finally:
+        learner.close()
+    versions = client.versions()
+    assert versions.live["policy"] == live  # still the last good adapter
+    newest = max((v for v in versions.versions if v.name == "policy"), key=lambda v: v.version)
+    assert newest.metrics["gate_passed"] == 0.0 and newest.id != live
+    assert sample("flywheel_learner_versions_total", outcome) == refused + 1
