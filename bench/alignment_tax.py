@@ -147,7 +147,10 @@ def summary(results: list[dict]) -> str:
         for runs in by_seed.values()
         if 0.0 in runs and len(runs) > 1
     ]
-    lines.append(f"\nPPO-ptx's rise smaller than PPO's in {sum(smaller)} of {len(smaller)} seeds")
+    if smaller:  # only when a seed ran both gamma 0 and some gamma > 0
+        lines.append(
+            f"\nPPO-ptx's rise smaller than PPO's in {sum(smaller)} of {len(smaller)} seeds"
+        )
     return "\n".join(lines)
 
 
