@@ -184,31 +184,6 @@ def gae(
     return Advantages(advantages, advantages + values)
 
 
-def gae_loop(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> Advantages:
-    """Reference GAE as a plain double loop over rows and time, for the tests to compare with.
-
-    Same equations and shapes as `gae`; each row's response ends at its last masked position.
-    """
-    batch, steps = rewards.shape
-    advantages = torch.zeros(batch, steps, dtype=torch.float64)
-    returns = torch.zeros(batch, steps, dtype=torch.float64)
-    for b in range(batch):
-        running = 0.0
-        for t in reversed(range(steps)):
-            if not bool(mask[b, t]):
-                running = 0.0
-                continue
-            inside = t + 1 < steps and bool(mask[b, t + 1])
-            next_value = float(values[b, t + 1]) if inside else 0.0
-            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
-            running = delta + gamma * lam * (running if inside else 0.0)
-            advantages[b, t] = running
-            returns[b, t] = running + float(values[b, t])
-    return Advantages(advantages.to(rewards.dtype), returns.to(rewards.dtype))
-
-
 # --- losses -------------------------------------------------------------------------------------
 
 

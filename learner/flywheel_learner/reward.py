@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from flywheel_learner import distributed, modeling
 from flywheel_learner.losses import pairwise_accuracy, ranking_loss
-from flywheel_learner.sft import warmup_cosine
+from flywheel_learner.sft import right_pad, warmup_cosine
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -135,12 +135,7 @@ def collate_rankings(encoded: Sequence[EncodedRanking], pad_id: int) -> Batch:
     rows = [ids for ranking in encoded for ids, _ in ranking]
     tiers = [tier for ranking in encoded for _, tier in ranking]
     group = [g for g, ranking in enumerate(encoded) for _ in ranking]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
+    input_ids, attention = right_pad(rows, pad_id)
     return Batch(input_ids, attention, torch.tensor(tiers), torch.tensor(group))
 
 

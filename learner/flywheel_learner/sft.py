@@ -87,15 +87,22 @@ def encode_pair(
     return Encoded([*prompt_ids, *response_ids], len(prompt_ids))
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded to the longest: input_ids and attention_mask, each (B, T)."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+    return input_ids, attention
+
+
 def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, ...]:
     """Right-padded input_ids, attention_mask and response mask, each (B, T)."""
-    width = max(len(e.ids) for e in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    response = torch.zeros((len(batch), width), dtype=torch.bool)
+    input_ids, attention = right_pad([e.ids for e in batch], pad_id)
+    response = torch.zeros_like(attention, dtype=torch.bool)
     for row, e in enumerate(batch):
-        input_ids[row, : len(e.ids)] = torch.tensor(e.ids)
-        attention[row, : len(e.ids)] = 1
         response[row, e.response_start : len(e.ids)] = True
     return input_ids, attention, response
 

@@ -99,10 +99,6 @@ def snapshot(models: SharedBaseModels) -> dict[str, torch.Tensor]:
     return state
 
 
-def current(models: SharedBaseModels) -> dict[str, torch.Tensor]:
-    return snapshot(models)
-
-
 def role(name: str) -> str:
     for adapter in ("policy", "value", "reward"):
         if f".{adapter}." in name or name.startswith(f"{adapter}_head."):
@@ -161,7 +157,7 @@ def test_a_step_trains_policy_and_value_only(base_dir: Path, reward_dir: Path) -
     fixed = collect_rollout(models, prompts(models), CONFIG, CONFIG.beta)
     before = snapshot(models)
     run_step(models, CONFIG, ptx_batch(models))
-    after = current(models)
+    after = snapshot(models)
     changed = {role(n) for n in before if not torch.equal(before[n], after[n])}
     assert changed == {"policy", "value"}
     with torch.no_grad():
@@ -185,12 +181,12 @@ def test_gamma_zero_is_plain_ppo_bit_for_bit(
     monkeypatch.setattr(gamma_zero, "pretraining_nll", never)
     stats = run_step(gamma_zero, gamma_zero.config, ptx_batch(gamma_zero))
     assert math.isnan(stats.ptx_loss)
-    a, b = current(plain), current(gamma_zero)
+    a, b = snapshot(plain), snapshot(gamma_zero)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
     with_ptx = build(base_dir, reward_dir)  # gamma_ptx = 1: the control, which must differ
     run_step(with_ptx, CONFIG, ptx_batch(with_ptx))
-    c = current(with_ptx)
+    c = snapshot(with_ptx)
     assert any(not torch.equal(a[n], c[n]) for n in a if role(n) == "policy")
 
 
@@ -214,7 +210,7 @@ def test_micro_batches_give_the_same_update(base_dir: Path, reward_dir: Path) ->
         config = dataclasses.replace(CONFIG, micro_batches=micro)
         torch.manual_seed(1)  # the same minibatch shuffle
         optimise(models, make_optimizer(models, config), rollout, ptx, config)
-        results.append(current(models))
+        results.append(snapshot(models))
     one, two = results
     assert any(not torch.equal(one[n], start[n]) for n in one if role(n) == "policy")
     for n in one:

@@ -6,9 +6,9 @@ import torch
 
 from flywheel_learner.ppo_math import (
     AdaptiveKLController,
+    Advantages,
     FixedKLController,
     gae,
-    gae_loop,
     kl_estimate,
     kl_k1,
     kl_k2,
@@ -27,6 +27,31 @@ from flywheel_learner.ppo_math import (
 )
 
 pytestmark = pytest.mark.unit
+
+
+def gae_loop(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> Advantages:
+    """Reference GAE as a plain double loop over rows and time, to compare `gae` with.
+
+    Same equations and shapes as `gae`; each row's response ends at its last masked position.
+    """
+    batch, steps = rewards.shape
+    advantages = torch.zeros(batch, steps, dtype=torch.float64)
+    returns = torch.zeros(batch, steps, dtype=torch.float64)
+    for b in range(batch):
+        running = 0.0
+        for t in reversed(range(steps)):
+            if not bool(mask[b, t]):
+                running = 0.0
+                continue
+            inside = t + 1 < steps and bool(mask[b, t + 1])
+            next_value = float(values[b, t + 1]) if inside else 0.0
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            running = delta + gamma * lam * (running if inside else 0.0)
+            advantages[b, t] = running
+            returns[b, t] = running + float(values[b, t])
+    return Advantages(advantages.to(rewards.dtype), returns.to(rewards.dtype))
 
 
 def right_padded_mask(lengths: list[int], steps: int) -> torch.Tensor:
