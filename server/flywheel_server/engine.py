@@ -419,16 +419,7 @@ class TorchEngine:
         return modeling.score(self._net, head, ids, mask, **use).float().cpu().tolist()
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
-        try:
-            modeling.read_adapter_config(path)
-            trained_on = modeling.read_adapter_meta(path).get("base_model")
-        except ValueError as e:
-            raise AdapterRefused(str(e)) from e
-        if trained_on and trained_on != self.base_model:
-            raise AdapterRefused(
-                f"adapter {adapter_id} was trained on base model {trained_on}; "
-                f"this server serves {self.base_model}"
-            )
+        check_adapter_files(adapter_id, path, self.base_model)
         try:
             head = (
                 modeling.ScoreHead.load(path, self.hidden_size).to(self.device) if reward else None
@@ -499,6 +490,21 @@ class TorchEngine:
             # peft cannot hold zero adapters: drop the wrapper and restore the bare base layers.
             self.model = self.peft.unload()
             self.peft = None
+
+
+def check_adapter_files(adapter_id: str, path: Path, base_model: str) -> dict[str, Any]:
+    """The adapter's PEFT config, once its files are readable and it was trained on base_model."""
+    try:
+        config = modeling.read_adapter_config(path)
+        trained_on = modeling.read_adapter_meta(path).get("base_model")
+    except ValueError as e:
+        raise AdapterRefused(str(e)) from e
+    if trained_on and trained_on != base_model:
+        raise AdapterRefused(
+            f"adapter {adapter_id} was trained on base model {trained_on}; "
+            f"this server serves {base_model}"
+        )
+    return config
 
 
 def strip_lora_layers(model: torch.nn.Module) -> None:

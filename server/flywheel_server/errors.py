@@ -36,6 +36,10 @@ class Overloaded(FlywheelError):
     """The queue is full: RESOURCE_EXHAUSTED / 429."""
 
 
+class Unavailable(FlywheelError):
+    """A backend the server depends on (the vLLM sidecar) is down: UNAVAILABLE / 503."""
+
+
 class Unauthenticated(FlywheelError):
     """Missing or unknown API key: UNAUTHENTICATED / 401."""
 

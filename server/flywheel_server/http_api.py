@@ -34,6 +34,7 @@ STATUS: list[tuple[type[errors.FlywheelError], int, str]] = [
     (errors.NotFound, 404, "not_found_error"),
     (errors.Conflict, 409, "conflict_error"),
     (errors.Overloaded, 429, "rate_limit_error"),
+    (errors.Unavailable, 503, "service_unavailable_error"),
     (errors.Unauthenticated, 401, "authentication_error"),
     (errors.PermissionDenied, 403, "permission_error"),
 ]

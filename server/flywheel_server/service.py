@@ -20,6 +20,7 @@ from typing import Literal
 
 from flywheel_proto import archive
 from flywheel_server import metrics, validation
+from flywheel_server.backends import Engine
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (
     ADAPTER_NAMES,
@@ -35,7 +36,7 @@ from flywheel_server.domain import (
     RankingReceipt,
     Sampling,
 )
-from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine
+from flywheel_server.engine import EngineRequest, TokenEvent
 from flywheel_server.errors import AdapterRefused, Conflict, InvalidRequest, NotFound
 from flywheel_server.registry import AdapterRegistry
 from flywheel_server.store import Store
@@ -102,7 +103,7 @@ class _Row:
 
 
 class FlywheelService:
-    def __init__(self, engine: TorchEngine, store: Store, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, store: Store, config: ServerConfig) -> None:
         self.engine = engine
         self.store = store
         self.config = config

@@ -21,12 +21,13 @@ def greedy(client: FlywheelClient, policy: str) -> str:
     )
 
 
-def test_publish_pin_promote_rollback(server, tiny_model, tmp_path):
-    base = modeling.base_fingerprint(tiny_model)
+@pytest.mark.both_backends
+def test_publish_pin_promote_rollback(server, tmp_path):
+    base = modeling.base_fingerprint(server.model)
     with FlywheelClient(server.grpc) as client:
         base_text = greedy(client, "policy")
         v = client.publish_adapter(
-            make_adapter(tiny_model, tmp_path / "p", seed=1, scale=20.0),
+            make_adapter(server.model, tmp_path / "p", seed=1, scale=20.0),
             name="policy",
             base_model=base,
         )
@@ -48,19 +49,22 @@ def test_publish_pin_promote_rollback(server, tiny_model, tmp_path):
         assert states[v.id] == "retired"
 
 
-def test_refused_adapters_store_nothing_live(server, tiny_model, tmp_path):
-    base = modeling.base_fingerprint(tiny_model)
+@pytest.mark.both_backends
+def test_refused_adapters_store_nothing_live(server, tmp_path):
+    base = modeling.base_fingerprint(server.model)
     with FlywheelClient(server.grpc) as client:
         live_before = client.versions().live
         with pytest.raises(Conflict, match="base model"):
             client.publish_adapter(
-                make_adapter(tiny_model, tmp_path / "a"), name="policy", base_model="not-this-base"
+                make_adapter(server.model, tmp_path / "a"),
+                name="policy",
+                base_model="not-this-base",
             )
 
         # A NaN adapter loads but fails its smoke check: recorded as refused, never live.
         from safetensors.torch import load_file, save_file
 
-        bad = make_adapter(tiny_model, tmp_path / "nan", seed=2)
+        bad = make_adapter(server.model, tmp_path / "nan", seed=2)
         weights = load_file(str(bad / modeling.ADAPTER_WEIGHTS))
         save_file(
             {k: v.fill_(float("nan")) for k, v in weights.items()},

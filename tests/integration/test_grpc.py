@@ -33,6 +33,7 @@ def test_reflection_lists_flywheel_services(server):
     } <= names
 
 
+@pytest.mark.both_backends
 def test_generate_compare_score_rank(server, grpc_client):
     generation = grpc_client.generate("reverse: abc", n=3, max_tokens=6, seed=1)
     assert len(generation.completions) == 3
@@ -56,12 +57,14 @@ def test_generate_compare_score_rank(server, grpc_client):
     assert after["ranking_items"] == before["ranking_items"] + 4
 
 
+@pytest.mark.both_backends
 def test_same_seed_same_text(grpc_client):
     a = grpc_client.generate("sort: dcba", n=2, max_tokens=8, seed=7, temperature=1.0)
     b = grpc_client.generate("sort: dcba", n=2, max_tokens=8, seed=7, temperature=1.0)
     assert [c.text for c in a.completions] == [c.text for c in b.completions]
 
 
+@pytest.mark.both_backends
 def test_stream_matches_its_completion_ids(grpc_client):
     chunks = list(grpc_client.generate_stream("capitalise: abc", n=2, max_tokens=5, seed=3))
     finished = {c.completion_id: c.finish_reason for c in chunks if c.finish_reason}

@@ -14,7 +14,8 @@ from flywheel_client import FlywheelClient
 from flywheel_learner import modeling
 from tests.support import make_adapter
 
-pytestmark = pytest.mark.integration
+# Marked tests run against the torch engine and against vLLM (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.both_backends]
 
 CLIENTS = 6
 SWAPS = 4
@@ -31,9 +32,9 @@ async def stream_versions(client: httpx.AsyncClient, url: str) -> set[str]:
     return models
 
 
-def test_promotions_under_streaming_load(server, tiny_model, tmp_path):
-    base = modeling.base_fingerprint(tiny_model)
-    adapters = [make_adapter(tiny_model, tmp_path / f"a{i}", seed=10 + i) for i in range(SWAPS)]
+def test_promotions_under_streaming_load(server, tmp_path):
+    base = modeling.base_fingerprint(server.model)
+    adapters = [make_adapter(server.model, tmp_path / f"a{i}", seed=10 + i) for i in range(SWAPS)]
 
     async def scenario() -> tuple[list[set[str]], list[str]]:
         stop = asyncio.Event()

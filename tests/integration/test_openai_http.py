@@ -15,11 +15,13 @@ def client_for(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0)
 
 
+@pytest.mark.both_backends
 def test_models_lists_live_alias_and_versions(server):
     ids = {m.id for m in client_for(server).models.list()}
     assert {"policy", "policy-v0", "reward", "reward-v1"} <= ids
 
 
+@pytest.mark.both_backends
 def test_completions_n4_carry_rankable_ids(server):
     result = client_for(server).completions.create(
         model="policy", prompt="reverse: abc", n=4, max_tokens=8
@@ -36,6 +38,7 @@ def test_completions_n4_carry_rankable_ids(server):
     assert body["pairs"] == 6 and body["duplicate"] is False
 
 
+@pytest.mark.both_backends
 def test_streamed_chat_n4(server):
     stream = client_for(server).chat.completions.create(
         model="policy",
@@ -60,6 +63,7 @@ def test_streamed_chat_n4(server):
     assert status == 201 and body["pairs"] == 5
 
 
+@pytest.mark.both_backends
 def test_sse_ends_with_done(server):
     with httpx.stream(
         "POST",
@@ -73,6 +77,7 @@ def test_sse_ends_with_done(server):
     assert all(line.startswith("data: ") for line in lines)
 
 
+@pytest.mark.both_backends
 def test_pinned_version_and_unknown_version(server):
     c = client_for(server)
     assert c.completions.create(model="policy-v0", prompt="x", max_tokens=2).model == "policy-v0"
@@ -114,6 +119,7 @@ def test_ranking_survives_restart(tiny_model, tmp_path):
         restarted.stop()
 
 
+@pytest.mark.both_backends
 def test_stream_usage_when_asked(server):
     stream = client_for(server).completions.create(
         model="policy",

@@ -1,0 +1,75 @@
+"""Which engine generates (`--backend`), and the interface the service needs from it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from flywheel_server.config import ServerConfig
+from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine, resolve_device
+
+
+class Engine(Protocol):
+    model_dir: Path
+    device: str
+    base_model: str
+    max_positions: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+    def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]: ...
+    async def score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]: ...
+    async def load_adapter(self, adapter_id: str, path: str | Path, *, reward: bool) -> None: ...
+    async def unload_adapter(self, adapter_id: str) -> None: ...
+    @property
+    def adapters(self) -> list[str]: ...
+    @property
+    def load(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+
+async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:
+    """The torch engine; for `--backend vllm`, a vLLM server in front of it for generation
+    (started here unless --vllm-url names one)."""
+    torch_engine = await asyncio.to_thread(
+        TorchEngine,
+        model_dir,
+        device=config.device,
+        max_pending=config.max_pending,
+        max_batch=config.max_batch,
+    )
+    if config.backend == "torch":
+        return torch_engine
+    from flywheel_server import vllm_sidecar
+    from flywheel_server.vllm_engine import VllmEngine
+
+    process = None
+    url = config.vllm_url
+    try:
+        if url is None:
+            port = vllm_sidecar.free_loopback_port()
+            command = vllm_sidecar.serve_command(
+                vllm_sidecar.python_for_vllm(config.vllm_python),
+                model_dir,
+                port=port,
+                served_name="policy-v0",
+                # the live version, a candidate, and the retired ones kept for rollback
+                max_loras=config.keep_versions + 2,
+                max_model_len=torch_engine.max_positions,
+                cpu=resolve_device(config.device) == "cpu",
+                extra=config.vllm_args,
+            )
+            process = vllm_sidecar.VllmProcess(command, port, config.data_dir / "vllm.log")
+            process.start()  # here, on the main thread (see VllmProcess.start)
+            await process.wait_ready()
+            url = process.url
+        return await asyncio.to_thread(
+            VllmEngine, torch_engine, url, max_pending=config.max_pending, process=process
+        )
+    except BaseException:
+        torch_engine.close()
+        if process is not None:
+            process.stop()
+        raise
