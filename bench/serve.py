@@ -3,10 +3,12 @@
 One run, one model, side by side:
   - baselines: transformers `generate` in-process, one request at a time, and as one static batch;
   - ours: `flywheel serve` (a subprocess) driven by N concurrent streaming clients over HTTP,
-    for each N in --clients; tokens counted from the server's own usage report.
+    for each N in --clients and each backend in --backends (the embedded torch engine, and vLLM
+    behind our server); tokens counted from the server's own usage report.
 Prints a table of ratios and writes JSON. A program, not a test: run it on a quiet machine.
 
     .venv/bin/python bench/serve.py --out bench/out/serve-cpu.json
+    .venv/bin/python bench/serve.py --backends torch,vllm   # after `make vllm-env`
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--backends", default="torch", help="server backends to run, comma-separated: torch,vllm"
+    )
+    p.add_argument(
+        "--vllm-python",
+        type=Path,
+        default=ROOT / ".venv-vllm" / "bin" / "python",
+        help="the Python with vllm installed (default: .venv-vllm, from make vllm-env)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve.json")
     return p.parse_args()
 
@@ -168,6 +179,19 @@ async def load(base_url: str, clients: int, requests: int, max_tokens: int) -> d
     }
 
 
+def serve_levels(
+    model_dir: Path, data_dir: Path, backend: str, levels: list[int], args: argparse.Namespace
+) -> list[dict[str, float]]:
+    flags = ["--device", args.device, "--backend", backend]
+    if backend == "vllm":
+        flags += ["--vllm-python", str(args.vllm_python)]
+    server = ServerProcess(model_dir, data_dir, args=flags, start_timeout_s=900).start()
+    try:
+        return [asyncio.run(load(server.http, c, args.requests, args.max_tokens)) for c in levels]
+    finally:
+        server.stop()
+
+
 def main() -> None:
     args = parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -190,15 +214,10 @@ def main() -> None:
             c: asyncio.run(engine_load(model_dir, c, args.requests, args.max_tokens, args.device))
             for c in levels
         }
-        server = ServerProcess(
-            model_dir, Path(tmp) / "data", args=["--device", args.device]
-        ).start()
-        try:
-            runs = [
-                asyncio.run(load(server.http, c, args.requests, args.max_tokens)) for c in levels
-            ]
-        finally:
-            server.stop()
+        runs = {
+            backend: serve_levels(model_dir, Path(tmp) / backend, backend, levels, args)
+            for backend in args.backends.split(",")
+        }
     single = base["generate_one_at_a_time_tok_s"]
     static = base["generate_static_batch_32_tok_s"]
     report = {
@@ -221,6 +240,7 @@ def main() -> None:
     )
     print(f"generate one at a time: {single:8.0f} tok/s   static batch 32: {static:8.0f} tok/s")
     header = (
+        "backend",
         "clients",
         "engine tok/s",
         "HTTP tok/s",
@@ -231,18 +251,20 @@ def main() -> None:
         "failed",
     )
     print("".join(f"{h:>16}" for h in header))
-    for r in runs:
-        cells = (
-            r["clients"],
-            f"{engine_only[r['clients']]:.0f}",
-            f"{r['tok_s']:.0f}",
-            f"{r['tok_s'] / single:.1f}x",
-            f"{r['tok_s'] / static:.0%}",
-            f"{r['ttft_p50_ms']:.1f}",
-            f"{r['ttft_p99_ms']:.1f}",
-            r["failed"],
-        )
-        print("".join(f"{c:>16}" for c in cells))
+    for backend, backend_runs in runs.items():
+        for r in backend_runs:
+            cells = (
+                backend,
+                r["clients"],
+                f"{engine_only[r['clients']]:.0f}" if backend == "torch" else "-",
+                f"{r['tok_s']:.0f}",
+                f"{r['tok_s'] / single:.1f}x",
+                f"{r['tok_s'] / static:.0%}",
+                f"{r['ttft_p50_ms']:.1f}",
+                f"{r['ttft_p99_ms']:.1f}",
+                r["failed"],
+            )
+            print("".join(f"{c:>16}" for c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

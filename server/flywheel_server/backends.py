@@ -65,6 +65,8 @@ async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:
             process.start()  # here, on the main thread (see VllmProcess.start)
             await process.wait_ready()
             url = process.url
+        else:
+            await vllm_sidecar.wait_until_healthy(url)
         return await asyncio.to_thread(
             VllmEngine, torch_engine, url, max_pending=config.max_pending, process=process
         )

@@ -59,7 +59,7 @@ class ServerConfig:
     )
     vllm_args: str = _opt(
         "with --backend vllm and no --vllm-url: extra arguments for `vllm serve`, appended last so "
-        "they override flywheel's (e.g. '--gpu-memory-utilization 0.9 --max-lora-rank 64')",
+        "they override flywheel's; write it with '=', e.g. --vllm-args='--enforce-eager'",
         default="",
     )
     max_tokens_limit: int = _opt("largest max_tokens a request may ask for", default=512)

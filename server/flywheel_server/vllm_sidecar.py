@@ -113,33 +113,7 @@ class VllmProcess:
         return self
 
     async def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        assert self.proc is not None, "start() first"
-        started = time.monotonic()
-        last_note = started
-        async with httpx.AsyncClient(base_url=self.url, timeout=2) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise SystemExit(
-                        f"vLLM exited with {self.proc.returncode} while starting "
-                        f"(is vllm installed for {self.command[0]}? see --vllm-python):\n"
-                        f"{self.tail()}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get("/health")).status_code == 200:
-                        log.info("vLLM ready after %.0f s", time.monotonic() - started)
-                        return
-                now = time.monotonic()
-                if now - started > timeout_s:
-                    self.stop()
-                    raise SystemExit(f"vLLM not ready in {timeout_s:.0f} s:\n{self.tail()}")
-                if now - last_note >= PROGRESS_EVERY_S:
-                    last_note = now
-                    print(
-                        f"flywheel: waiting for vLLM ({now - started:.0f} s; log {self.log_path})",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                await asyncio.sleep(0.5)
+        await wait_until_healthy(self.url, timeout_s=timeout_s, process=self)
 
     def stop(self, timeout_s: float = 30) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -158,6 +132,41 @@ class VllmProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+
+async def wait_until_healthy(
+    url: str, *, timeout_s: float = START_TIMEOUT_S, process: VllmProcess | None = None
+) -> None:
+    """Poll vLLM's /health until it answers 200: the process we started, or a sidecar that may
+    still be starting beside us (a Kubernetes pod starts its containers together)."""
+    started = last_note = time.monotonic()
+    where = f"log {process.log_path}" if process is not None else url
+    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+        while True:
+            if process is not None and process.proc is not None and process.proc.poll() is not None:
+                raise SystemExit(
+                    f"vLLM exited with {process.proc.returncode} while starting "
+                    f"(is vllm installed for {process.command[0]}? see --vllm-python):\n"
+                    f"{process.tail()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get("/health")).status_code == 200:
+                    log.info("vLLM ready after %.0f s", time.monotonic() - started)
+                    return
+            now = time.monotonic()
+            if now - started > timeout_s:
+                if process is not None:
+                    process.stop()
+                tail = process.tail() if process is not None else ""
+                raise SystemExit(f"vLLM at {url} not ready in {timeout_s:.0f} s\n{tail}")
+            if now - last_note >= PROGRESS_EVERY_S:
+                last_note = now
+                print(
+                    f"flywheel: waiting for vLLM ({now - started:.0f} s; {where})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            await asyncio.sleep(0.5)
 
 
 def free_loopback_port() -> int:

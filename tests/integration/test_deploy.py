@@ -12,6 +12,7 @@ index blocked; the bentofile does not lock its (already exact) pins, so no index
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import json
@@ -29,6 +30,8 @@ import kubernetes_validate
 import pathspec
 import pytest
 import yaml
+
+from flywheel_server.config import ServerConfig, add_arguments
 
 pytestmark = pytest.mark.integration
 
@@ -235,11 +238,34 @@ def test_gpu_overlay() -> None:
     server = _find(docs, "Deployment", "flywheel-server")["spec"]["template"]["spec"]
     names = [c["name"] for c in server["containers"]]
     assert names == ["server", "vllm"]
-    # The vLLM backend does not exist yet: the sidecar is a placeholder, and `--backend vllm`
-    # stays a comment, never a real argument.
-    assert server["containers"][1]["command"] == ["sleep", "infinity"]
-    assert "--backend" not in server["containers"][0]["args"]
-    assert "--backend vllm" in (K8S / "overlays" / "gpu" / "kustomization.yaml").read_text()
+    flywheel, vllm = server["containers"]
+    # The GPU belongs to vLLM; flywheel reaches it on loopback with `--backend vllm`.
+    assert _gpus(vllm) == 1 and _gpus(flywheel) is None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {e["name"]: e["value"] for e in flywheel["env"] if "value" in e}
+    flags = vars(parser.parse_args(flywheel["args"][1:]))  # after the `serve` subcommand
+    config = ServerConfig.from_env(env, **{k: v for k, v in flags.items() if v is not None})
+    assert (config.backend, config.device) == ("vllm", "cpu")
+    assert config.vllm_url == f"http://127.0.0.1:{_flag(vllm['args'], '--port')}"
+    # vLLM serves the base flywheel loads, under the base version's id, with runtime LoRA on.
+    assert vllm["args"][0] == str(config.model)
+    assert _flag(vllm["args"], "--served-model-name") == "policy-v0"
+    assert "--enable-lora" in vllm["args"]
+    assert int(_flag(vllm["args"], "--max-loras")) >= config.keep_versions + 2
+    assert {e["name"]: e["value"] for e in vllm["env"]}[
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+    ] == "True"
+    # Adapter paths flywheel sends must resolve in vLLM: the same volume at the same path.
+    mounts = {
+        c["name"]: {(m["name"], m["mountPath"]) for m in c["volumeMounts"]}
+        for c in (flywheel, vllm)
+    }
+    assert ("data", str(config.data_dir)) in mounts["server"] & mounts["vllm"]
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
 
 
 def test_servicemonitor_component() -> None:

@@ -71,6 +71,11 @@ def test_config_is_immutable() -> None:
             "max_prompt_tokens must be between 1 and 1048576, got 1048577",
         ),
         ({"device": "tpu"}, "device must be auto, cpu or cuda[:N], got 'tpu'"),
+        ({"backend": "tgi"}, "backend must be one of torch, vllm, got 'tgi'"),
+        (
+            {"backend": "vllm", "vllm_url": "127.0.0.1:8000"},
+            "vllm_url must start with http:// or https://, got '127.0.0.1:8000'",
+        ),
     ],
 )
 def test_bounds(kwargs: dict[str, Any], message: str) -> None:
@@ -91,6 +96,7 @@ def test_bounds(kwargs: dict[str, Any], message: str) -> None:
         {"device": "cpu"},
         {"device": "cuda"},
         {"device": "cuda:1"},
+        {"backend": "vllm", "vllm_url": "http://127.0.0.1:8000"},
     ],
 )
 def test_bounds_are_inclusive(kwargs: dict[str, Any]) -> None:
