@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--swaps", type=int, default=50)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--backend", default="torch", help="torch, or vllm (after make vllm-env)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "hot-swap.json")
     return p.parse_args()
 
@@ -83,14 +85,18 @@ def main() -> None:
         adapters = [
             make_adapter(model_dir, root / f"adapter-{i}", seed=i) for i in range(args.swaps)
         ]
-        server = ServerProcess(model_dir, root / "data").start()
+        flags = ["--backend", args.backend]
+        if args.backend == "vllm":
+            flags += ["--vllm-python", str(ROOT / ".venv-vllm" / "bin" / "python")]
+        server = ServerProcess(model_dir, root / "data", args=flags, start_timeout_s=900).start()
         stop = threading.Event()
         tally: dict[str, int] = {"ok": 0, "failed": 0}
         load = threading.Thread(
             target=run_load, args=(server.http, args.clients, args.max_tokens, stop, tally)
         )
         load.start()
-        latencies = []
+        latencies: list[float] = []
+        published: list[float] = []
         try:
             time.sleep(2.0)  # let the load reach steady state
             with FlywheelClient(server.grpc) as client, httpx.Client(timeout=60) as probe:
@@ -99,6 +105,7 @@ def main() -> None:
                     version = client.publish_adapter(
                         adapter, name="policy", base_model=base, promote=True
                     )
+                    published.append(time.perf_counter() - start)  # uploaded, loaded and live
                     while True:
                         answer = probe.post(
                             f"{server.http}/v1/completions",
@@ -112,13 +119,30 @@ def main() -> None:
             stop.set()
             load.join()
             server.stop()
+            if tally["failed"]:  # keep the logs that say why
+                logs = args.out.parent / f"{args.out.stem}-logs"
+                logs.mkdir(parents=True, exist_ok=True)
+                for name in ("server.log", "vllm.log"):
+                    if (root / "data" / name).exists():
+                        shutil.copy(root / "data" / name, logs / name)
+    first_served = sorted(total - call for total, call in zip(latencies, published, strict=True))
     latencies.sort()
+    published.sort()
     report = {
+        "backend": args.backend,
         "swaps": len(latencies),
         "clients": args.clients,
         "publish_to_serving_p50_s": statistics.median(latencies),
         "publish_to_serving_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "publish_to_serving_max_s": latencies[-1],
+        # the two parts: the publish call (upload, checksum, store, load, smoke check, promote),
+        # then the probe's wait for a request answered by the new version
+        "publish_call_p50_s": statistics.median(published),
+        "publish_call_p99_s": published[min(len(published) - 1, int(0.99 * len(published)))],
+        "first_served_after_call_p50_s": statistics.median(first_served),
+        "first_served_after_call_p99_s": first_served[
+            min(len(first_served) - 1, int(0.99 * len(first_served)))
+        ],
         "requests_ok": tally["ok"],
         "requests_failed": tally["failed"],
         "first_error": tally.get("first_error"),

@@ -46,7 +46,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--backends", default="torch", help="server backends to run, comma-separated: torch,vllm"
+        "--backends",
+        default="torch",
+        help="comma-separated: torch and vllm (flywheel serve --backend ...), vllm-direct "
+        "(vLLM's own server, no flywheel in front)",
     )
     p.add_argument(
         "--vllm-python",
@@ -182,6 +185,8 @@ async def load(base_url: str, clients: int, requests: int, max_tokens: int) -> d
 def serve_levels(
     model_dir: Path, data_dir: Path, backend: str, levels: list[int], args: argparse.Namespace
 ) -> list[dict[str, float]]:
+    if backend == "vllm-direct":
+        return vllm_direct_levels(model_dir, data_dir, levels, args)
     flags = ["--device", args.device, "--backend", backend]
     if backend == "vllm":
         flags += ["--vllm-python", str(args.vllm_python)]
@@ -190,6 +195,26 @@ def serve_levels(
         return [asyncio.run(load(server.http, c, args.requests, args.max_tokens)) for c in levels]
     finally:
         server.stop()
+
+
+def vllm_direct_levels(
+    model_dir: Path, data_dir: Path, levels: list[int], args: argparse.Namespace
+) -> list[dict[str, float]]:
+    """The same clients against vLLM's own OpenAI server, started as the vllm backend starts it:
+    what vLLM gives with flywheel taken out."""
+    from flywheel_server import vllm_sidecar
+
+    port = vllm_sidecar.free_loopback_port()
+    command = vllm_sidecar.serve_command(
+        args.vllm_python, model_dir, port=port, served_name="policy", max_loras=4,
+        max_model_len=256, cpu=args.device == "cpu",
+    )  # fmt: skip
+    process = vllm_sidecar.VllmProcess(command, port, data_dir / "vllm.log").start()
+    try:
+        asyncio.run(process.wait_ready())
+        return [asyncio.run(load(process.url, c, args.requests, args.max_tokens)) for c in levels]
+    finally:
+        process.stop()
 
 
 def main() -> None:

@@ -117,7 +117,7 @@ class VllmEngine:
             ) as response:
                 if response.status_code != 200:
                     raise _error(response.status_code, (await response.aread()).decode())
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response.aiter_bytes()):
                     chunk = parse_sse(line)
                     if chunk is None:
                         continue
@@ -126,6 +126,8 @@ class VllmEngine:
                         yield events
         except httpx.HTTPError as e:
             raise Unavailable(f"the vLLM backend at {self.url} failed: {e!r}") from e
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # a chunk we cannot read
+            raise Unavailable(f"the vLLM backend sent an unreadable chunk: {e!r}") from e
         finally:
             self._admitted -= 1
             self._running[model] -= request.n
@@ -250,6 +252,19 @@ def completion_body(model: str, request: EngineRequest) -> dict[str, Any]:
     if s.seed is not None:
         body["seed"] = s.seed
     return body
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """An event stream's lines, split at "\n" only. (httpx's aiter_lines also splits at the
+    characters str.splitlines knows, such as \x1c or \u2028, which vLLM leaves raw inside JSON
+    strings: a completion holding one would arrive cut in two.)"""
+    pending = b""
+    async for chunk in chunks:
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
+    if pending:
+        yield pending.decode()
 
 
 def parse_sse(line: str) -> dict[str, Any] | None:

@@ -3,7 +3,9 @@ and the command that starts vLLM. The backend itself runs in the `vllm` integrat
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,13 @@ import pytest
 from flywheel_server.domain import Sampling
 from flywheel_server.engine import EngineRequest, TokenEvent
 from flywheel_server.errors import AdapterNotFound, InvalidRequest, Overloaded, Unavailable
-from flywheel_server.vllm_engine import _error, completion_body, parse_sse, token_events
+from flywheel_server.vllm_engine import (
+    _error,
+    completion_body,
+    parse_sse,
+    sse_lines,
+    token_events,
+)
 from flywheel_server.vllm_sidecar import python_for_vllm, serve_command
 
 pytestmark = pytest.mark.unit
@@ -45,6 +53,24 @@ def test_parse_sse_skips_blank_lines_and_done() -> None:
     assert parse_sse(": keep-alive") is None
     assert parse_sse("data: [DONE]") is None
     assert parse_sse('data: {"choices": []}') == {"choices": []}
+
+
+def test_sse_lines_split_only_at_newlines() -> None:
+    # vLLM writes these characters raw inside JSON strings; str.splitlines would cut there.
+    text = "a\x1cb\u2028c\x85d\re"
+    event = ("data: " + json.dumps({"choices": [{"text": text}]}, ensure_ascii=False)).encode()
+    stream = event + b"\n\ndata: [DONE]\n\n"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(stream), 7):  # cut anywhere, even inside a UTF-8 character
+            yield stream[i : i + 7]
+
+    async def lines() -> list[str]:
+        return [line async for line in sse_lines(chunks())]
+
+    got = asyncio.run(lines())
+    assert got == [event.decode(), "", "data: [DONE]", ""]
+    assert parse_sse(got[0]) == {"choices": [{"text": text}]}
 
 
 def test_parse_sse_raises_on_an_error_chunk() -> None:
