@@ -5,17 +5,22 @@ process and TRL's halves in their own venvs (made by bench/trl_setup.sh):
 
     bash bench/trl_setup.sh                       # .venv-trl116 (RewardTrainer), .venv-trl112 (PPO)
     .venv/bin/python bench/trl_compare.py         # table on stdout, JSON in bench/out/trl_compare.json
+    .venv/bin/python bench/trl_compare.py --k 4   # K-way rankings: bench/out/trl_compare_k4.json
 
-Shared inputs (bench/out/trl_work/): one tiny random Llama (build_random_model), preference
-pairs from demo_task.preference_pairs, tokenised once with our reward_token_ids (prompt +
-completion + eos) and handed to TRL pre-tokenised, a fixed reward tensor, and a fixed PPO
-tensor set (logp, old logp, advantages, values, old values, returns, mask).
+Shared inputs (bench/out/trl_work/): one tiny random Llama (build_random_model), rankings of K
+completions (K = 2: demo_task.preference_pairs; see demo_rankings), tokenised once with our
+reward_token_ids (prompt + completion + eos) and handed to TRL pre-tokenised as each ranking's
+C(K, 2) pairs, a fixed reward tensor, and a fixed PPO tensor set (logp, old logp, advantages,
+values, old values, returns, mask).
 
 What is compared:
-- reward loss: our ranking_loss with K = 2 against RewardTrainer.compute_loss, fed the same
-  rewards through a stub model (TRL's own code path, minus the network).
-- reward throughput: fit_reward_model vs RewardTrainer.train(), same pairs, pairs per step,
-  steps, LoRA (r, alpha, targets), lr and cosine schedule. Model heads differ by design: ours
+- reward loss: our ranking_loss over K-way rankings against RewardTrainer.compute_loss over
+  their pairs, fed the same rewards through a stub model (TRL's own code path, minus the
+  network).
+- reward throughput: fit_reward_model vs RewardTrainer.train(), same rankings per step (TRL: all
+  their pairs per step), steps, LoRA (r, alpha, targets), lr and cosine schedule. Ours forwards
+  each completion of a ranking once, as the paper does; TRL forwards both sides of every pair,
+  so for K > 2 it does C(K, 2) * 2 / K times the forwards for the same comparisons. Model heads differ by design: ours
   is base + LoRA + ScoreHead on the last hidden state, TRL's is LlamaForSequenceClassification
   + LoRA (its score layer trained in full via peft's modules_to_save).
 - PPO loss: TRL 1.12 computes its losses inline in PPOTrainer.train() (no function to call),
@@ -30,7 +35,9 @@ What is compared:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import random
 import subprocess
@@ -49,7 +56,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def settings(args: argparse.Namespace) -> dict:
     return {
-        "hidden": args.hidden, "layers": args.layers, "pairs_per_step": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "k": args.k,
+        "rankings_per_step": args.batch, "pairs_per_step": args.batch * math.comb(args.k, 2),
         "reward_steps": args.reward_steps, "lora_r": 8, "lora_alpha": 16, "reward_lr": 1e-3,
         "reward_warmup": 1, "max_length": 128, "rollout_batch": args.rollout_batch,
         "ppo_steps": args.ppo_steps, "epochs": 2, "minibatches": 4, "max_new_tokens": 16,
@@ -73,14 +81,15 @@ def prepare(s: dict) -> None:
     )  # fmt: skip
     _, tok = modeling.load_base(model_dir)
     rng = random.Random(s["seed"])
-    n = s["pairs_per_step"] * s["reward_steps"]
-    pairs = demo_task.preference_pairs(rng, n)
+    rankings = demo_rankings(rng, s["rankings_per_step"] * s["reward_steps"], s["k"])
+    # TRL's RewardTrainer takes pairs: every ranking becomes its C(K, 2) (better, worse) pairs.
     ids = [
         (
-            modeling.reward_token_ids(tok, p, c, s["max_length"]),
-            modeling.reward_token_ids(tok, p, r, s["max_length"]),
+            modeling.reward_token_ids(tok, p, better, s["max_length"]),
+            modeling.reward_token_ids(tok, p, worse, s["max_length"]),
         )
-        for p, c, r in pairs
+        for p, ranked in rankings
+        for better, worse in itertools.combinations(ranked, 2)
     ]
     prompts = [
         chat_prompt(tok, demo_task.sample_example(rng).instruction)
@@ -92,7 +101,8 @@ def prepare(s: dict) -> None:
     old_logp = -torch.rand(b, t, generator=g) * 4
     old_values = torch.randn(b, t, generator=g)
     tensors = {
-        "rewards": torch.randn(2 * 256, generator=g) * 2,
+        # tier-major: rewards[t * 256 + i] is the tier-t completion of ranking i
+        "rewards": torch.randn(s["k"] * 256, generator=g) * 2,
         "logp": old_logp + torch.randn(b, t, generator=g) * 0.3,
         "old_logp": old_logp,
         "advantages": torch.randn(b, t, generator=g),
@@ -103,8 +113,39 @@ def prepare(s: dict) -> None:
     }
     torch.save(tensors, WORK / "tensors.pt")
     (WORK / "inputs.json").write_text(
-        json.dumps({"settings": s, "pairs": pairs, "ids": ids, "prompts": prompts})
+        json.dumps({"settings": s, "rankings": rankings, "ids": ids, "prompts": prompts})
     )
+
+
+def demo_rankings(rng: random.Random, n: int, k: int) -> list[tuple[str, list[str]]]:
+    """n rankings of k distinct completions, best first: K = 2 is demo_task's preference pairs;
+    for K > 2 the correct answer leads, then k - 1 distinct wrong answers in the order drawn (a
+    stand-in for a labeler's strict order: the speed comparison does not depend on it)."""
+    from flywheel_learner import demo_task
+
+    if k == 2:
+        return [(p, [c, r]) for p, c, r in demo_task.preference_pairs(rng, n)]
+    rankings: list[tuple[str, list[str]]] = []
+    while len(rankings) < n:
+        example = demo_task.sample_example(rng)
+        ranked = [example.answer]
+        for _ in range(20 * k):
+            wrong = demo_task.wrong_answer(example, rng)
+            if wrong not in ranked:
+                ranked.append(wrong)
+            if len(ranked) == k:
+                rankings.append((example.instruction, ranked))
+                break
+    return rankings
+
+
+def pair_rewards(r: torch.Tensor, k: int) -> torch.Tensor:
+    """Tier-major rewards of K-way rankings as TRL's [chosen; rejected] logits over all pairs."""
+    tiers = r.view(k, -1)
+    pairs = list(itertools.combinations(range(k), 2))
+    chosen = torch.cat([tiers[i] for i, _ in pairs])
+    rejected = torch.cat([tiers[j] for _, j in pairs])
+    return torch.cat([chosen, rejected])
 
 
 # --- ours --------------------------------------------------------------------------------------
@@ -121,19 +162,19 @@ def run_ours(s: dict) -> dict:
     t = torch.load(WORK / "tensors.pt")
     out: dict = {}
 
-    # reward loss, K = 2: one group per pair, chosen tier 0, rejected tier 1
+    # reward loss: K tiers per ranking, every completion forwarded once (tier-major rewards)
     r = t["rewards"]
-    n = r.shape[0] // 2
-    tiers = torch.cat([torch.zeros(n), torch.ones(n)]).long()
-    group = torch.cat([torch.arange(n), torch.arange(n)])
+    n = r.shape[0] // s["k"]
+    tiers = torch.arange(s["k"]).repeat_interleave(n)
+    group = torch.arange(n).repeat(s["k"])
     out["reward_loss"] = float(ranking_loss(r, tiers, group))
 
     # reward throughput
     base, tok = modeling.load_base(WORK / "model")
-    rankings = [(p, [[c], [rj]]) for p, c, rj in inputs["pairs"]]
+    rankings = [(p, [[c] for c in ranked]) for p, ranked in inputs["rankings"]]
     cfg = RewardConfig(
         steps=s["reward_steps"], lr=s["reward_lr"], r=s["lora_r"], alpha=s["lora_alpha"],
-        target_modules=tuple(TARGETS), batch_rankings=s["pairs_per_step"],
+        target_modules=tuple(TARGETS), batch_rankings=s["rankings_per_step"],
         max_length=s["max_length"], held_out=0.0, seed=s["seed"], warmup=s["reward_warmup"],
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -221,8 +262,9 @@ def run_trl116(s: dict) -> dict:
     )
     out: dict = {"trl_version": trl.__version__}
 
-    # loss on the same rewards through RewardTrainer.compute_loss (stub model returns them)
-    r = t["rewards"]
+    # loss on the same rewards through RewardTrainer.compute_loss (stub model returns them),
+    # the K-way rankings' rewards laid out as TRL's pairs
+    r = pair_rewards(t["rewards"], s["k"])
 
     def stub(**_: object) -> SimpleNamespace:
         return SimpleNamespace(logits=r[:, None])
@@ -367,7 +409,12 @@ def main() -> None:
     ap.add_argument("--part", choices=["ours", "trl116", "trl112"])
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=16, help="preference pairs per step")
+    ap.add_argument(
+        "--k", type=int, default=2, help="completions per ranking (2: preference pairs)"
+    )
+    ap.add_argument(
+        "--batch", type=int, default=16, help="rankings per step (TRL: their C(K,2) pairs)"
+    )
     ap.add_argument("--reward-steps", type=int, default=60)
     ap.add_argument("--rollout-batch", type=int, default=16)
     ap.add_argument("--ppo-steps", type=int, default=5)
@@ -385,7 +432,7 @@ def main() -> None:
     t116 = run_part(".venv-trl116", "trl116", args)
     t112 = run_part(".venv-trl112", "trl112", args)
     rows = [
-        ("reward loss K=2 (same rewards)", "reward_loss", t116),
+        (f"reward loss K={s['k']} (same rewards)", "reward_loss", t116),
         ("reward fit pairs/s (whole call)", "reward_pairs_per_s", t116),
         ("reward fit pairs/s (loop only)", "reward_loop_pairs_per_s", t116),
         ("reward fit seconds (whole call)", "reward_train_seconds", t116),
@@ -417,8 +464,9 @@ def main() -> None:
         "settings": s, "table": table, "abs_diff": diffs, "ours": ours,
         "trl116": t116, "trl112": t112,
     }  # fmt: skip
-    (OUT / "trl_compare.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {OUT / 'trl_compare.json'}")
+    path = OUT / ("trl_compare.json" if s["k"] == 2 else f"trl_compare_k{s['k']}.json")
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
