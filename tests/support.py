@@ -24,7 +24,13 @@ def free_port() -> int:
 
 
 def make_adapter(
-    model_dir: Path, out_dir: Path, *, reward: bool = False, seed: int = 0, scale: float = 1.0
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    reward: bool = False,
+    seed: int = 0,
+    scale: float = 1.0,
+    r: int = 4,
 ) -> Path:
     """A random LoRA adapter (and score head for a reward model) in the served format."""
     import torch
@@ -35,7 +41,7 @@ def make_adapter(
     torch.manual_seed(seed)
     model, _ = modeling.load_base(model_dir)
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     peft = get_peft_model(model, config, adapter_name="tmp")
     if scale != 1.0:

@@ -37,7 +37,7 @@ from flywheel_server.errors import (
     Overloaded,
     Unavailable,
 )
-from flywheel_server.vllm_sidecar import MAX_LORA_RANK, VllmProcess
+from flywheel_server.vllm_sidecar import VllmProcess
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,6 @@ class VllmEngine:
 
     # -- generation --------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
-        async for batch in self.generate_batches(request):
-            for event in batch:
-                yield event
-
     async def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
         """Stream vLLM's chunks as token events. Closing the iterator closes the HTTP stream,
         and vLLM aborts the request."""
@@ -143,13 +138,8 @@ class VllmEngine:
         if adapter_id in self._policies:
             return  # versions are immutable: never reloaded in place
         path = Path(path)
-        config = check_adapter_files(adapter_id, path, self.base_model)
-        if int(config.get("r", 0)) > MAX_LORA_RANK:
-            raise AdapterRefused(
-                f"adapter {adapter_id} has rank {config['r']}; the vLLM backend takes at most "
-                f"{MAX_LORA_RANK}"
-            )
-        check_finite_weights(adapter_id, path)
+        check_adapter_files(adapter_id, path, self.base_model)
+        check_finite_weights(adapter_id, path)  # vLLM's own checks cover rank and targets
         response = await self._post(
             "/v1/load_lora_adapter", {"lora_name": adapter_id, "lora_path": str(path.resolve())}
         )

@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from flywheel_client import FlywheelClient
+from flywheel_client import Conflict, FlywheelClient
 from flywheel_learner import modeling
 from tests.support import ServerProcess, make_adapter
 
@@ -58,3 +58,13 @@ def test_a_sidecar_given_by_url(vllm_server, tmp_path):
         assert sidecar_user.stop() == 0
     # Stopping a server leaves a vLLM it did not start running.
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_vllm_own_refusal_is_passed_on(vllm_server, tmp_path):
+    base = modeling.base_fingerprint(vllm_server.model)
+    too_big = make_adapter(vllm_server.model, tmp_path / "r128", r=128)  # flywheel starts vLLM
+    with FlywheelClient(vllm_server.grpc) as client:  # with --max-lora-rank 64
+        live_before = client.versions().live
+        with pytest.raises(Conflict, match="vLLM refused adapter policy-v"):
+            client.publish_adapter(too_big, name="policy", base_model=base, promote=True)
+        assert client.versions().live == live_before
