@@ -37,6 +37,9 @@ class RewardConfig:
 
     batch_rankings: rankings (not completions) per step, so each prompt's pairs stay together.
     held_out: share of the rankings kept out of training to report pairwise accuracy on.
+    max_epochs: stop after this many passes over the training rankings, even before `steps`
+        (None: always `steps`). A warm-started refit on a few rankings needs a few steps, not
+        hundreds, which would fit those rankings exactly and blow the rewards up.
     """
 
     steps: int = 300
@@ -52,10 +55,19 @@ class RewardConfig:
     held_out: float = 0.1
     seed: int = 0
     warmup: int = 10
+    max_epochs: float | None = None
+
+    def steps_for(self, rankings: int) -> int:
+        """Steps a fit on `rankings` training rankings runs: `steps`, capped by max_epochs."""
+        if self.max_epochs is None:
+            return self.steps
+        return max(1, min(self.steps, math.ceil(self.max_epochs * rankings / self.batch_rankings)))
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise ValueError(f"max_epochs must be > 0 (or None), got {self.max_epochs}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.r < 1:
@@ -230,8 +242,10 @@ def fit_reward_model(
         warm = True
     params = [p for p in peft_model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    steps = config.steps_for(len(train))
+    warmup = min(config.warmup, steps - 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, config.warmup, config.steps)
+        optimizer, lambda s: warmup_cosine(s, warmup, steps)
     )
     encoded = [encode_ranking(tokenizer, r, config.max_length) for r in train]  # once, not per step
     pad_id = _pad_id(tokenizer)
@@ -240,7 +254,7 @@ def fit_reward_model(
     losses: list[float] = []
     start = time.perf_counter()
     peft_model.train()
-    bar = tqdm(range(config.steps), desc="reward", disable=not progress or rank > 0, leave=False)
+    bar = tqdm(range(steps), desc="reward", disable=not progress or rank > 0, leave=False)
     for _ in bar:
         chosen = rng.sample(encoded, min(config.batch_rankings, len(encoded)))
         local = distributed.shard(chosen, rank, size)
@@ -263,7 +277,7 @@ def fit_reward_model(
     tail = losses[-10:]
     seconds = time.perf_counter() - start
     return RewardFit(
-        peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, config.steps, seconds,
+        peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, steps, seconds,
         warm,
     )  # fmt: skip
 

@@ -45,6 +45,7 @@ def fit(tiny_dir: Path):
         ("r", 0, r"r \(LoRA rank\) must be >= 1, got 0"),
         ("held_out", 1.0, r"held_out must be in \[0, 1\), got 1.0"),
         ("target_modules", (), "target_modules must name at least one module"),
+        ("max_epochs", 0, r"max_epochs must be > 0 \(or None\), got 0"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
@@ -143,3 +144,26 @@ def test_warm_start_from_another_lora_shape_starts_fresh(fit, tiny_dir: Path, tm
         modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), other, init=saved, progress=False
     )
     assert not refit.warm_start
+
+
+@pytest.mark.parametrize(
+    ("max_epochs", "rankings", "steps"),
+    [(None, 10, 300), (4.0, 32, 4), (4.0, 1515, 190), (4.0, 10_000, 300), (0.01, 3, 1)],
+)
+def test_max_epochs_caps_the_steps(max_epochs: float | None, rankings: int, steps: int) -> None:
+    config = RewardConfig(steps=300, batch_rankings=32, max_epochs=max_epochs)
+    assert config.steps_for(rankings) == steps
+
+
+def test_a_capped_fit_runs_the_capped_steps(tiny_dir: Path) -> None:
+    model, tokenizer = modeling.load_base(tiny_dir)
+    capped = RewardConfig(steps=300, r=4, alpha=8, batch_rankings=4, held_out=0.1, max_epochs=1)
+    result = fit_reward_model(model, tokenizer, rankings(10), capped, progress=False)
+    assert result.steps == 3  # 9 training rankings (1 held out), 4 per step, one pass
+
+
+def test_the_learner_caps_its_refits(tiny_dir: Path) -> None:
+    from flywheel_learner.loop import LearnerConfig
+
+    config = LearnerConfig(server="127.0.0.1:1", model_dir=tiny_dir, work_dir=Path("w"))
+    assert config.reward.max_epochs == 4.0
