@@ -74,6 +74,12 @@ def run_load(
     asyncio.run(main())
 
 
+def p99(values: list[float]) -> float:
+    """The 99th percentile, nearest rank below (the largest value when there are under 100)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,24 +131,20 @@ def main() -> None:
                 for name in ("server.log", "vllm.log"):
                     if (root / "data" / name).exists():
                         shutil.copy(root / "data" / name, logs / name)
-    first_served = sorted(total - call for total, call in zip(latencies, published, strict=True))
-    latencies.sort()
-    published.sort()
+    first_served = [total - call for total, call in zip(latencies, published, strict=True)]
     report = {
         "backend": args.backend,
         "swaps": len(latencies),
         "clients": args.clients,
         "publish_to_serving_p50_s": statistics.median(latencies),
-        "publish_to_serving_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-        "publish_to_serving_max_s": latencies[-1],
+        "publish_to_serving_p99_s": p99(latencies),
+        "publish_to_serving_max_s": max(latencies),
         # the two parts: the publish call (upload, checksum, store, load, smoke check, promote),
         # then the probe's wait for a request answered by the new version
         "publish_call_p50_s": statistics.median(published),
-        "publish_call_p99_s": published[min(len(published) - 1, int(0.99 * len(published)))],
+        "publish_call_p99_s": p99(published),
         "first_served_after_call_p50_s": statistics.median(first_served),
-        "first_served_after_call_p99_s": first_served[
-            min(len(first_served) - 1, int(0.99 * len(first_served)))
-        ],
+        "first_served_after_call_p99_s": p99(first_served),
         "requests_ok": tally["ok"],
         "requests_failed": tally["failed"],
         "first_error": tally.get("first_error"),

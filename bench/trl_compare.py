@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -224,12 +225,21 @@ def run_ours(s: dict) -> dict:
 # --- TRL 1.16: RewardTrainer -------------------------------------------------------------------
 
 
+def trl_lora(s: dict, task_type: str) -> Any:  # a peft.LoraConfig, from the TRL venv
+    """The LoRA both TRL trainers get: the same rank, alpha and targets as ours."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0, target_modules=TARGETS,
+        task_type=task_type,
+    )  # fmt: skip
+
+
 def run_trl116(s: dict) -> dict:
     from types import SimpleNamespace
 
     import trl
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
@@ -250,13 +260,7 @@ def run_trl116(s: dict) -> dict:
         max_length=s["max_length"], dataloader_num_workers=0, seed=s["seed"],
         disable_tqdm=True,
     )  # fmt: skip
-    lora = LoraConfig(
-        r=s["lora_r"],
-        lora_alpha=s["lora_alpha"],
-        lora_dropout=0.0,
-        target_modules=TARGETS,
-        task_type="SEQ_CLS",
-    )
+    lora = trl_lora(s, "SEQ_CLS")
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora
     )
@@ -324,7 +328,6 @@ def trl_ppo_losses(t: dict, s: dict) -> dict:
 def run_trl112(s: dict) -> dict:
     import trl
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -360,13 +363,7 @@ def run_trl112(s: dict) -> dict:
         save_strategy="no", logging_steps=10_000, bf16=False, gradient_checkpointing=False,
         seed=s["seed"], disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    lora = LoraConfig(
-        r=s["lora_r"],
-        lora_alpha=s["lora_alpha"],
-        lora_dropout=0.0,
-        target_modules=TARGETS,
-        task_type="CAUSAL_LM",
-    )
+    lora = trl_lora(s, "CAUSAL_LM")
     trainer = PPOTrainer(
         args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
         train_dataset=ds, value_model=value, peft_config=lora,

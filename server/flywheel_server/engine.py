@@ -80,6 +80,16 @@ def _post(
         loop.call_soon_threadsafe(deliver)
 
 
+def check_admission(closed: bool, admitted: int, max_pending: int) -> None:
+    """Refuse a request at once (429 / RESOURCE_EXHAUSTED) rather than queue without bound."""
+    if closed:
+        raise Overloaded("the engine is shutting down")
+    if admitted >= max_pending:
+        raise Overloaded(
+            f"the server is at capacity ({max_pending} requests admitted); retry later"
+        )
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,12 +169,7 @@ class TorchEngine:
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         req = _Request(request, loop, queue)
         with self._wake:
-            if self._closed:
-                raise Overloaded("the engine is shutting down")
-            if self._admitted >= self.max_pending:
-                raise Overloaded(
-                    f"the server is at capacity ({self.max_pending} requests admitted); retry later"
-                )
+            check_admission(self._closed, self._admitted, self.max_pending)
             self._admitted += 1
             self._waiting.append(req)
             self._wake.notify()

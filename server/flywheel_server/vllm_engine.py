@@ -28,6 +28,7 @@ from flywheel_server.engine import (
     TokenEvent,
     TorchEngine,
     check_adapter_files,
+    check_admission,
 )
 from flywheel_server.errors import (
     AdapterNotFound,
@@ -97,12 +98,7 @@ class VllmEngine:
         model = request.adapter or self.base_name
         if request.adapter is not None and request.adapter not in self._policies:
             raise AdapterNotFound(f"adapter {request.adapter} is not loaded")
-        if self._closed:
-            raise Overloaded("the engine is shutting down")
-        if self._admitted >= self.max_pending:
-            raise Overloaded(
-                f"the server is at capacity ({self.max_pending} requests admitted); retry later"
-            )
+        check_admission(self._closed, self._admitted, self.max_pending)
         self._admitted += 1
         self._running[model] += request.n
         try:
