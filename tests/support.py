@@ -31,6 +31,7 @@ def make_adapter(
     seed: int = 0,
     scale: float = 1.0,
     r: int = 4,
+    dora: bool = False,
 ) -> Path:
     """A random LoRA adapter (and score head for a reward model) in the served format."""
     import torch
@@ -41,7 +42,11 @@ def make_adapter(
     torch.manual_seed(seed)
     model, _ = modeling.load_base(model_dir)
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        use_dora=dora,
     )
     peft = get_peft_model(model, config, adapter_name="tmp")
     if scale != 1.0:

@@ -39,6 +39,7 @@ async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:
         device=config.device,
         max_pending=config.max_pending,
         max_batch=config.max_batch,
+        stream_interval_s=config.stream_interval_ms / 1000,
     )
     if config.backend == "torch":
         return torch_engine

@@ -71,6 +71,11 @@ class ServerConfig:
         default=256,
     )
     max_batch: int = _opt("rows (completions) decoded together in one step", default=64)
+    stream_interval_ms: int = _opt(
+        "torch backend: least time between two writes to one stream; the tokens decoded in "
+        "between go out together (the first token is never held back; 0 = a write per step)",
+        default=20,
+    )
     keep_versions: int = _opt(
         "retired versions per adapter kept loaded (pinnable, instant rollback); older ones are "
         "unloaded once drained",
@@ -102,6 +107,7 @@ class ServerConfig:
             ("keep_versions", 0, 1024),
             ("sync_interval", 0, 3600),
             ("max_batch", 1, 4096),
+            ("stream_interval_ms", 0, 1000),
             ("max_prompt_tokens", 1, 1 << 20),
         ):
             value = getattr(self, name)

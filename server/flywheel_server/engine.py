@@ -1,10 +1,14 @@
 """The `torch` engine: transformers + peft behind one async interface, with continuous batching.
 
 One scheduler thread owns the model. Every step it runs queued commands (adapter loads, reward
-scoring), lets waiting requests join the running batch (prefill, then merge their cache), decodes
+scoring), lets waiting requests join the running batch (prefill into the decoder's cache), decodes
 one token for every row, and drops rows that finished or whose client went away: no request waits
-for the slowest. Each row names its own adapter (peft's per-row `adapter_names`), so one batch
-serves several policy versions; a request started on a version finishes on it.
+for the slowest. Each row names its own adapter, so one batch serves several policy versions; a
+request started on a version finishes on it.
+
+Decoding runs on `LlamaDecoder` (a lean forward with a slot cache) for Llama-shaped models and on
+`GenericDecoder` (transformers' forward, peft's per-row `adapter_names`) for any other model.
+Reward scoring and adapter smoke checks always run through transformers and peft.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any, TypeVar
 import torch
 
 import flywheel_learner.modeling as modeling
-from flywheel_server.batch import Batch, Row
+from flywheel_server.batch import Decoder, GenericDecoder, Row
 from flywheel_server.domain import Sampling
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Conflict, Overloaded
+from flywheel_server.llama_decoder import LlamaDecoder, unsupported_reason
 from flywheel_server.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,19 @@ def _post(
         loop.call_soon_threadsafe(deliver)
 
 
+def merge_events(events: list[TokenEvent]) -> list[TokenEvent]:
+    """One event per completion: its deltas joined, its latest count and finish reason."""
+    merged: dict[int, TokenEvent] = {}
+    for e in events:
+        seen = merged.get(e.index)
+        merged[e.index] = (
+            e
+            if seen is None
+            else TokenEvent(e.index, seen.delta + e.delta, e.finish_reason, e.completion_tokens)
+        )
+    return list(merged.values())
+
+
 def check_admission(closed: bool, admitted: int, max_pending: int) -> None:
     """Refuse a request at once (429 / RESOURCE_EXHAUSTED) rather than queue without bound."""
     if closed:
@@ -104,7 +122,11 @@ class TorchEngine:
         device: str = "auto",
         max_pending: int = 64,
         max_batch: int = 64,
+        stream_interval_s: float = 0.0,
+        decoder: str = "auto",
     ) -> None:
+        """stream_interval_s: least time between two deliveries to one stream (0: every step).
+        decoder: "auto" (the lean decoder where the model allows it) or "generic"."""
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.base_model = modeling.base_fingerprint(self.model_dir)
@@ -115,7 +137,10 @@ class TorchEngine:
         self.heads: dict[str, modeling.ScoreHead] = {}
         self.max_pending = max_pending  # requests admitted (running or waiting) at once
         self.max_batch = max_batch  # rows decoded together
-        self._batch = Batch()
+        self.stream_interval_s = stream_interval_s
+        self._decoder = self._make_decoder(decoder)
+        self._rows: list[Row] = []  # running rows, in the decoder's order
+        self._next_ids: torch.Tensor | None = None  # (rows,): each row's next input token
         self._waiting: collections.deque[_Request] = collections.deque()
         self._commands: collections.deque[
             tuple[Callable[[], Any], concurrent.futures.Future[Any]]
@@ -125,6 +150,20 @@ class TorchEngine:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+
+    def _make_decoder(self, choice: str) -> Decoder:
+        if choice not in ("auto", "generic"):
+            raise ValueError(f"decoder must be auto or generic, got {choice!r}")
+        reason = unsupported_reason(self.model) if choice == "auto" else "generic was asked for"
+        if reason is None:
+            log.info("decoding with the lean Llama decoder")
+            return LlamaDecoder(self.model)
+        log.info("decoding with transformers' forward: %s", reason)
+        return GenericDecoder(self._forward, self.tokenizer.pad_token_id or 0, self.device)
+
+    @property
+    def decoder(self) -> str:
+        return "lean" if isinstance(self._decoder, LlamaDecoder) else "generic"
 
     # -- text ------------------------------------------------------------------------------
 
@@ -151,7 +190,7 @@ class TorchEngine:
     @property
     def load(self) -> dict[str, int]:
         """Admitted requests and running rows (for metrics and tests)."""
-        return {"admitted": self._admitted, "waiting": len(self._waiting), "rows": len(self._batch)}
+        return {"admitted": self._admitted, "waiting": len(self._waiting), "rows": len(self._rows)}
 
     # -- async API --------------------------------------------------------------------------
 
@@ -162,9 +201,10 @@ class TorchEngine:
                 yield event
 
     async def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
-        """Stream token events, as many at a time as are ready: a consumer that falls behind
-        catches up in one write instead of one per token. Closing the iterator drops the
-        request's rows at the next step."""
+        """Stream token events, one per completion with every token decoded since the last
+        delivery: a consumer that falls behind catches up in one write, and under load a stream
+        is written at most once per stream_interval_s (the first token goes at once). Closing
+        the iterator drops the request's rows at the next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         req = _Request(request, loop, queue)
@@ -175,9 +215,13 @@ class TorchEngine:
             self._wake.notify()
         try:
             done = False
+            next_delivery = 0.0
             while not done:
                 ready: list[TokenEvent] = []
                 delivery = await queue.get()
+                wait = next_delivery - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 while True:
                     if isinstance(delivery, BaseException):
                         raise delivery
@@ -190,7 +234,8 @@ class TorchEngine:
                         break
                     delivery = queue.get_nowait()
                 if ready:
-                    yield ready
+                    yield merge_events(ready)
+                    next_delivery = loop.time() + self.stream_interval_s
         finally:
             req.cancelled.set()
             with self._wake:
@@ -228,16 +273,24 @@ class TorchEngine:
     def _net(self) -> Any:
         return self.peft if self.peft is not None else self.model
 
-    def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
+    def _check_loaded(self, adapters: list[str | None]) -> None:
         missing = sorted({a for a in adapters if a is not None} - set(self.adapters))
         if missing:
             raise AdapterNotFound(f"adapter {', '.join(missing)} is not loaded")
+
+    def _adapter_names(self, adapters: list[str | None]) -> dict[str, Any]:
+        """peft's per-row adapter selection, as keyword arguments of the forward."""
+        self._check_loaded(adapters)
         return {} if self.peft is None else {"adapter_names": [a or BASE for a in adapters]}
+
+    def _forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
+        """transformers' forward, each row on its adapter."""
+        return self._net(**kwargs, **self._adapter_names(adapters))
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._commands or self._waiting or self._batch.rows or self._closed):
+                while not (self._commands or self._waiting or self._rows or self._closed):
                     self._wake.wait()
                 if self._closed:
                     break
@@ -250,14 +303,15 @@ class TorchEngine:
                     future.set_exception(e)
             try:
                 self._admit_waiting()
-                if self._batch.rows:
+                if self._rows:
                     self._step()
             except Exception as e:  # a model failure ends the requests it touched, not the engine
                 log.exception("decode step failed")
-                for req in {r.owner for r in self._batch.rows}:
+                for req in {r.owner for r in self._rows}:
                     self._finish(req, e)
-                self._batch = Batch()
-        for req in [*self._waiting, *{r.owner for r in self._batch.rows}]:
+                self._rows, self._next_ids = [], None
+                self._decoder.clear()
+        for req in [*self._waiting, *{r.owner for r in self._rows}]:
             req.emit(Overloaded("the engine shut down before the request finished"))
         for _, future in self._commands:
             future.set_exception(Overloaded("the engine shut down"))
@@ -265,7 +319,7 @@ class TorchEngine:
     def _admit_waiting(self) -> None:
         """Move waiting requests into the batch while rows are free, prefilling them together."""
         admitted: list[_Request] = []
-        room = self.max_batch - len(self._batch)
+        room = self.max_batch - len(self._rows)
         with self._wake:
             while self._waiting:
                 req = self._waiting[0]
@@ -273,7 +327,7 @@ class TorchEngine:
                     self._waiting.popleft()
                     self._release()
                     continue
-                if req.spec.n > room and (self._batch.rows or admitted):
+                if req.spec.n > room and (self._rows or admitted):
                     break
                 admitted.append(self._waiting.popleft())
                 room -= req.spec.n
@@ -287,64 +341,51 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _prefill(self, reqs: list[_Request]) -> None:
-        """One left-padded forward over the new prompts; each request's n rows share it."""
-        prompts = [r.spec.prompt_ids for r in reqs]
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor(
-            [[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
-        )
-        out = self._net(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-            use_cache=True,
-            **self._adapter_kwargs([r.spec.adapter for r in reqs]),
-        )
-        rows, owners = [], []
-        for j, req in enumerate(reqs):
-            spec = req.spec
-            req.alive = spec.n
-            for i in range(spec.n):
-                generator = self._generator(spec.sampling.seed, i)
-                rows.append(
-                    Row(req, i, spec.adapter, spec.sampling, generator, len(spec.prompt_ids))
-                )
-                owners.append(j)
-        owner = torch.tensor(owners, device=self.device)  # (rows,) -> prompt
-        first = self._sample(rows, out.logits[owner, -1])
+        """One forward over the new prompts; each request's n rows share it."""
+        specs = [r.spec for r in reqs]
+        adapters = [spec.adapter for spec in specs]
+        self._check_loaded(adapters)
+        rows = [
+            Row(
+                req,
+                i,
+                req.spec.adapter,
+                req.spec.sampling,
+                self._generator(req.spec.sampling.seed, i),
+            )
+            for req in reqs
+            for i in range(req.spec.n)
+        ]
+        before = len(self._rows)
+        try:
+            logits = self._decoder.prefill(
+                [spec.prompt_ids for spec in specs], [spec.n for spec in specs], adapters
+            )
+            first = self._sample(rows, logits)
+        except Exception:
+            self._decoder.keep(list(range(before)))  # the running rows go on as they were
+            raise
+        for req in reqs:
+            req.alive = req.spec.n
         alive = self._emit(rows, first)
-        if not alive:
-            return
-        index = owner[alive]
-        cache = out.past_key_values
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        self._batch.join([rows[i] for i in alive], cache, mask[index], first[alive])
+        ids = first if self._next_ids is None else torch.cat([self._next_ids, first])
+        self._keep([*self._rows, *rows], ids, [*range(before), *(before + i for i in alive)])
 
     @torch.inference_mode()
     def _step(self) -> None:
-        batch = self._batch
-        assert batch.mask is not None and batch.next_ids is not None
-        rows = batch.rows
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
-        positions = torch.tensor([[r.position] for r in rows], device=self.device)
-        out = self._net(
-            input_ids=batch.next_ids.unsqueeze(-1),
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-            **self._adapter_kwargs([r.adapter for r in rows]),
+        assert self._next_ids is not None
+        rows = self._rows
+        logits = self._decoder.step(self._next_ids, [r.adapter for r in rows])
+        ids = self._sample(rows, logits)
+        self._keep(rows, ids, self._emit(rows, ids))
+
+    def _keep(self, rows: list[Row], ids: torch.Tensor, keep: list[int]) -> None:
+        """Go on with the rows at these indices (and their next input tokens)."""
+        order = self._decoder.keep(keep)
+        self._rows = [rows[i] for i in order]
+        self._next_ids = (
+            ids[torch.tensor(order, dtype=torch.long, device=ids.device)] if order else None
         )
-        batch.mask, batch.cache = mask, out.past_key_values
-        for r in rows:
-            r.position += 1
-        batch.next_ids = self._sample(rows, out.logits[:, -1])
-        batch.keep(self._emit(rows, batch.next_ids))
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
@@ -420,7 +461,7 @@ class TorchEngine:
         mask = torch.tensor(
             [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
         )
-        use = self._adapter_kwargs([adapter] * len(rows))
+        use = self._adapter_names([adapter] * len(rows))
         return modeling.score(self._net, head, ids, mask, **use).float().cpu().tolist()
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
@@ -432,6 +473,11 @@ class TorchEngine:
             self._attach(adapter_id, path)
         except Exception as e:
             raise AdapterRefused(f"adapter {adapter_id} could not be loaded: {e}") from e
+        try:
+            self._read_adapters()
+        except ValueError as e:
+            self._unload(adapter_id)
+            raise AdapterRefused(str(e)) from e
         try:
             if head is not None:
                 self.heads[adapter_id] = head
@@ -468,7 +514,7 @@ class TorchEngine:
         ids = torch.tensor(
             [self.encode(SMOKE_PROMPT) or [self.tokenizer.eos_token_id]], device=self.device
         )
-        use = self._adapter_kwargs([adapter_id])
+        use = self._adapter_names([adapter_id])
         if head is not None:
             values = modeling.score(self._net, head, ids, torch.ones_like(ids), **use)
             if not torch.isfinite(values).all():
@@ -484,7 +530,7 @@ class TorchEngine:
         self.heads.pop(adapter_id, None)
         if adapter_id not in self.adapters:
             return
-        in_use = [r.adapter for r in self._batch.rows] + [q.spec.adapter for q in self._waiting]
+        in_use = [r.adapter for r in self._rows] + [q.spec.adapter for q in self._waiting]
         if adapter_id in in_use:
             raise Conflict(f"adapter {adapter_id} is serving requests; unload it once they finish")
         remaining = [a for a in self.adapters if a != adapter_id]
@@ -495,6 +541,12 @@ class TorchEngine:
             # peft cannot hold zero adapters: drop the wrapper and restore the bare base layers.
             self.model = self.peft.unload()
             self.peft = None
+        self._read_adapters()
+
+    def _read_adapters(self) -> None:
+        """Hand the loaded LoRA weights to the lean decoder (ValueError: it cannot run one)."""
+        if isinstance(self._decoder, LlamaDecoder):
+            self._decoder.read_adapters(self.peft)
 
 
 def check_adapter_files(adapter_id: str, path: Path, base_model: str) -> dict[str, Any]:

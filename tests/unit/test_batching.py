@@ -15,13 +15,14 @@ pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarnin
 PROMPTS = ["reverse: abc", "add: 12 + 7", "sort: dcba", "capitalise: flywheel"]
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["auto", "generic"])
+def engine(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """On both decoders: the lean Llama one (auto, for this model) and transformers' forward."""
     from flywheel_learner.demo_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("batching")
     model = build_tiny_model(root / "tiny", seed=0)
-    engine = TorchEngine(model, device="cpu", max_pending=16, max_batch=16)
+    engine = TorchEngine(model, device="cpu", max_pending=16, max_batch=16, decoder=request.param)
     engine.adapter_dir = make_adapter(model, root / "adapter", seed=3, scale=20.0)  # type: ignore[attr-defined]
     yield engine
     engine.close()

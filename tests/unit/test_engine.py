@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flywheel_server.domain import Sampling
-from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine
+from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine, merge_events
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
 from tests.support import make_adapter
 
@@ -37,18 +37,30 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("engine-model") / "tiny", seed=0)
 
 
+@pytest.fixture(scope="module", params=["lean", "generic"])
+def decoder(request: pytest.FixtureRequest) -> str:
+    """Every engine test runs on both decoders: the lean Llama one and transformers' forward."""
+    return str(request.param)
+
+
+def open_engine(model_dir: Path, decoder: str) -> TorchEngine:
+    e = TorchEngine(model_dir, device="cpu", decoder="auto" if decoder == "lean" else decoder)
+    assert e.decoder == decoder
+    return e
+
+
 @pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Iterator[TorchEngine]:
+def engine(model_dir: Path, decoder: str) -> Iterator[TorchEngine]:
     """Shared by the tests that never load an adapter."""
-    e = TorchEngine(model_dir, device="cpu")
+    e = open_engine(model_dir, decoder)
     yield e
     e.close()
 
 
 @pytest.fixture
-def fresh_engine(model_dir: Path) -> Iterator[TorchEngine]:
+def fresh_engine(model_dir: Path, decoder: str) -> Iterator[TorchEngine]:
     """For tests that load adapters or change admission (construction is cheap)."""
-    e = TorchEngine(model_dir, device="cpu")
+    e = open_engine(model_dir, decoder)
     yield e
     e.close()
 
@@ -370,3 +382,74 @@ async def test_an_adapter_with_unreadable_weights_is_refused_and_the_base_is_unt
         await fresh_engine.load_adapter("policy-v4", bad, reward=False)
     assert fresh_engine.adapters == []
     assert await greedy_text(fresh_engine) == base_greedy[1]
+
+
+async def test_a_dora_adapter_is_refused_with_a_reason_and_the_base_still_serves(
+    fresh_engine: TorchEngine, model_dir: Path, tmp_path: Path, base_greedy: tuple[list[int], str]
+) -> None:
+    """Neither decoder runs DoRA per row (nor does peft's mixed-adapter batch)."""
+    dora = make_adapter(model_dir, tmp_path / "dora", dora=True)
+    with pytest.raises(AdapterRefused, match="DoRA"):
+        await fresh_engine.load_adapter("policy-v5", dora, reward=False)
+    assert fresh_engine.adapters == []
+    assert await greedy_text(fresh_engine) == base_greedy[1]
+
+
+async def test_a_model_the_lean_decoder_cannot_run_is_decoded_by_transformers(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    engine = TorchEngine(tmp_path / "gpt2", device="cpu")
+    try:
+        assert engine.decoder == "generic"
+        ids = torch.tensor([engine.encode(PROMPT)])
+        with torch.no_grad():
+            out = engine.model.generate(
+                input_ids=ids, do_sample=False, max_new_tokens=TOKENS, min_new_tokens=TOKENS
+            )
+        expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert await greedy_text(engine) == expected
+    finally:
+        engine.close()
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+
+def test_merged_events_join_each_completions_deltas_in_order() -> None:
+    events = [
+        TokenEvent(0, "a", None, 1),
+        TokenEvent(1, "x", None, 1),
+        TokenEvent(0, "b", None, 2),
+        TokenEvent(0, "c", "stop", 3),
+    ]
+    assert merge_events(events) == [TokenEvent(0, "abc", "stop", 3), TokenEvent(1, "x", None, 1)]
+
+
+async def test_a_stream_interval_sends_tokens_together_and_loses_none(
+    model_dir: Path, decoder: str
+) -> None:
+    e = TorchEngine(
+        model_dir,
+        device="cpu",
+        stream_interval_s=0.3,
+        decoder="auto" if decoder == "lean" else decoder,
+    )
+    try:
+        req = request(e, n=2, temperature=0, max_tokens=TOKENS)
+        deliveries = [batch async for batch in e.generate_batches(req)]
+        one_by_one = await events(e, req)
+    finally:
+        e.close()
+    assert len(deliveries) < TOKENS  # 12 steps, fewer writes
+    for batch in deliveries:
+        assert sorted(ev.index for ev in batch) == sorted({ev.index for ev in batch})
+    merged = [ev for batch in deliveries for ev in batch]
+    assert texts(merged, 2) == texts(one_by_one, 2)
+    assert [ev.completion_tokens for ev in finals(merged, 2)] == [TOKENS, TOKENS]
