@@ -90,6 +90,7 @@ async def serve(
             bento_service.Flywheel.to_asgi(),  # type: ignore[attr-defined]  # added by @bentoml.service
             host=config.host,
             port=config.http_port,
+            http="httptools",
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=30,

@@ -11,25 +11,25 @@ slot of a preallocated cache:
   row (one row's cache is copied, not the whole batch's);
 - each row names its LoRA adapter: rows on the same adapter share one pair of low-rank matmuls.
 
+The forward pass itself is the pure function `llama_forward.forward`.
 It serves Llama, Mistral (without a sliding window) and Qwen2 models; `unsupported_reason` says
 why another model falls back to the generic decoder. Its logits match transformers' (tested).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from flywheel_server import llama_forward
+from flywheel_server.llama_forward import Shape, Weights
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin independent of sequence length
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_ROWS, MIN_LENGTH = 8, 64  # the cache's first size; it doubles when it must
-
-Groups = list[tuple[str, torch.Tensor | None]]  # adapter id -> its rows (None: every row)
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -58,50 +58,45 @@ def _projection(layer: Any, name: str) -> Any:
     return getattr(layer.self_attn if name in PROJECTIONS[:4] else layer.mlp, name)
 
 
-@dataclass(frozen=True)
-class _Layer:
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # name -> (weight, bias)
-
-
 class LlamaDecoder:
     """Keys, values and length of every running row, and the forward passes that extend them."""
 
     def __init__(self, model: Any) -> None:
         config, inner = model.config, model.model
         attention = inner.layers[0].self_attn
-        self.heads: int = config.num_attention_heads
-        self.kv_heads: int = config.num_key_value_heads
-        self.head_dim: int = attention.head_dim
-        self.scaling: float = attention.scaling
-        self.eps: float = config.rms_norm_eps
+        self.shape = Shape(
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=attention.head_dim,
+            scaling=attention.scaling,
+            eps=config.rms_norm_eps,
+        )
         self.max_length: int = config.max_position_embeddings
         self.embed = inner.embed_tokens.weight
-        self.norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
-        self.layers = [
-            _Layer(
-                layer.input_layernorm.weight,
-                layer.post_attention_layernorm.weight,
-                {
-                    name: (_projection(layer, name).weight, _projection(layer, name).bias)
-                    for name in PROJECTIONS
-                },
-            )
-            for layer in inner.layers
-        ]
-        self._modules = {  # base Linear -> (layer, name), to find the LoRA peft wraps around it
-            id(_projection(layer, name)): (i, name)
-            for i, layer in enumerate(inner.layers)
-            for name in PROJECTIONS
-        }
+        linears = [_projection(layer, name) for layer in inner.layers for name in PROJECTIONS]
+        self.weights = Weights(
+            embed=self.embed,
+            norm=inner.norm.weight,
+            lm_head=model.lm_head.weight,
+            norms=[
+                w
+                for layer in inner.layers
+                for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            ],
+            linears=[m.weight for m in linears],
+            biases=[m.bias for m in linears],
+            cos=self.embed.new_zeros(0, self.shape.head_dim),
+            sin=self.embed.new_zeros(0, self.shape.head_dim),
+        )
+        self.layers = len(inner.layers)
+        self._modules = {id(m): i for i, m in enumerate(linears)}  # base Linear -> its index
         self._rotary = inner.rotary_emb
-        self.lora: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._lora_lists: dict[tuple[str, ...], list[list[tuple[int, torch.Tensor, torch.Tensor]]]]
+        self._lora_lists = {}
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.embed.device)
-        self.keys: list[torch.Tensor] = []  # per layer: (row slots, kv heads, positions, head dim)
+        self.keys: list[torch.Tensor] = []  # per layer: (row slots, positions, kv heads, head dim)
         self.values: list[torch.Tensor] = []
-        self._cos = self._sin = self.embed.new_zeros(0, self.head_dim)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -112,11 +107,8 @@ class LlamaDecoder:
         """Take every LoRA adapter's weights from the peft model (None: no adapters)."""
         from peft.tuners.lora import LoraLayer
 
-        lora: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        if peft is None:
-            self.lora = lora
-            return
-        for adapter, config in peft.peft_config.items():
+        lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for adapter, config in ({} if peft is None else peft.peft_config).items():
             if getattr(config, "modules_to_save", None) or getattr(
                 config, "trainable_token_indices", None
             ):
@@ -124,48 +116,41 @@ class LlamaDecoder:
                     f"the lean decoder cannot serve adapter {adapter}: it trains whole modules "
                     "or token rows besides its LoRA matrices"
                 )
-        for name, module in peft.named_modules():
+        for name, module in [] if peft is None else peft.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
-            key = self._modules.get(id(module.get_base_layer()))
+            index = self._modules.get(id(module.get_base_layer()))
             for adapter in {*module.lora_A, *module.lora_embedding_A}:
-                problem = f"it adapts {name}" if key is None else _lora_problem(module, adapter)
-                if key is None or problem:
+                problem = f"it adapts {name}" if index is None else _lora_problem(module, adapter)
+                if index is None or problem:
                     raise ValueError(f"the lean decoder cannot serve adapter {adapter}: {problem}")
                 dtype = self.embed.dtype
                 a = torch.as_tensor(module.lora_A[adapter].weight).to(dtype)
                 b = (module.lora_B[adapter].weight * module.scaling[adapter]).to(dtype)
-                lora.setdefault(key, {})[adapter] = (a, b)
-        self.lora = lora
+                lora.setdefault(index, {})[adapter] = (a, b)
+        self.lora, self._lora_lists = lora, {}
 
-    def _linear(self, x: torch.Tensor, layer: int, name: str, groups: Groups) -> torch.Tensor:
-        weight, bias = self.layers[layer].linears[name]
-        y = F.linear(x, weight, bias)
-        adapters = self.lora.get((layer, name))
-        if not adapters:
-            return y
-        for adapter, rows in groups:
-            if adapter not in adapters:
-                continue
-            a, b = adapters[adapter]
-            if rows is None:
-                y = y + F.linear(F.linear(x, a), b)
-            else:
-                y = y.index_add(0, rows, F.linear(F.linear(x[rows], a), b))
-        return y
-
-    def groups(self, adapters: Sequence[str | None]) -> Groups:
-        """Rows per adapter, for the low-rank matmuls (rows on the base model need none)."""
-        names = {a for a in adapters if a is not None}
-        if not names:
-            return []
+    def _adapters(
+        self, adapters: Sequence[str | None]
+    ) -> tuple[list[list[tuple[int, torch.Tensor, torch.Tensor]]], list[torch.Tensor | None]]:
+        """The forward's view of the rows' adapters: per linear, the (group, A, B) to add; per
+        group, its rows (None: every row). Rows on the base model are in no group."""
+        names = sorted({a for a in adapters if a is not None})
         if len(names) == 1 and None not in adapters:
-            return [(names.pop(), None)]
-        device = self.embed.device
-        return [
-            (a, torch.tensor([i for i, x in enumerate(adapters) if x == a], device=device))
-            for a in sorted(names)
-        ]
+            rows: list[torch.Tensor | None] = [None]
+        else:
+            device = self.embed.device
+            rows = [
+                torch.tensor([i for i, x in enumerate(adapters) if x == a], device=device)
+                for a in names
+            ]
+        key = tuple(names)
+        if key not in self._lora_lists:
+            self._lora_lists[key] = [
+                [(g, *self.lora[i][a]) for g, a in enumerate(names) if a in self.lora.get(i, {})]
+                for i in range(len(self.weights.linears))
+            ]
+        return self._lora_lists[key], rows
 
     # -- the cache --------------------------------------------------------------------------
 
@@ -175,9 +160,7 @@ class LlamaDecoder:
             raise ValueError(
                 f"a row needs {length} positions; the model has {self.max_length} positions"
             )
-        have_rows, have_length = (
-            (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
-        )
+        have_rows, have_length = self.keys[0].shape[:2] if self.keys else (0, 0)
         if rows <= have_rows and length <= have_length:
             return
         new_rows = have_rows if rows <= have_rows else max(rows, MIN_ROWS, 2 * have_rows)
@@ -186,23 +169,23 @@ class LlamaDecoder:
             if length <= have_length
             else min(self.max_length, max(length, MIN_LENGTH, 2 * have_length))
         )
-        shape = (new_rows, self.kv_heads, new_length, self.head_dim)
+        shape = (new_rows, new_length, self.shape.kv_heads, self.shape.head_dim)
         n = len(self)
 
-        def grown(old: torch.Tensor) -> torch.Tensor:
+        def grown(old: torch.Tensor | None) -> torch.Tensor:
             new = self.embed.new_zeros(shape)
-            new[:n, :, : old.shape[2]] = old[:n]
+            if old is not None:
+                new[:n, : old.shape[1]] = old[:n]
             return new
 
-        if self.keys:
-            self.keys = [grown(k) for k in self.keys]
-            self.values = [grown(v) for v in self.values]
-        else:
-            self.keys = [self.embed.new_zeros(shape) for _ in self.layers]
-            self.values = [self.embed.new_zeros(shape) for _ in self.layers]
+        nothing: list[torch.Tensor | None] = [None] * self.layers
+        old_keys = self.keys or nothing
+        old_values = self.values or nothing
+        self.keys = [grown(k) for k in old_keys]
+        self.values = [grown(v) for v in old_values]
         positions = torch.arange(new_length, device=self.embed.device)[None]
         cos, sin = self._rotary(self.embed[:1], positions)
-        self._cos, self._sin = cos[0], sin[0]
+        self.weights = self.weights._replace(cos=cos[0], sin=sin[0])
 
     def keep(self, keep: list[int]) -> list[int]:
         """Keep the rows at these (ascending) indices; return them in their new slot order.
@@ -247,27 +230,15 @@ class LlamaDecoder:
         One forward over the right-padded prompts; a prompt's extra copies get a copy of its cache."""
         device = self.embed.device
         start, width = len(self), max(len(p) for p in prompts)
-        total = sum(copies)
-        self._reserve(start + total, width + 1)
+        self._reserve(start + sum(copies), width + 1)
         firsts = [start + sum(copies[:j]) for j in range(len(prompts))]
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         ids = torch.tensor([[*p, *[0] * (width - len(p))] for p in prompts], device=device)
         slots = torch.tensor(firsts, device=device)
-        positions = torch.arange(width, device=device)
-        causal = positions[None, :] <= positions[:, None]  # (query, key)
-        mask = (causal[None] & (positions[None, None, :] < lengths[:, None, None]))[:, None]
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.keys[layer][slots, :, :width] = k
-            self.values[layer][slots, :, :width] = v
-            return self._attention(q, k, v, mask)
-
-        cos, sin = self._cos[:width][None, None], self._sin[:width][None, None]
-        h = self._layers(self.embed[ids], cos, sin, self.groups(adapters), attend)
-        logits = self._logits(h[torch.arange(len(prompts), device=device), lengths - 1])
+        positions = torch.arange(width, device=device).expand(len(prompts), width)
+        logits = self._run(ids, positions, slots, lengths - 1, width, False, adapters)
         count = torch.tensor(list(copies), device=device)
-        row_lengths = lengths.repeat_interleave(count)
-        self.lengths = torch.cat([self.lengths, row_lengths])
+        self.lengths = torch.cat([self.lengths, lengths.repeat_interleave(count)])
         src = slots.repeat_interleave(count - 1)
         if len(src):
             dst = torch.tensor(
@@ -275,74 +246,46 @@ class LlamaDecoder:
                 device=device,
             )
             for cache in (*self.keys, *self.values):
-                cache[dst, :, :width] = cache[src, :, :width]
+                cache[dst, :width] = cache[src, :width]
         return logits.repeat_interleave(count, dim=0)
 
     def step(self, ids: torch.Tensor, adapters: Sequence[str | None]) -> torch.Tensor:
         """Feed one token to every row (ids: (rows,)); the logits of each row's next token."""
-        rows = len(self)
-        lengths = self.lengths
+        rows, lengths = len(self), self.lengths
         span = int(lengths.max()) + 1
         self._reserve(rows, span)
         slots = torch.arange(rows, device=lengths.device)
-        mask = (torch.arange(span, device=lengths.device)[None] <= lengths[:, None])[
-            :, None, None, :
-        ]
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = self.keys[layer], self.values[layer]
-            keys[slots, :, lengths] = k[:, :, 0]
-            values[slots, :, lengths] = v[:, :, 0]
-            return self._attention(q, keys[:rows, :, :span], values[:rows, :, :span], mask)
-
-        cos, sin = self._cos[lengths][:, None, None], self._sin[lengths][:, None, None]
-        h = self._layers(self.embed[ids][:, None], cos, sin, self.groups(adapters), attend)
-        self.lengths = lengths + 1
-        return self._logits(h[:, 0])
-
-    def _layers(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        groups: Groups,
-        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """Every decoder layer over h (rows, tokens, hidden); attend stores k, v and attends."""
-        rows, tokens, hidden = h.shape
-        for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (hidden,), layer.ln1, self.eps)
-            q = self._heads(self._linear(x, i, "q_proj", groups), self.heads)
-            k = self._heads(self._linear(x, i, "k_proj", groups), self.kv_heads)
-            v = self._heads(self._linear(x, i, "v_proj", groups), self.kv_heads)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            out = attend(i, q, k, v).transpose(1, 2).reshape(rows, tokens, -1)
-            h = h + self._linear(out, i, "o_proj", groups)
-            x = F.rms_norm(h, (hidden,), layer.ln2, self.eps)
-            gate = F.silu(self._linear(x, i, "gate_proj", groups))
-            up = self._linear(x, i, "up_proj", groups)
-            h = h + self._linear(gate * up, i, "down_proj", groups)
-        return h
-
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """(rows, tokens, heads * head_dim) -> (rows, heads, tokens, head_dim)"""
-        return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
-
-    def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.heads != self.kv_heads
+        logits = self._run(
+            ids[:, None], lengths[:, None], slots, torch.zeros_like(slots), span, True, adapters
         )
+        self.lengths = lengths + 1
+        return logits
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.eps), self.lm_head)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as transformers applies it (rotate the two halves)."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+    def _run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        last: torch.Tensor,
+        span: int,
+        contiguous: bool,
+        adapters: Sequence[str | None],
+    ) -> torch.Tensor:
+        lora, group_rows = self._adapters(adapters)
+        return llama_forward.forward(
+            ids,
+            positions,
+            slots,
+            last,
+            span,
+            contiguous,
+            self.weights,
+            self.shape,
+            self.keys,
+            self.values,
+            lora,
+            group_rows,
+        )
 
 
 def _lora_problem(module: Any, adapter: str) -> str | None:
