@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import torch
@@ -34,6 +38,16 @@ from flywheel_learner.demo_model import build_random_model  # noqa: E402
 from tests.support import ServerProcess  # noqa: E402
 
 PROMPT = "<|bos|><|user|>\nreverse: flywheel\n<|assistant|>\n"
+T = TypeVar("T")
+
+
+def isolated(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in a fresh process. OpenMP keeps a thread team per calling thread, and torch ops
+    on one thread slow later ops on another: one `generate` call on the main thread halved the
+    engine thread's rate at 32 clients (5,779 -> 2,999 tok/s), so no measurement shares a process
+    with another."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,7 +63,8 @@ def parse_args() -> argparse.Namespace:
         "--backends",
         default="torch",
         help="comma-separated: torch and vllm (flywheel serve --backend ...), vllm-direct "
-        "(vLLM's own server, no flywheel in front)",
+        "(vLLM's own server, no flywheel in front), null (flywheel with the model's math taken "
+        "out: the ceiling of the server around it, see bench/null_engine.py)",
     )
     p.add_argument(
         "--vllm-python",
@@ -93,6 +108,12 @@ def baselines(
         "generate_one_at_a_time_tok_s": single,
         f"generate_static_batch_{static_batch}_tok_s": static,
     }
+
+
+def engine_rate(
+    model_dir: Path, clients: int, requests: int, max_tokens: int, device: str
+) -> float:
+    return asyncio.run(engine_load(model_dir, clients, requests, max_tokens, device))
 
 
 async def engine_load(
@@ -187,10 +208,19 @@ def serve_levels(
 ) -> list[dict[str, float]]:
     if backend == "vllm-direct":
         return vllm_direct_levels(model_dir, data_dir, levels, args)
-    flags = ["--device", args.device, "--backend", backend]
+    flags = ["--device", args.device, "--backend", "torch" if backend == "null" else backend]
     if backend == "vllm":
         flags += ["--vllm-python", str(args.vllm_python)]
-    server = ServerProcess(model_dir, data_dir, args=flags, start_timeout_s=900).start()
+    program = (
+        [sys.executable, str(ROOT / "bench" / "null_engine.py")] if backend == "null" else None
+    )
+    server = ServerProcess(
+        model_dir,
+        data_dir,
+        args=flags,
+        start_timeout_s=900,
+        **({"program": program} if program else {}),
+    ).start()
     try:
         return [asyncio.run(load(server.http, c, args.requests, args.max_tokens)) for c in levels]
     finally:
@@ -217,6 +247,12 @@ def vllm_direct_levels(
         process.stop()
 
 
+def parameters(model_dir: Path) -> int:
+    from flywheel_learner.modeling import load_base
+
+    return sum(p.numel() for p in load_base(model_dir)[0].parameters())
+
+
 def main() -> None:
     args = parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -228,15 +264,10 @@ def main() -> None:
             heads=args.heads,
             intermediate=4 * args.hidden,
         )
-        params = sum(
-            p.numel()
-            for p in __import__("flywheel_learner.modeling", fromlist=["x"])
-            .load_base(model_dir)[0]
-            .parameters()
-        )
-        base = baselines(model_dir, args.max_tokens, args.device)
+        params = isolated(parameters, model_dir)
+        base = isolated(baselines, model_dir, args.max_tokens, args.device)
         engine_only = {
-            c: asyncio.run(engine_load(model_dir, c, args.requests, args.max_tokens, args.device))
+            c: isolated(engine_rate, model_dir, c, args.requests, args.max_tokens, args.device)
             for c in levels
         }
         runs = {

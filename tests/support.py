@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
@@ -71,6 +72,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         args: list[str] = (),
         start_timeout_s: float = START_TIMEOUT_S,
+        program: Sequence[str] = (FLYWHEEL,),
     ) -> None:
         self.model = model
         self.data_dir = data_dir
@@ -79,6 +81,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.args = list(args)
         self.start_timeout_s = start_timeout_s
+        self.program = list(program)  # what runs `serve ...` (a benchmark may wrap flywheel)
         self.proc: subprocess.Popen[str] | None = None
         self.log = data_dir / "server.log"
 
@@ -97,7 +100,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            FLYWHEEL,
+            *self.program,
             "serve",
             "--model",
             str(self.model),

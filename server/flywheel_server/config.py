@@ -73,7 +73,8 @@ class ServerConfig:
     max_batch: int = _opt("rows (completions) decoded together in one step", default=64)
     stream_interval_ms: int = _opt(
         "torch backend: least time between two writes to one stream; the tokens decoded in "
-        "between go out together (the first token is never held back; 0 = a write per step)",
+        "between go out together (the first tokens and the end are never held back; 0 = a "
+        "write per decode step)",
         default=20,
     )
     keep_versions: int = _opt(

@@ -18,7 +18,9 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,8 @@ class _Request:
     queue: asyncio.Queue[Delivery]
     cancelled: threading.Event = field(default_factory=threading.Event)
     alive: int = 0  # rows still decoding
+    held: list[TokenEvent | None] = field(default_factory=list)  # decoded, not yet delivered
+    delivered_at: float = -math.inf  # time.monotonic() of the last delivery
 
     def emit(self, item: Delivery) -> None:
         _post(self.loop, [(self.queue, item)])
@@ -125,7 +129,7 @@ class TorchEngine:
         stream_interval_s: float = 0.0,
         decoder: str = "auto",
     ) -> None:
-        """stream_interval_s: least time between two deliveries to one stream (0: every step).
+        """stream_interval_s: least time between two deliveries to one request (0: each step).
         decoder: "auto" (the lean decoder where the model allows it) or "generic"."""
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
@@ -202,9 +206,9 @@ class TorchEngine:
 
     async def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
         """Stream token events, one per completion with every token decoded since the last
-        delivery: a consumer that falls behind catches up in one write, and under load a stream
-        is written at most once per stream_interval_s (the first token goes at once). Closing
-        the iterator drops the request's rows at the next step."""
+        delivery. A request gets at most one delivery per stream_interval_s (its first tokens
+        and its end go at once), and a consumer that falls behind catches up in one write.
+        Closing the iterator drops the request's rows at the next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         req = _Request(request, loop, queue)
@@ -215,13 +219,9 @@ class TorchEngine:
             self._wake.notify()
         try:
             done = False
-            next_delivery = 0.0
             while not done:
                 ready: list[TokenEvent] = []
                 delivery = await queue.get()
-                wait = next_delivery - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
                 while True:
                     if isinstance(delivery, BaseException):
                         raise delivery
@@ -235,7 +235,6 @@ class TorchEngine:
                     delivery = queue.get_nowait()
                 if ready:
                     yield merge_events(ready)
-                    next_delivery = loop.time() + self.stream_interval_s
         finally:
             req.cancelled.set()
             with self._wake:
@@ -422,12 +421,17 @@ class TorchEngine:
         deliveries: dict[
             asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delivery], Delivery]]
         ] = {}
+        now = time.monotonic()
         for req, items in events.items():
+            req.held += items
             if req.alive <= 0:
-                items.append(None)
+                req.held.append(None)
                 self._release()
-            if items:
-                deliveries.setdefault(req.loop, []).append((req.queue, items))
+            elif now - req.delivered_at < self.stream_interval_s:
+                continue  # delivered recently: these go with a later step's
+            if req.held:
+                deliveries.setdefault(req.loop, []).append((req.queue, req.held))
+                req.held, req.delivered_at = [], now
         for loop, batch in deliveries.items():
             _post(loop, batch)
         return alive
