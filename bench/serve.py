@@ -34,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sse_client import HTTPStatusError, SSEConnection  # noqa: E402  # bench/ is on sys.path
+
 from flywheel_learner.demo_model import build_random_model  # noqa: E402
 from tests.support import ServerProcess  # noqa: E402
 
@@ -72,6 +74,12 @@ def parse_args() -> argparse.Namespace:
         default=ROOT / ".venv-vllm" / "bin" / "python",
         help="the Python with vllm installed (default: .venv-vllm, from make vllm-env)",
     )
+    p.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="the load generator's HTTP client: raw (bench/sse_client.py, less CPU) or httpx",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve.json")
     return p.parse_args()
 
@@ -92,7 +100,7 @@ def baselines(
         pad_token_id=tokenizer.pad_token_id,
     )
     model.generate(ids, **kwargs)  # warm-up
-    n_single = 16
+    n_single = 48
     start = time.perf_counter()
     for _ in range(n_single):
         model.generate(ids, **kwargs)
@@ -100,7 +108,7 @@ def baselines(
     batch = ids.expand(static_batch, -1)
     model.generate(batch, **kwargs)
     start = time.perf_counter()
-    rounds = 3
+    rounds = 8
     for _ in range(rounds):
         model.generate(batch, **kwargs)
     static = rounds * static_batch * max_tokens / (time.perf_counter() - start)
@@ -146,9 +154,8 @@ async def engine_load(
         engine.close()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[float, int]:
-    """(time to first token, completion tokens) of one streamed completion."""
-    body = {
+def completion_body(max_tokens: int) -> dict[str, object]:
+    return {
         "model": "policy",
         "prompt": PROMPT,
         "max_tokens": max_tokens,
@@ -156,38 +163,78 @@ async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> t
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    start = time.perf_counter()
-    ttft = None
-    tokens = 0
-    async with client.stream("POST", url, json=body) as r:
+
+
+class Tally:
+    """Time to first token and token count of one streamed completion, event by event."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.ttft: float | None = None
+        self.tokens = 0
+
+    def event(self, data: bytes) -> None:
+        if data == b"[DONE]" or (self.ttft is not None and b'"usage"' not in data):
+            return  # text after the first: nothing to count (the usage chunk has the total)
+        doc = json.loads(data)
+        if self.ttft is None and doc["choices"] and doc["choices"][0].get("text"):
+            self.ttft = time.perf_counter() - self.start
+        if doc.get("usage"):
+            self.tokens = doc["usage"]["completion_tokens"]
+
+    def result(self) -> tuple[float, int]:
+        ttft = self.ttft if self.ttft is not None else time.perf_counter() - self.start
+        return ttft, self.tokens
+
+
+async def one_request_httpx(
+    client: httpx.AsyncClient, url: str, max_tokens: int
+) -> tuple[float, int]:
+    tally = Tally()
+    async with client.stream("POST", url, json=completion_body(max_tokens)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            doc = json.loads(line[6:])
-            if ttft is None and doc["choices"] and doc["choices"][0].get("text"):
-                ttft = time.perf_counter() - start
-            if doc.get("usage"):
-                tokens = doc["usage"]["completion_tokens"]
-    return (ttft if ttft is not None else time.perf_counter() - start), tokens
+            if line.startswith("data: "):
+                tally.event(line[6:].encode())
+    return tally.result()
 
 
-async def load(base_url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+async def one_request_raw(conn: SSEConnection, max_tokens: int) -> tuple[float, int]:
+    tally = Tally()
+    body = json.dumps(completion_body(max_tokens)).encode()
+    async for data in conn.post_events("/v1/completions", body):
+        tally.event(data)
+    return tally.result()
+
+
+async def load(
+    base_url: str, clients: int, requests: int, max_tokens: int, client: str = "raw"
+) -> dict[str, float]:
+    """N clients, each sending `requests` streamed completions in sequence on its own
+    keep-alive connection; client "raw" (bench/sse_client.py) or "httpx"."""
     url = f"{base_url}/v1/completions"
+    host, port = httpx.URL(base_url).host, httpx.URL(base_url).port or 80
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await one_request(client, url, max_tokens)  # warm-up
-        results: list[tuple[float, int]] = []
-        failures = 0
+    results: list[tuple[float, int]] = []
+    failures = 0
+    async with httpx.AsyncClient(timeout=300, limits=limits) as pool:
 
         async def worker() -> None:
             nonlocal failures
-            for _ in range(requests):
-                try:
-                    results.append(await one_request(client, url, max_tokens))
-                except httpx.HTTPError:
-                    failures += 1
+            conn = SSEConnection(host, port)
+            try:
+                for _ in range(requests):
+                    try:
+                        if client == "httpx":
+                            results.append(await one_request_httpx(pool, url, max_tokens))
+                        else:
+                            results.append(await one_request_raw(conn, max_tokens))
+                    except (httpx.HTTPError, HTTPStatusError, OSError, asyncio.IncompleteReadError):
+                        failures += 1
+            finally:
+                await conn.close()
 
+        await one_request_httpx(pool, url, max_tokens)  # warm-up
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
@@ -222,9 +269,27 @@ def serve_levels(
         **({"program": program} if program else {}),
     ).start()
     try:
-        return [asyncio.run(load(server.http, c, args.requests, args.max_tokens)) for c in levels]
+        return [http_level(model_dir, server.http, c, args) for c in levels]
     finally:
         server.stop()
+
+
+def http_level(
+    model_dir: Path, url: str, clients: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """One concurrency level through HTTP, with the baselines measured just before it: this
+    machine's speed drifts by tens of percent within minutes, so each ratio compares figures
+    taken side by side."""
+    base = isolated(baselines, model_dir, args.max_tokens, args.device)
+    result = asyncio.run(load(url, clients, args.requests, args.max_tokens, args.client))
+    return {**result, **base}
+
+
+def engine_level(model_dir: Path, clients: int, args: argparse.Namespace) -> dict[str, float]:
+    """The engine alone in-process at one concurrency level, with its own baselines."""
+    base = isolated(baselines, model_dir, args.max_tokens, args.device)
+    rate = isolated(engine_rate, model_dir, clients, args.requests, args.max_tokens, args.device)
+    return {"clients": clients, "tok_s": rate, **base}
 
 
 def vllm_direct_levels(
@@ -242,7 +307,7 @@ def vllm_direct_levels(
     process = vllm_sidecar.VllmProcess(command, port, data_dir / "vllm.log").start()
     try:
         asyncio.run(process.wait_ready())
-        return [asyncio.run(load(process.url, c, args.requests, args.max_tokens)) for c in levels]
+        return [http_level(model_dir, process.url, c, args) for c in levels]
     finally:
         process.stop()
 
@@ -265,17 +330,11 @@ def main() -> None:
             intermediate=4 * args.hidden,
         )
         params = isolated(parameters, model_dir)
-        base = isolated(baselines, model_dir, args.max_tokens, args.device)
-        engine_only = {
-            c: isolated(engine_rate, model_dir, c, args.requests, args.max_tokens, args.device)
-            for c in levels
-        }
+        engine = [engine_level(model_dir, c, args) for c in levels]
         runs = {
             backend: serve_levels(model_dir, Path(tmp) / backend, backend, levels, args)
             for backend in args.backends.split(",")
         }
-    single = base["generate_one_at_a_time_tok_s"]
-    static = base["generate_static_batch_32_tok_s"]
     report = {
         "device": args.device
         if args.device != "cpu"
@@ -287,40 +346,30 @@ def main() -> None:
             "parameters": params,
         },
         "max_tokens": args.max_tokens,
-        "baselines": base,
-        "engine_in_process_tok_s": engine_only,
+        "client": args.client,
+        "engine_in_process": engine,
         "http": runs,
     }
     print(
-        f"model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f} M parameters; {args.max_tokens} new tokens"
+        f"model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.2f} M "
+        f"parameters; {args.max_tokens} new tokens; each row's ratios against the `generate` "
+        "baselines measured just before it"
     )
-    print(f"generate one at a time: {single:8.0f} tok/s   static batch 32: {static:8.0f} tok/s")
-    header = (
-        "backend",
-        "clients",
-        "engine tok/s",
-        "HTTP tok/s",
-        "x one-at-a-time",
-        "of static-32",
-        "TTFT p50 ms",
-        "TTFT p99 ms",
-        "failed",
-    )
-    print("".join(f"{h:>16}" for h in header))
-    for backend, backend_runs in runs.items():
-        for r in backend_runs:
-            cells = (
-                backend,
-                r["clients"],
-                f"{engine_only[r['clients']]:.0f}" if backend == "torch" else "-",
-                f"{r['tok_s']:.0f}",
-                f"{r['tok_s'] / single:.1f}x",
-                f"{r['tok_s'] / static:.0%}",
-                f"{r['ttft_p50_ms']:.1f}",
-                f"{r['ttft_p99_ms']:.1f}",
-                r["failed"],
-            )
-            print("".join(f"{c:>16}" for c in cells))
+    header = ("backend", "clients", "1-at-a-time", "static-32", "tok/s", "x 1-at-a-time")
+    header += ("of static-32", "TTFT p50 ms", "TTFT p99 ms", "failed")
+    print("".join(f"{h:>14}" for h in header))
+    rows = [("engine", r) for r in engine]
+    rows += [(backend, r) for backend, backend_runs in runs.items() for r in backend_runs]
+    for backend, r in rows:
+        single = r["generate_one_at_a_time_tok_s"]
+        static = r["generate_static_batch_32_tok_s"]
+        cells = [backend, r["clients"], f"{single:.0f}", f"{static:.0f}", f"{r['tok_s']:.0f}"]
+        cells += [f"{r['tok_s'] / single:.1f}x", f"{r['tok_s'] / static:.0%}"]
+        if backend == "engine":
+            cells += ["-", "-", "-"]
+        else:
+            cells += [f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_p99_ms']:.1f}", r["failed"]]
+        print("".join(f"{c:>14}" for c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
