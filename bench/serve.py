@@ -269,20 +269,41 @@ def serve_levels(
         **({"program": program} if program else {}),
     ).start()
     try:
-        return [http_level(model_dir, server.http, c, args) for c in levels]
+        assert server.proc is not None
+        return [http_level(model_dir, server.http, server.proc.pid, c, args) for c in levels]
     finally:
         server.stop()
 
 
 def http_level(
-    model_dir: Path, url: str, clients: int, args: argparse.Namespace
+    model_dir: Path, url: str, pid: int, clients: int, args: argparse.Namespace
 ) -> dict[str, float]:
     """One concurrency level through HTTP, with the baselines measured just before it: this
     machine's speed drifts by tens of percent within minutes, so each ratio compares figures
-    taken side by side."""
+    taken side by side. Also the CPU the server (pid and its children) and the load generator
+    used, per token."""
     base = isolated(baselines, model_dir, args.max_tokens, args.device)
+    server_before, client_before = cpu_seconds(pid), time.process_time()
     result = asyncio.run(load(url, clients, args.requests, args.max_tokens, args.client))
-    return {**result, **base}
+    server_cpu, client_cpu = cpu_seconds(pid) - server_before, time.process_time() - client_before
+    per_token = {
+        "server_cpu_ms_per_token": 1000 * server_cpu / max(1, result["tokens"]),
+        "client_cpu_ms_per_token": 1000 * client_cpu / max(1, result["tokens"]),
+    }
+    return {**result, **base, **per_token}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children, from /proc (Linux)."""
+    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def engine_level(model_dir: Path, clients: int, args: argparse.Namespace) -> dict[str, float]:
@@ -307,7 +328,8 @@ def vllm_direct_levels(
     process = vllm_sidecar.VllmProcess(command, port, data_dir / "vllm.log").start()
     try:
         asyncio.run(process.wait_ready())
-        return [http_level(model_dir, process.url, c, args) for c in levels]
+        assert process.proc is not None
+        return [http_level(model_dir, process.url, process.proc.pid, c, args) for c in levels]
     finally:
         process.stop()
 
@@ -356,7 +378,7 @@ def main() -> None:
         "baselines measured just before it"
     )
     header = ("backend", "clients", "1-at-a-time", "static-32", "tok/s", "x 1-at-a-time")
-    header += ("of static-32", "TTFT p50 ms", "TTFT p99 ms", "failed")
+    header += ("of static-32", "TTFT p50 ms", "TTFT p99 ms", "failed", "server ms/tok", "client")
     print("".join(f"{h:>14}" for h in header))
     rows = [("engine", r) for r in engine]
     rows += [(backend, r) for backend, backend_runs in runs.items() for r in backend_runs]
@@ -366,9 +388,10 @@ def main() -> None:
         cells = [backend, r["clients"], f"{single:.0f}", f"{static:.0f}", f"{r['tok_s']:.0f}"]
         cells += [f"{r['tok_s'] / single:.1f}x", f"{r['tok_s'] / static:.0%}"]
         if backend == "engine":
-            cells += ["-", "-", "-"]
+            cells += ["-"] * 5
         else:
             cells += [f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_p99_ms']:.1f}", r["failed"]]
+            cells += [f"{r['server_cpu_ms_per_token']:.2f}", f"{r['client_cpu_ms_per_token']:.2f}"]
         print("".join(f"{c:>14}" for c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
