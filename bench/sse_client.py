@@ -40,7 +40,7 @@ class SSEConnection:
         try:
             status, headers = await self._head()
             if status != 200:
-                await self._body(headers).__anext__()  # read it, keep the connection usable
+                await self.close()  # the next request opens a new connection
                 raise HTTPStatusError(f"HTTP {status}")
             buffer = b""
             async for chunk in self._body(headers):
