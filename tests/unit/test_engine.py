@@ -43,8 +43,9 @@ def decoder(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def open_engine(model_dir: Path, decoder: str) -> TorchEngine:
-    e = TorchEngine(model_dir, device="cpu", decoder="auto" if decoder == "lean" else decoder)
+def open_engine(model_dir: Path, decoder: str, **options: float) -> TorchEngine:
+    choice = "auto" if decoder == "lean" else decoder
+    e = TorchEngine(model_dir, device="cpu", decoder=choice, **options)
     assert e.decoder == decoder
     return e
 
@@ -437,12 +438,7 @@ async def test_within_the_stream_interval_tokens_wait_but_the_first_and_the_end_
 ) -> None:
     """An interval longer than the whole request: one delivery for the first tokens, one at the
     end with everything else (the consumer may find both at once), and nothing is lost."""
-    e = TorchEngine(
-        model_dir,
-        device="cpu",
-        stream_interval_s=600.0,
-        decoder="auto" if decoder == "lean" else decoder,
-    )
+    e = open_engine(model_dir, decoder, stream_interval_s=600.0)
     try:
         req = request(e, n=2, temperature=0, max_tokens=TOKENS)
 
