@@ -49,7 +49,6 @@ def main() -> None:
             hidden=args.hidden,
             layers=args.layers,
             heads=args.heads,
-            intermediate=4 * args.hidden,
         )
         model, _ = load_base(model_dir)
     rows, cached = args.rows, args.cached

@@ -84,9 +84,7 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = build_random_model(
-            root / "model", hidden=128, layers=4, heads=4, intermediate=512
-        )
+        model_dir = build_random_model(root / "model", hidden=128, layers=4, heads=4)
         base = modeling.base_fingerprint(model_dir)
         adapters = [
             make_adapter(model_dir, root / f"adapter-{i}", seed=i) for i in range(args.swaps)

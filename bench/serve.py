@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from sse_client import HTTPStatusError, SSEConnection  # noqa: E402  # bench/ is on sys.path
 
 from flywheel_learner.demo_model import build_random_model  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
+from tests.support import FLYWHEEL, ServerProcess  # noqa: E402
 
 PROMPT = "<|bos|><|user|>\nreverse: flywheel\n<|assistant|>\n"
 T = TypeVar("T")
@@ -258,15 +258,10 @@ def serve_levels(
     flags = ["--device", args.device, "--backend", "torch" if backend == "null" else backend]
     if backend == "vllm":
         flags += ["--vllm-python", str(args.vllm_python)]
-    program = (
-        [sys.executable, str(ROOT / "bench" / "null_engine.py")] if backend == "null" else None
-    )
+    null = [sys.executable, str(ROOT / "bench" / "null_engine.py")]
+    program = null if backend == "null" else [FLYWHEEL]
     server = ServerProcess(
-        model_dir,
-        data_dir,
-        args=flags,
-        start_timeout_s=900,
-        **({"program": program} if program else {}),
+        model_dir, data_dir, args=flags, start_timeout_s=900, program=program
     ).start()
     try:
         assert server.proc is not None
@@ -349,7 +344,6 @@ def main() -> None:
             hidden=args.hidden,
             layers=args.layers,
             heads=args.heads,
-            intermediate=4 * args.hidden,
         )
         params = isolated(parameters, model_dir)
         engine = [engine_level(model_dir, c, args) for c in levels]

@@ -154,11 +154,12 @@ def build_random_model(
     hidden: int,
     layers: int,
     heads: int,
-    intermediate: int,
+    intermediate: int | None = None,
     max_positions: int = 256,
     seed: int = 0,
 ) -> Path:
-    """An untrained Llama of any size + demo tokenizer: speed does not need trained weights."""
+    """An untrained Llama of any size + demo tokenizer: speed does not need trained weights.
+    The MLP is 4 × hidden wide unless `intermediate` says otherwise."""
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(_task_texts(random.Random(seed), 200))
     model = _llama(
@@ -166,7 +167,7 @@ def build_random_model(
         hidden=hidden,
         layers=layers,
         heads=heads,
-        intermediate=intermediate,
+        intermediate=intermediate or 4 * hidden,
         max_positions=max_positions,
         seed=seed,
     )

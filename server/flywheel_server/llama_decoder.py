@@ -108,7 +108,11 @@ class LlamaDecoder:
         from peft.tuners.lora import LoraLayer
 
         lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for adapter, config in ({} if peft is None else peft.peft_config).items():
+        self._lora_lists = {}
+        if peft is None:
+            self.lora = lora
+            return
+        for adapter, config in peft.peft_config.items():
             if getattr(config, "modules_to_save", None) or getattr(
                 config, "trainable_token_indices", None
             ):
@@ -116,7 +120,7 @@ class LlamaDecoder:
                     f"the lean decoder cannot serve adapter {adapter}: it trains whole modules "
                     "or token rows besides its LoRA matrices"
                 )
-        for name, module in [] if peft is None else peft.named_modules():
+        for name, module in peft.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
             index = self._modules.get(id(module.get_base_layer()))
@@ -128,7 +132,7 @@ class LlamaDecoder:
                 a = torch.as_tensor(module.lora_A[adapter].weight).to(dtype)
                 b = (module.lora_B[adapter].weight * module.scaling[adapter]).to(dtype)
                 lora.setdefault(index, {})[adapter] = (a, b)
-        self.lora, self._lora_lists = lora, {}
+        self.lora = lora
 
     def _adapters(
         self, adapters: Sequence[str | None]

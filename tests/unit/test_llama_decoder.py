@@ -53,9 +53,7 @@ def with_adapters(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
 
 @torch.inference_mode()
 def oracle(net: torch.nn.Module, tokens: list[int], adapter: str | None) -> torch.Tensor:
-    kwargs = {} if adapter is None else {"adapter_names": [adapter]}
-    if adapter is None and hasattr(net, "peft_config"):
-        kwargs = {"adapter_names": ["__base__"]}
+    kwargs = {"adapter_names": [adapter or "__base__"]} if hasattr(net, "peft_config") else {}
     return net(input_ids=torch.tensor([tokens]), **kwargs).logits[0, -1]
 
 
