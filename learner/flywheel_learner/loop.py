@@ -80,6 +80,8 @@ class LearnerConfig:
     reward_init: a saved reward model the first refit warm-starts from (the demo's initial
         one under `flywheel up`); later refits start from the last promoted refit.
     import_preferences: JSONL preference files (`preference_data`) added to every refit.
+    threads: torch CPU threads (0 = one per core). `flywheel up` gives the learner the cores
+        its server does not use.
     """
 
     server: str
@@ -91,10 +93,12 @@ class LearnerConfig:
     poll_s: float = 5.0
     max_rounds: int | None = None
     # At most 4 passes over the rankings per refit: in a live run, 300 steps over the first
-    # 32 rankings took the train loss to 3e-7 and the rewards to about -10.
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(max_epochs=4.0))
+    # 32 rankings took the train loss to 3e-7 and the rewards to about -10. At most 100 steps
+    # too: refits warm-start, so the reward model keeps learning from round to round, while a
+    # refit over every ranking so far (186 steps at 1,485 rankings) took PPO's time.
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(steps=100, max_epochs=4.0))
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    ppo_steps_per_round: int = 10
+    ppo_steps_per_round: int = 20
     eval_prompts: int = 16
     gate: GateThresholds = field(default_factory=GateThresholds)
     rm_min_accuracy: float = 0.55
@@ -103,6 +107,7 @@ class LearnerConfig:
     import_preferences: tuple[Path, ...] = ()
     seed: int = 0
     timeout_s: float = 120.0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -121,6 +126,8 @@ class LearnerConfig:
             raise ValueError(f"max_rounds must be >= 1 or None (forever), got {self.max_rounds}")
         if self.ppo_steps_per_round < 1:
             raise ValueError(f"ppo_steps_per_round must be >= 1, got {self.ppo_steps_per_round}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
         if self.eval_prompts < 1:
             raise ValueError(f"eval_prompts must be >= 1, got {self.eval_prompts}")
         if not 0.0 <= self.rm_min_accuracy <= 1.0:
@@ -496,6 +503,8 @@ def pretraining_losses(models: SharedBaseModels, batch: PtxBatch) -> tuple[float
 
 def run(config: LearnerConfig, progress: Progress | None = None) -> int:
     """Run the learner until `config.max_rounds` rounds are done (or forever)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     learner = Learner(config, progress=progress)
     try:
         return learner.run()

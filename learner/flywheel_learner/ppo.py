@@ -64,7 +64,8 @@ TRAINABLE = (POLICY, VALUE)
 # | gamma_ptx        | 27.8                         | 1.0              | see PPOConfig.gamma_ptx     |
 # | value init       | from the reward model        | RM's LoRA + head | same, on the shared base    |
 # | policy weights   | full fine-tuning             | LoRA r=8         | one base, hot-swap adapters |
-# | batch / minibatch| 512 / 64 episodes            | 32 / 8           | CPU budget for the demo     |
+# | batch / minibatch| 512 / 64 episodes            | 256 / 64         | CPU budget for the demo     |
+# | epochs, lr       | -                            | 1, 1e-3 (LoRA)   | see PPOConfig.rollout_batch |
 # | clip, GAE        | -                            | 0.2; 1, 0.95     | PPO's and GAE's usual ones  |
 # | ptx data         | 8x the RL episodes           | one batch / step | CPU budget; ratio via gamma |
 
@@ -84,11 +85,16 @@ class PPOConfig:
         (bench/alignment_tax.py) while the reward still rises. 0 gives plain PPO, exactly: the
         ptx batch is then never forwarded.
     clip, value_clip: PPO ratio clip (Schulman et al. 2017 eq. 7) and value clip, both 0.2.
-    vf_coef: value-loss weight. Policy and value share no trainable weight here, so with Adam
-        it mainly matters through the joint gradient-norm clip.
+    vf_coef: value-loss weight. Policy and value share no trainable weight and each role's
+        gradient is clipped on its own, so under Adam it scales little but the value term.
     gae_gamma, gae_lambda: GAE (Schulman et al. 2016 eq. 16); gamma 1 as rewards are episodic.
     epochs, minibatches, micro_batches: passes over a rollout, optimiser steps per pass, and
         gradient-accumulation chunks per minibatch (micro_batches only saves memory).
+    rollout_batch: prompts sampled per step. On CPU, sampling 32 responses takes 0.06 s and
+        scoring them 0.14 s, against 1 s for 4 epochs of updates; so many fresh samples and one
+        epoch learn more per second than a few samples reused. With a perfect reward on the
+        demo, 256 x 1 epoch at lr 1e-3 took temperature-1 accuracy from 43% to 59% in 105 s
+        of steps, where the earlier 32 x 4 epochs at 3e-4 reached 53% in 65 s and 57% in 90 s.
     max_new_tokens, temperature: rollout sampling; log-probs use the same temperature so the
         ratio's pi_old is the distribution the samples came from.
     lora_r, lora_alpha, target_modules: the policy adapter. Dropout is fixed at 0: with it,
@@ -106,14 +112,14 @@ class PPOConfig:
     vf_coef: float = 0.5
     gae_gamma: float = 1.0
     gae_lambda: float = 0.95
-    epochs: int = 4
+    epochs: int = 1
     minibatches: int = 4
     micro_batches: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     max_grad_norm: float = 1.0
     max_new_tokens: int = 16
     temperature: float = 1.0
-    rollout_batch: int = 32
+    rollout_batch: int = 256
     ptx_batch: int = 32
     ptx_max_length: int = 128
     reward_max_length: int = 256
@@ -250,8 +256,14 @@ class SharedBaseModels:
             p.requires_grad_(any(f".{a}." in name for a in TRAINABLE))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        lora = [p for p in self.peft.parameters() if p.requires_grad]
-        return lora + list(self.value_head.parameters())
+        policy, value = self.trainable_groups()
+        return policy + value
+
+    def trainable_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """(policy LoRA, value LoRA + value head): the two sets that train, sharing nothing."""
+        policy = [p for n, p in self.peft.named_parameters() if f".{POLICY}." in n]
+        value = [p for n, p in self.peft.named_parameters() if f".{VALUE}." in n]
+        return policy, value + list(self.value_head.parameters())
 
     def _forward(
         self, ids: torch.Tensor, attention: torch.Tensor, keep: int, hidden: bool = False
@@ -516,7 +528,11 @@ def minibatch_update(
     if ptx_batch is not None and config.gamma_ptx > 0:
         metrics = metrics._replace(ptx_loss=accumulate_ptx(models, ptx_batch, config))
     distributed.average_gradients(models.trainable_parameters())  # losses were weighted globally
-    torch.nn.utils.clip_grad_norm_(models.trainable_parameters(), config.max_grad_norm)
+    # Each role's gradient is clipped on its own. One joint clip let the value gradient (norm
+    # ~35 on a fresh value head) scale the policy's down to Adam's epsilon, which all but
+    # stopped the policy learning.
+    for group in models.trainable_groups():
+        torch.nn.utils.clip_grad_norm_(group, config.max_grad_norm)
     optimizer.step()
     return metrics
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 import uvicorn
 
 from flywheel_server.auth import Authenticator
@@ -77,6 +78,8 @@ async def serve(
     check_exposure(config, auth)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     model_dir, seed_reward = await asyncio.to_thread(resolve_model, config)
+    engine_threads, learner_threads = config.thread_split(os.cpu_count() or 1, up)
+    torch.set_num_threads(engine_threads)
     store = await asyncio.to_thread(Store.open, config.database_url)
     engine = await open_engine(config, model_dir)
     service = FlywheelService(engine, store, config)
@@ -117,7 +120,11 @@ async def serve(
         flush=True,
     )
 
-    learner = start_learner(config, auth, grpc_port, model_dir, seed_reward) if up else None
+    learner = (
+        start_learner(config, auth, grpc_port, model_dir, learner_threads, seed_reward)
+        if up
+        else None
+    )
     follower = (
         asyncio.create_task(follow_store(service, config.sync_interval))
         if config.sync_interval
@@ -147,6 +154,7 @@ def start_learner(
     auth: Authenticator,
     grpc_port: int,
     model_dir: Path,
+    threads: int,
     reward_init: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """`flywheel learn` against this server, as a child process logging to a file."""
@@ -160,7 +168,8 @@ def start_learner(
     elif auth.enabled:
         log.warning("no admin-scope API key configured: the learner cannot export or publish")
     command = [sys.executable, "-m", "flywheel_client.cli", "learn", "--server",
-               f"{host}:{grpc_port}", "--model", str(model_dir), "--work-dir", str(work_dir)]  # fmt: skip
+               f"{host}:{grpc_port}", "--model", str(model_dir), "--work-dir", str(work_dir),
+               "--threads", str(threads)]  # fmt: skip
     if reward_init is not None:  # the demo's initial reward model: the first refit starts there
         command += ["--reward-init", str(reward_init)]
     log_path = work_dir / "learner.log"

@@ -48,6 +48,22 @@ def test_defaults() -> None:
     assert (c.max_body_bytes, c.max_prompt_tokens, c.log_level) == (1 << 20, 1024, "INFO")
 
 
+@pytest.mark.parametrize(
+    ("threads", "cores", "up", "split"),
+    [
+        (0, 2, False, (2, 0)),  # serve alone: every core
+        (0, 2, True, (1, 1)),  # up: half each
+        (0, 1, True, (1, 1)),  # one core: both still get a thread
+        (0, 16, True, (8, 8)),
+        (3, 16, True, (3, 13)),  # --threads fixes the engine's; the learner gets the rest
+        (4, 2, True, (4, 1)),
+        (4, 16, False, (4, 0)),
+    ],
+)
+def test_thread_split(threads: int, cores: int, up: bool, split: tuple[int, int]) -> None:
+    assert ServerConfig(threads=threads).thread_split(cores, up) == split
+
+
 def test_config_is_immutable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         ServerConfig().http_port = 1  # type: ignore[misc]

@@ -302,3 +302,4 @@ def test_learn_cli_help_explains_the_loop(capsys: pytest.CaptureFixture[str]) ->
         main(["learn", "--help"])
     out = capsys.readouterr().out
     assert "--min-new-rankings" in out and "--import-preferences" in out and "gate" in out
+    assert "--threads" in out

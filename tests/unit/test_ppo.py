@@ -217,6 +217,27 @@ def test_micro_batches_give_the_same_update(base_dir: Path, reward_dir: Path) ->
         assert torch.allclose(one[n], two[n], rtol=1e-4, atol=1e-6), n
 
 
+def test_the_value_loss_does_not_scale_the_policy_update(base_dir: Path, reward_dir: Path) -> None:
+    """Policy and value gradients are clipped apart: a value loss 1,000 times larger leaves
+    the policy's step exactly as it was (a joint clip shrank it toward Adam's epsilon)."""
+    models = build(base_dir, reward_dir, dataclasses.replace(CONFIG, max_grad_norm=1e-3))
+    torch.manual_seed(0)
+    rollout = collect_rollout(models, prompts(models), models.config, CONFIG.beta)
+    start = snapshot(models)
+    results = []
+    for vf_coef in (0.5, 500.0):
+        restore(models, start)
+        config = dataclasses.replace(models.config, vf_coef=vf_coef)
+        torch.manual_seed(1)
+        optimise(models, make_optimizer(models, config), rollout, None, config)
+        results.append(snapshot(models))
+    small, large = results
+    policy = [n for n in start if role(n) == "policy"]
+    assert any(not torch.equal(small[n], start[n]) for n in policy)
+    assert all(torch.equal(small[n], large[n]) for n in policy)
+    assert any(not torch.equal(small[n], large[n]) for n in start if role(n) == "value")
+
+
 def test_a_few_steps_run_end_to_end_with_finite_stats(base_dir: Path, reward_dir: Path) -> None:
     config = dataclasses.replace(CONFIG, adaptive_kl=True, kl_target=0.01, kl_horizon=10)
     models = build(base_dir, reward_dir, config)

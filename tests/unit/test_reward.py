@@ -167,3 +167,5 @@ def test_the_learner_caps_its_refits(tiny_dir: Path) -> None:
 
     config = LearnerConfig(server="127.0.0.1:1", model_dir=tiny_dir, work_dir=Path("w"))
     assert config.reward.max_epochs == 4.0
+    assert config.reward.steps_for(32) == 4  # a few rankings: 4 passes
+    assert config.reward.steps_for(1485) == 100  # many: a fixed budget, not every ranking

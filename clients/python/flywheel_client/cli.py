@@ -310,7 +310,7 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
     sub.add_argument(
         "--ppo-steps",
         type=_positive_int,
-        default=10,
+        default=20,
         metavar="N",
         help="PPO-ptx steps per round (default: %(default)s)",
     )
@@ -332,6 +332,14 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         "--pretraining",
         metavar="FILE",
         help="a .txt or .jsonl corpus for the ptx term (default: the demo task's answers)",
+    )
+    sub.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="torch CPU threads (default: 0, one per core; `flywheel up` passes the cores its "
+        "server leaves free)",
     )
     sub.add_argument("--seed", type=_non_negative_int, default=0, help="default: %(default)s")
     sub.set_defaults(func=_learn)
@@ -589,6 +597,7 @@ def _learn(args: argparse.Namespace) -> int:
             pretraining=Path(args.pretraining) if args.pretraining else None,
             reward_init=Path(args.reward_init) if args.reward_init else None,
             seed=args.seed,
+            threads=args.threads,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
