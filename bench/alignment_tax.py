@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("/tmp/demo5"))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rollout-batch", type=int, default=32)
+    parser.add_argument("--rollout-batch", type=int, default=PPOConfig.rollout_batch)
     parser.add_argument("--gammas", default="0,1")
     parser.add_argument("--lr", type=float, default=PPOConfig.lr)
     parser.add_argument(

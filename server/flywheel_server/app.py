@@ -79,7 +79,8 @@ async def serve(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     model_dir, seed_reward = await asyncio.to_thread(resolve_model, config)
     engine_threads, learner_threads = config.thread_split(os.cpu_count() or 1, up)
-    torch.set_num_threads(engine_threads)
+    if engine_threads:
+        torch.set_num_threads(engine_threads)
     store = await asyncio.to_thread(Store.open, config.database_url)
     engine = await open_engine(config, model_dir)
     service = FlywheelService(engine, store, config)

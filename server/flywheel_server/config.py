@@ -128,15 +128,15 @@ class ServerConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     def thread_split(self, cores: int, up: bool) -> tuple[int, int]:
-        """(engine threads, learner threads) on a machine with `cores` cores.
+        """(engine threads, learner threads) on a machine with `cores` cores; 0 = torch's own
+        default (one per core, or OMP_NUM_THREADS).
 
         torch's CPU threads spin while they wait for work, so two processes that each take
         every core slow each other far more than twice: on 2 cores a PPO step took 10-38 s
         beside a busy server instead of 1.7 s. `flywheel up` therefore splits the cores.
         """
-        cores = max(1, cores)
         if not up:
-            return self.threads or cores, 0
+            return self.threads, 0
         engine = self.threads or max(1, cores // 2)
         return engine, max(1, cores - engine)
 

@@ -51,7 +51,7 @@ def test_defaults() -> None:
 @pytest.mark.parametrize(
     ("threads", "cores", "up", "split"),
     [
-        (0, 2, False, (2, 0)),  # serve alone: every core
+        (0, 2, False, (0, 0)),  # serve alone: torch's default
         (0, 2, True, (1, 1)),  # up: half each
         (0, 1, True, (1, 1)),  # one core: both still get a thread
         (0, 16, True, (8, 8)),
