@@ -54,7 +54,13 @@ def test_ppo_two_processes_equal_one(tiny_model, tmp_path):
     for name, weight in one["optimised"].items():
         assert torch.equal(ranks[0]["optimised"][name], ranks[1]["optimised"][name]), name
         assert torch.allclose(weight, ranks[0]["optimised"][name], atol=1e-6, rtol=1e-5), name
-    assert torch.allclose(one["metrics"], ranks[0]["metrics"], atol=1e-5, rtol=1e-4)
+    # Metrics: policy loss, value loss, policy and value clip fractions, approx KL, ptx loss.
+    # A clip fraction counts tokens, and one whose ratio sits on the clip boundary may land on
+    # either side when the sums run in another order: allow one token of the ~100 either way.
+    continuous, fractions = [0, 1, 4, 5], [2, 3]
+    first, parallel = one["metrics"], ranks[0]["metrics"]
+    assert torch.allclose(first[continuous], parallel[continuous], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(first[fractions], parallel[fractions], atol=0.02)
     assert torch.allclose(one["kl"], ranks[0]["kl"], atol=1e-6)
 
     # A whole ppo_step, each rank sampling its own shard: the ranks stay identical and finite.
