@@ -56,7 +56,7 @@ def test_ppo_two_processes_equal_one(tiny_model, tmp_path):
         assert torch.allclose(weight, ranks[0]["optimised"][name], atol=1e-6, rtol=1e-5), name
     # Metrics: policy loss, value loss, policy and value clip fractions, approx KL, ptx loss.
     # A clip fraction counts tokens, and one whose ratio sits on the clip boundary may land on
-    # either side when the sums run in another order: allow one token of the ~100 either way.
+    # either side when the sums run in another order: allow a token or two of the ~100.
     continuous, fractions = [0, 1, 4, 5], [2, 3]
     first, parallel = one["metrics"], ranks[0]["metrics"]
     assert torch.allclose(first[continuous], parallel[continuous], atol=1e-5, rtol=1e-4)
