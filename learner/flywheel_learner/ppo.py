@@ -217,6 +217,9 @@ class SharedBaseModels:
         self.reward_head = reward_head.requires_grad_(False)
         self.value_head = value_head.requires_grad_(True)
         self.config = config
+        named = list(peft_model.named_parameters())
+        self._policy = [p for n, p in named if f".{POLICY}." in n]
+        self._value = [p for n, p in named if f".{VALUE}." in n] + list(value_head.parameters())
         self._use(POLICY)
 
     @classmethod
@@ -257,14 +260,12 @@ class SharedBaseModels:
             p.requires_grad_(any(f".{a}." in name for a in TRAINABLE))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        policy, value = self.trainable_groups()
-        return policy + value
+        return self._policy + self._value
 
     def trainable_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-        """(policy LoRA, value LoRA + value head): the two sets that train, sharing nothing."""
-        policy = [p for n, p in self.peft.named_parameters() if f".{POLICY}." in n]
-        value = [p for n, p in self.peft.named_parameters() if f".{VALUE}." in n]
-        return policy, value + list(self.value_head.parameters())
+        """(policy LoRA, value LoRA + value head): the two sets that train, sharing nothing.
+        Found once, when the models are built, not on every minibatch."""
+        return self._policy, self._value
 
     def _forward(
         self, ids: torch.Tensor, attention: torch.Tensor, keep: int, hidden: bool = False

@@ -182,11 +182,9 @@ class LlamaDecoder:
                 new[:n, : old.shape[1]] = old[:n]
             return new
 
-        nothing: list[torch.Tensor | None] = [None] * self.layers
-        old_keys = self.keys or nothing
-        old_values = self.values or nothing
-        self.keys = [grown(k) for k in old_keys]
-        self.values = [grown(v) for v in old_values]
+        empty: list[torch.Tensor | None] = [None] * self.layers
+        self.keys = [grown(k) for k in self.keys or empty]
+        self.values = [grown(v) for v in self.values or empty]
         positions = torch.arange(new_length, device=self.embed.device)[None]
         cos, sin = self._rotary(self.embed[:1], positions)
         self.weights = self.weights._replace(cos=cos[0], sin=sin[0])
