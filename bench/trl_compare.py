@@ -9,7 +9,7 @@ process and TRL's halves in their own venvs (made by bench/trl_setup.sh):
 
 Shared inputs (bench/out/trl_work/): one tiny random Llama (build_random_model), rankings of K
 completions (K = 2: demo_task.preference_pairs; see demo_rankings), tokenised once with our
-reward_token_ids (prompt + completion + eos) and handed to TRL pre-tokenised as each ranking's
+reward_tokens (prompt + completion + eos) and handed to TRL pre-tokenised as each ranking's
 C(K, 2) pairs, a fixed reward tensor, and a fixed PPO tensor set (logp, old logp, advantages,
 values, old values, returns, mask).
 
@@ -86,8 +86,8 @@ def prepare(s: dict) -> None:
     # TRL's RewardTrainer takes pairs: every ranking becomes its C(K, 2) (better, worse) pairs.
     ids = [
         (
-            modeling.reward_token_ids(tok, p, better, s["max_length"]),
-            modeling.reward_token_ids(tok, p, worse, s["max_length"]),
+            modeling.reward_tokens(tok, p, better, s["max_length"])[0],
+            modeling.reward_tokens(tok, p, worse, s["max_length"])[0],
         )
         for p, ranked in rankings
         for better, worse in itertools.combinations(ranked, 2)

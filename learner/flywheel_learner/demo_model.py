@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 # Bump when the build recipe changes so cached builds of the same config are not reused.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: the reward head weighs the response likelihood
 MODEL_DIR, REWARD_DIR, BUILD_INFO = "model", "reward-init", "build.json"
 
 T = TypeVar("T")

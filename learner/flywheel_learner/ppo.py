@@ -46,7 +46,7 @@ from flywheel_learner.ppo_math import (
     token_weighted_microbatches,
     value_loss,
 )
-from flywheel_learner.reward import make_batch
+from flywheel_learner.reward import make_batch, score_batch
 from flywheel_learner.sft import collate, encode_pair
 
 if TYPE_CHECKING:
@@ -216,10 +216,13 @@ class SharedBaseModels:
         self.tokenizer = tokenizer
         self.reward_head = reward_head.requires_grad_(False)
         self.value_head = value_head.requires_grad_(True)
+        value_head.likelihood.requires_grad_(False)  # values read hidden states only
         self.config = config
         named = list(peft_model.named_parameters())
         self._policy = [p for n, p in named if f".{POLICY}." in n]
-        self._value = [p for n, p in named if f".{VALUE}." in n] + list(value_head.parameters())
+        self._value = [p for n, p in named if f".{VALUE}." in n] + list(
+            value_head.linear.parameters()
+        )
         self._use(POLICY)
 
     @classmethod
@@ -337,7 +340,7 @@ class SharedBaseModels:
         self._use(REWARD)
         rows = [(p, [[r]]) for p, r in zip(prompts, responses, strict=True)]
         batch = make_batch(self.tokenizer, rows, self.config.reward_max_length)
-        return modeling.score(self.peft, self.reward_head, batch.input_ids, batch.attention_mask)
+        return score_batch(self.peft, self.reward_head, batch)
 
     def pretraining_nll(self, batch: PtxBatch) -> torch.Tensor:
         """Per-token NLL of a pretraining batch under the policy (the ptx term). -> scalar"""

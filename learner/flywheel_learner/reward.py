@@ -102,6 +102,7 @@ class RewardFit(NamedTuple):
 class Batch(NamedTuple):
     input_ids: torch.Tensor  # (N, T), right-padded
     attention_mask: torch.Tensor  # (N, T)
+    starts: torch.Tensor  # (N,) index of each row's first response token
     tiers: torch.Tensor  # (N,)
     group: torch.Tensor  # (N,)
 
@@ -114,8 +115,8 @@ def _validate(rankings: Sequence[RankingText]) -> None:
             )
 
 
-# One ranking, tokenised: (token ids, tier) per completion, best tier 0.
-EncodedRanking = list[tuple[list[int], int]]
+# One ranking, tokenised: (token ids, first response token, tier) per completion, best tier 0.
+EncodedRanking = list[tuple[list[int], int, int]]
 
 
 def encode_ranking(
@@ -123,7 +124,7 @@ def encode_ranking(
 ) -> EncodedRanking:
     prompt, ranked = ranking
     return [
-        (modeling.reward_token_ids(tokenizer, prompt, completion, max_length), tier)
+        (*modeling.reward_tokens(tokenizer, prompt, completion, max_length), tier)
         for tier, completions in enumerate(ranked)
         for completion in completions
     ]
@@ -144,11 +145,11 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def collate_rankings(encoded: Sequence[EncodedRanking], pad_id: int) -> Batch:
     """Right-padded rows of already tokenised rankings, tagged with tier and group."""
-    rows = [ids for ranking in encoded for ids, _ in ranking]
-    tiers = [tier for ranking in encoded for _, tier in ranking]
+    rows = [row for ranking in encoded for row in ranking]
     group = [g for g, ranking in enumerate(encoded) for _ in ranking]
-    input_ids, attention = right_pad(rows, pad_id)
-    return Batch(input_ids, attention, torch.tensor(tiers), torch.tensor(group))
+    input_ids, attention = right_pad([ids for ids, _, _ in rows], pad_id)
+    starts, tiers = (torch.tensor([row[i] for row in rows]) for i in (1, 2))
+    return Batch(input_ids, attention, starts, tiers, torch.tensor(group))
 
 
 def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str) -> PeftModel:
@@ -169,6 +170,13 @@ def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str
         model.set_adapter(adapter_name)
         return model
     return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def score_batch(model: nn.Module, head: modeling.ScoreHead, batch: Batch) -> torch.Tensor:
+    """Rewards of a batch's rows, on the head's device. -> (N,)"""
+    device = head.linear.weight.device
+    ids, attention, starts = (t.to(device) for t in batch[:3])
+    return modeling.score(model, head, ids, attention, starts)
 
 
 def split_held_out(
@@ -192,15 +200,12 @@ def evaluate(
     """Pairwise accuracy of the reward model on `rankings` (NaN when empty)."""
     if not rankings:
         return float("nan")
-    device = next(model.parameters()).device
     correct = total = 0.0
     for start in range(0, len(rankings), config.batch_rankings):
         batch = make_batch(
             tokenizer, rankings[start : start + config.batch_rankings], config.max_length
         )
-        rewards = modeling.score(
-            model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
-        )
+        rewards = score_batch(model, head, batch)
         pairs = _pair_count(batch)
         correct += pairwise_accuracy(rewards.cpu(), batch.tiers, batch.group) * pairs
         total += pairs
@@ -259,9 +264,7 @@ def fit_reward_model(
         chosen = rng.sample(encoded, min(config.batch_rankings, len(encoded)))
         local = distributed.shard(chosen, rank, size)
         batch = collate_rankings(local, pad_id)
-        rewards = modeling.score(
-            peft_model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
-        )  # (N,)
+        rewards = score_batch(peft_model, head, batch)  # (N,)
         loss = ranking_loss(rewards, batch.tiers.to(device), batch.group.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -299,16 +302,11 @@ def normalise_head_bias(
     """
     if not demonstrations:
         raise ValueError("normalise_head_bias needs at least one (prompt, response) demonstration")
-    device = next(model.parameters()).device
     total = 0.0
     for start in range(0, len(demonstrations), batch_size):
         chunk = [(p, [[r]]) for p, r in demonstrations[start : start + batch_size]]
         batch = make_batch(tokenizer, chunk, max_length)
-        total += float(
-            modeling.score(
-                model, head, batch.input_ids.to(device), batch.attention_mask.to(device)
-            ).sum()
-        )
+        total += float(score_batch(model, head, batch).sum())
     mean = total / len(demonstrations)
     head.linear.bias.sub_(mean)
     return mean

@@ -455,18 +455,20 @@ class TorchEngine:
     @torch.inference_mode()
     def _score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
         head = self.heads[adapter]
-        rows = [
-            modeling.reward_token_ids(self.tokenizer, prompt, c, self.max_positions)
+        encoded = [
+            modeling.reward_tokens(self.tokenizer, prompt, c, self.max_positions)
             for c in completions
         ]
+        rows = [r for r, _ in encoded]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
         mask = torch.tensor(
             [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
         )
+        starts = torch.tensor([start for _, start in encoded], device=self.device)
         use = self._adapter_names([adapter] * len(rows))
-        return modeling.score(self._net, head, ids, mask, **use).float().cpu().tolist()
+        return modeling.score(self._net, head, ids, mask, starts, **use).float().cpu().tolist()
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
         check_adapter_files(adapter_id, path, self.base_model)
@@ -520,7 +522,8 @@ class TorchEngine:
         )
         use = self._adapter_names([adapter_id])
         if head is not None:
-            values = modeling.score(self._net, head, ids, torch.ones_like(ids), **use)
+            starts = torch.tensor([ids.shape[1] - 1], device=self.device)  # the last token
+            values = modeling.score(self._net, head, ids, torch.ones_like(ids), starts, **use)
             if not torch.isfinite(values).all():
                 raise AdapterRefused(f"adapter {adapter_id} gives non-finite rewards")
             return

@@ -11,6 +11,7 @@ from flywheel_learner.reward import (
     fit_reward_model,
     make_batch,
     normalise_head_bias,
+    score_batch,
     split_held_out,
 )
 
@@ -93,7 +94,7 @@ def test_normalised_demonstrations_score_mean_zero(fit) -> None:
     normalise_head_bias(result.model, result.head, tokenizer, demos)
     batch = make_batch(tokenizer, [(p, [[r]]) for p, r in demos], max_length=64)
     with torch.no_grad():
-        scores = modeling.score(result.model, result.head, batch.input_ids, batch.attention_mask)
+        scores = score_batch(result.model, result.head, batch)
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
 
 
@@ -111,8 +112,8 @@ def test_saved_adapter_loads_with_plain_peft(fit, tiny_dir: Path, tmp_path: Path
     head = modeling.ScoreHead.load(out, base.config.hidden_size)
     batch = make_batch(tokenizer, rankings(2), max_length=64)
     with torch.no_grad():
-        fresh = modeling.score(loaded, head, batch.input_ids, batch.attention_mask)
-        trained = modeling.score(result.model, result.head, batch.input_ids, batch.attention_mask)
+        fresh = score_batch(loaded, head, batch)
+        trained = score_batch(result.model, result.head, batch)
     torch.testing.assert_close(fresh, trained)
 
 
@@ -128,9 +129,9 @@ def test_warm_start_begins_from_the_saved_model(fit, tiny_dir: Path, tmp_path: P
     cold = fit_reward_model(modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), still,
                             progress=False)  # fmt: skip
     with torch.no_grad():
-        before = modeling.score(result.model, result.head, batch.input_ids, batch.attention_mask)
-        after = modeling.score(warm.model, warm.head, batch.input_ids, batch.attention_mask)
-        fresh = modeling.score(cold.model, cold.head, batch.input_ids, batch.attention_mask)
+        before = score_batch(result.model, result.head, batch)
+        after = score_batch(warm.model, warm.head, batch)
+        fresh = score_batch(cold.model, cold.head, batch)
     assert warm.warm_start and not cold.warm_start
     torch.testing.assert_close(after, before)
     assert not torch.allclose(fresh, before, atol=1e-3)
