@@ -220,9 +220,8 @@ class SharedBaseModels:
         self.config = config
         named = list(peft_model.named_parameters())
         self._policy = [p for n, p in named if f".{POLICY}." in n]
-        self._value = [p for n, p in named if f".{VALUE}." in n] + list(
-            value_head.linear.parameters()
-        )
+        value_lora = [p for n, p in named if f".{VALUE}." in n]
+        self._value = value_lora + list(value_head.linear.parameters())
         self._use(POLICY)
 
     @classmethod
