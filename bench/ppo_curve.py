@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from alignment_tax import demo_dirs, instructions
 
-from flywheel_learner import demo_task
+from flywheel_learner import demo_task, modeling
 from flywheel_learner.demo_model import chat_prompt
 from flywheel_learner.ppo import (
+    POLICY,
     PPOConfig,
     SharedBaseModels,
     demo_pretraining_texts,
@@ -32,6 +34,7 @@ from flywheel_learner.ppo import (
     ppo_step,
     ptx_batches,
     sample_responses,
+    save_policy,
 )
 
 
@@ -48,6 +51,20 @@ def accuracy(models: SharedBaseModels, prompts: list[str]) -> float:
     return sum(right) / len(right)
 
 
+def rebuilt(
+    models: SharedBaseModels, model_dir: Path, reward_dir: Path, config: PPOConfig, reward: str
+) -> SharedBaseModels:
+    """Fresh models (value adapter and head copied from the reward model again) with the
+    policy adapter carried over, as `flywheel learn` starts each round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_policy(models, tmp, model_dir)
+        fresh = SharedBaseModels.build(model_dir, reward_dir, config)
+        modeling.load_adapter_weights(fresh.peft, tmp, POLICY)
+    if reward == "oracle":
+        fresh.rewards = oracle  # type: ignore[method-assign]
+    return fresh
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", type=Path, default=None, help="a demo build directory")
@@ -60,6 +77,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=PPOConfig.lr)
     parser.add_argument("--gamma-ptx", type=float, default=PPOConfig.gamma_ptx)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rebuild-every", type=int, default=0,
+                        help="rebuild the models and optimiser every N steps, keeping the policy "
+                             "adapter, as the live loop does each round (0: never)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -83,6 +103,9 @@ def main() -> None:
     seconds = 0.0
     torch.manual_seed(args.seed)
     for step in range(1, args.steps + 1):
+        if args.rebuild_every and step > 1 and (step - 1) % args.rebuild_every == 0:
+            models = rebuilt(models, model_dir, reward_dir, config, args.reward)
+            optimizer, kl_ctl = make_optimizer(models, config), config.kl_controller()
         prompts = [chat_prompt(tok, i) for i in instructions(rng, config.rollout_batch)]
         stats = ppo_step(models, optimizer, prompts, next(ptx), config, kl_ctl)
         seconds += stats.seconds
