@@ -19,6 +19,7 @@ import random
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from alignment_tax import demo_dirs, instructions
@@ -51,6 +52,20 @@ def accuracy(models: SharedBaseModels, prompts: list[str]) -> float:
     return sum(right) / len(right)
 
 
+def overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` strings as PPOConfig keyword arguments, each cast to its field's type."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        default = getattr(PPOConfig, name, None)
+        if default is None or not _ or isinstance(default, tuple):
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE for a scalar PPOConfig field")
+        out[name] = (
+            value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
+        )
+    return out
+
+
 def rebuilt(
     models: SharedBaseModels, model_dir: Path, reward_dir: Path, config: PPOConfig, reward: str
 ) -> SharedBaseModels:
@@ -80,13 +95,16 @@ def main() -> None:
     parser.add_argument("--rebuild-every", type=int, default=0,
                         help="rebuild the models and optimiser every N steps, keeping the policy "
                              "adapter, as the live loop does each round (0: never)")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any other PPOConfig field, e.g. --set lora_r=32 "
+                             "(repeatable)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = PPOConfig(
         rollout_batch=args.rollout_batch, epochs=args.epochs, minibatches=args.minibatches,
-        lr=args.lr, gamma_ptx=args.gamma_ptx, seed=args.seed,
+        lr=args.lr, gamma_ptx=args.gamma_ptx, seed=args.seed, **overrides(args.set),
     )  # fmt: skip
     model_dir, reward_dir = demo_dirs(args.demo_dir)
     models = SharedBaseModels.build(model_dir, reward_dir, config)
