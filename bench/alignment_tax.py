@@ -16,6 +16,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -47,6 +48,11 @@ def instructions(rng: random.Random, n: int) -> list[str]:
     return [demo_task.sample_example(rng).instruction for _ in range(n)]
 
 
+def correct(prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+    """Which responses the demo task's checker accepts."""
+    return [bool(demo_task.check(p, r)) for p, r in zip(prompts, responses, strict=True)]
+
+
 @torch.no_grad()
 def evaluate(
     models: SharedBaseModels, prompts: list[str], ptx: PtxBatch, seed: int
@@ -55,7 +61,7 @@ def evaluate(
     torch.manual_seed(seed)
     samples = sample_responses(models, prompts)
     scores = models.rewards(samples.prompts, samples.responses)
-    right = [bool(demo_task.check(p, r)) for p, r in zip(prompts, samples.responses, strict=True)]
+    right = correct(prompts, samples.responses)
     return {
         "reward": float(scores.mean()),
         "accuracy": sum(right) / len(right),

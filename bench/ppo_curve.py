@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from alignment_tax import demo_dirs, instructions
+from alignment_tax import correct, demo_dirs, instructions
 
-from flywheel_learner import demo_task, modeling
+from flywheel_learner import modeling
 from flywheel_learner.demo_model import chat_prompt
 from flywheel_learner.ppo import (
     POLICY,
@@ -41,29 +41,34 @@ from flywheel_learner.ppo import (
 
 def oracle(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
     """The demo task's checker as a reward: 0 for the right answer, -3 for anything else."""
-    right = [bool(demo_task.check(p, r)) for p, r in zip(prompts, responses, strict=True)]
-    return torch.tensor([0.0 if ok else -3.0 for ok in right])
+    return torch.tensor([0.0 if ok else -3.0 for ok in correct(prompts, responses)])
 
 
 def accuracy(models: SharedBaseModels, prompts: list[str]) -> float:
     torch.manual_seed(99)  # the same sampling noise at every evaluation
     samples = sample_responses(models, prompts)
-    right = [bool(demo_task.check(p, r)) for p, r in zip(prompts, samples.responses, strict=True)]
-    return sum(right) / len(right)
+    return sum(correct(prompts, samples.responses)) / len(prompts)
 
 
 def overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """`FIELD=VALUE` strings as PPOConfig keyword arguments, each cast to its field's type."""
     out: dict[str, Any] = {}
     for pair in pairs:
-        name, _, value = pair.partition("=")
+        name, equals, value = pair.partition("=")
         default = getattr(PPOConfig, name, None)
-        if default is None or not _ or isinstance(default, tuple):
+        if default is None or not equals or isinstance(default, tuple):
             raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE for a scalar PPOConfig field")
         out[name] = (
             value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
         )
     return out
+
+
+def build(model_dir: Path, reward_dir: Path, config: PPOConfig, reward: str) -> SharedBaseModels:
+    models = SharedBaseModels.build(model_dir, reward_dir, config)
+    if reward == "oracle":
+        models.rewards = oracle  # type: ignore[method-assign]
+    return models
 
 
 def rebuilt(
@@ -73,10 +78,8 @@ def rebuilt(
     policy adapter carried over, as `flywheel learn` starts each round."""
     with tempfile.TemporaryDirectory() as tmp:
         save_policy(models, tmp, model_dir)
-        fresh = SharedBaseModels.build(model_dir, reward_dir, config)
+        fresh = build(model_dir, reward_dir, config, reward)
         modeling.load_adapter_weights(fresh.peft, tmp, POLICY)
-    if reward == "oracle":
-        fresh.rewards = oracle  # type: ignore[method-assign]
     return fresh
 
 
@@ -107,9 +110,7 @@ def main() -> None:
         lr=args.lr, gamma_ptx=args.gamma_ptx, seed=args.seed, **overrides(args.set),
     )  # fmt: skip
     model_dir, reward_dir = demo_dirs(args.demo_dir)
-    models = SharedBaseModels.build(model_dir, reward_dir, config)
-    if args.reward == "oracle":
-        models.rewards = oracle  # type: ignore[method-assign]
+    models = build(model_dir, reward_dir, config, args.reward)
     tok = models.tokenizer
     held_out = [chat_prompt(tok, i) for i in instructions(random.Random(1234), 256)]
     rng = random.Random(args.seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from alignment_tax import demo_dirs, instructions
+from alignment_tax import correct, demo_dirs, instructions
 
 from flywheel_learner import demo_task, modeling
 from flywheel_learner.demo_model import chat_prompt
@@ -36,8 +36,9 @@ def policy_rankings(models: SharedBaseModels, seed: int, n: int, k: int = 4) -> 
         samples = sample_responses(models, [p for p in prompts for _ in range(k)])
         for j, prompt in enumerate(prompts):
             candidates = samples.responses[k * j : k * (j + 1)]
-            right = [c for c in candidates if demo_task.check(prompt, c)]
-            wrong = [c for c in candidates if not demo_task.check(prompt, c)]
+            ok = correct([prompt] * k, candidates)
+            right = [c for c, good in zip(candidates, ok, strict=True) if good]
+            wrong = [c for c, good in zip(candidates, ok, strict=True) if not good]
             if right and wrong:
                 out.append((prompt, [right, wrong]))
     return out[:n]

@@ -170,11 +170,8 @@ def score(
         **model_kwargs,
     )
     hidden = out.hidden_states[-1]  # (B, T, H)
-    reward = head(last_token_features(hidden, attention_mask))
-    if head.likelihood.requires_grad or head.likelihood.item() != 0.0:
-        loglik = response_loglik(model, hidden, input_ids, attention_mask, starts)
-        reward = reward + head.likelihood * loglik
-    return reward
+    loglik = response_loglik(model, hidden, input_ids, attention_mask, starts)
+    return head(last_token_features(hidden, attention_mask)) + head.likelihood * loglik
 
 
 def save_adapter(

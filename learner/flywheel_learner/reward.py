@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -148,7 +148,8 @@ def collate_rankings(encoded: Sequence[EncodedRanking], pad_id: int) -> Batch:
     rows = [row for ranking in encoded for row in ranking]
     group = [g for g, ranking in enumerate(encoded) for _ in ranking]
     input_ids, attention = right_pad([ids for ids, _, _ in rows], pad_id)
-    starts, tiers = (torch.tensor([row[i] for row in rows]) for i in (1, 2))
+    starts = torch.tensor([start for _, start, _ in rows])
+    tiers = torch.tensor([tier for _, _, tier in rows])
     return Batch(input_ids, attention, starts, tiers, torch.tensor(group))
 
 
@@ -172,11 +173,13 @@ def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str
     return get_peft_model(model, lora, adapter_name=adapter_name)
 
 
-def score_batch(model: nn.Module, head: modeling.ScoreHead, batch: Batch) -> torch.Tensor:
+def score_batch(
+    model: nn.Module, head: modeling.ScoreHead, batch: Batch, **model_kwargs: Any
+) -> torch.Tensor:
     """Rewards of a batch's rows, on the head's device. -> (N,)"""
     device = head.linear.weight.device
     ids, attention, starts = (t.to(device) for t in batch[:3])
-    return modeling.score(model, head, ids, attention, starts)
+    return modeling.score(model, head, ids, attention, starts, **model_kwargs)
 
 
 def split_held_out(

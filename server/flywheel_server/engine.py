@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 
 import flywheel_learner.modeling as modeling
+from flywheel_learner.reward import make_batch, score_batch
 from flywheel_server.batch import Decoder, GenericDecoder, Row
 from flywheel_server.domain import Sampling
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Conflict, Overloaded
@@ -454,21 +455,10 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
-        head = self.heads[adapter]
-        encoded = [
-            modeling.reward_tokens(self.tokenizer, prompt, c, self.max_positions)
-            for c in completions
-        ]
-        rows = [r for r, _ in encoded]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-        mask = torch.tensor(
-            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
-        )
-        starts = torch.tensor([start for _, start in encoded], device=self.device)
-        use = self._adapter_names([adapter] * len(rows))
-        return modeling.score(self._net, head, ids, mask, starts, **use).float().cpu().tolist()
+        # One ranking tier holding every completion: one right-padded row each, in order.
+        batch = make_batch(self.tokenizer, [(prompt, [completions])], self.max_positions)
+        use = self._adapter_names([adapter] * len(completions))
+        return score_batch(self._net, self.heads[adapter], batch, **use).float().cpu().tolist()
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
         check_adapter_files(adapter_id, path, self.base_model)
