@@ -86,7 +86,7 @@ def run(
     history: list[PPOStats] = []
     torch.manual_seed(config.seed)
     for step in range(steps):
-        prompts = [chat_prompt(tok, i) for i in instructions(rng, config.rollout_batch)]
+        prompts = [chat_prompt(tok, i) for i in instructions(rng, config.prompts_per_step)]
         history.append(ppo_step(models, optimizer, prompts, next(train_ptx), config, kl_ctl))
         s = history[-1]
         print(

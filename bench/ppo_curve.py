@@ -125,7 +125,7 @@ def main() -> None:
         if args.rebuild_every and step > 1 and (step - 1) % args.rebuild_every == 0:
             models = rebuilt(models, model_dir, reward_dir, config, args.reward)
             optimizer, kl_ctl = make_optimizer(models, config), config.kl_controller()
-        prompts = [chat_prompt(tok, i) for i in instructions(rng, config.rollout_batch)]
+        prompts = [chat_prompt(tok, i) for i in instructions(rng, config.prompts_per_step)]
         stats = ppo_step(models, optimizer, prompts, next(ptx), config, kl_ctl)
         seconds += stats.seconds
         if step % args.every == 0 or step == args.steps:

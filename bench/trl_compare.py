@@ -198,12 +198,13 @@ def run_ours(s: dict) -> dict:
     out["ppo_value_clipfrac"] = float(val.clip_fraction)
 
     # PPO throughput
+    # final_norm_lr 0: TRL's policy trains the same LoRA matrices and nothing more
     pcfg = PPOConfig(
         beta=s["beta"], gamma_ptx=0.0, clip=s["clip"], value_clip=s["value_clip"],
         vf_coef=s["vf_coef"], gae_gamma=s["gamma"], gae_lambda=s["lam"], epochs=s["epochs"],
         minibatches=s["minibatches"], lr=s["ppo_lr"], max_new_tokens=s["max_new_tokens"],
         rollout_batch=s["rollout_batch"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"],
-        target_modules=tuple(TARGETS), seed=s["seed"],
+        target_modules=tuple(TARGETS), final_norm_lr=0.0, seed=s["seed"],
     )  # fmt: skip
     models = SharedBaseModels.build(WORK / "model", reward_dir, pcfg)
     opt, kl_ctl = make_optimizer(models, pcfg), pcfg.kl_controller()

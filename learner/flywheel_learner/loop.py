@@ -372,7 +372,7 @@ class Learner:
             if ppo.gamma_ptx > 0 else None
         )  # fmt: skip
         for step in self.progress.steps(self.config.ppo_steps_per_round, f"ppo r{number}"):
-            batch = rng.choices(prompts, k=ppo.rollout_batch)
+            batch = rng.choices(prompts, k=ppo.prompts_per_step)
             stats = ppo_step(models, optimizer, batch, next(ptx) if ptx else None, ppo, kl_ctl)
             learner_metrics.ppo_steps.inc()
             learner_metrics.ppo_reward.set(stats.reward_mean)

@@ -30,6 +30,9 @@ LIKELIHOOD = "likelihood"  # the score head's weight on the response's mean log-
 # Our metadata (the base model fingerprint) lives beside the PEFT files, not inside
 # adapter_config.json, so plain peft and vLLM read the adapter with no unknown keys.
 FLYWHEEL_META = "flywheel.json"
+# The final RMSNorm of Llama-shaped models, before the LM head. A policy adapter may train its
+# own copy (PEFT modules_to_save; ppo.PPOConfig.final_norm_lr): the logits' scale lives there.
+FINAL_NORM = "model.norm"
 
 
 def load_base(
@@ -236,17 +239,18 @@ def read_adapter_meta(directory: str | Path) -> dict:
 def load_adapter_weights(peft_model: PeftModel, directory: str | Path, adapter_name: str) -> bool:
     """Copy a saved adapter's LoRA weights into `peft_model`'s adapter `adapter_name`.
 
-    Returns False, loading nothing, when the saved adapter has another shape (rank, alpha or
-    target modules): the caller then starts that adapter fresh.
+    Returns False, loading nothing, when the saved adapter has another shape (rank, alpha,
+    target modules or whole modules it trains): the caller then starts that adapter fresh.
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     saved = read_adapter_config(directory)
     current = peft_model.peft_config[adapter_name].to_dict()
-    same = all(saved.get(k) == current.get(k) for k in ("r", "lora_alpha")) and set(
-        saved.get("target_modules") or ()
-    ) == set(current.get("target_modules") or ())
+    same = all(saved.get(k) == current.get(k) for k in ("r", "lora_alpha")) and all(
+        set(saved.get(k) or ()) == set(current.get(k) or ())
+        for k in ("target_modules", "modules_to_save")
+    )
     if same:
         weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
         set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)

@@ -142,6 +142,22 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.bool().long() * positions).argmax(dim=1)  # (B,)
 
 
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each score minus the mean of the others sampled for the same prompt (RLOO's baseline).
+
+    scores: (B,), B/group_size consecutive groups of one prompt's samples -> (B,). The baseline
+    leaves the sample's own score out, so it does not bias that sample's gradient; a group of 1
+    has no others and is returned unchanged.
+    """
+    if group_size == 1:
+        return scores
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    groups = scores.view(-1, group_size)  # (B/K, K)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)  # (B/K, K)
+    return (groups - others).view(-1)
+
+
 def kl_shaped_rewards(
     score: torch.Tensor,
     logp: torch.Tensor,

@@ -173,6 +173,8 @@ def start_learner(
                "--threads", str(threads)]  # fmt: skip
     if reward_init is not None:  # the demo's initial reward model: the first refit starts there
         command += ["--reward-init", str(reward_init)]
+    if config.backend == "vllm":  # vLLM applies LoRA matrices only, not a policy's own norm
+        command += ["--final-norm-lr", "0"]
     log_path = work_dir / "learner.log"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)

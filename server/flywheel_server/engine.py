@@ -17,8 +17,10 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import json
 import logging
 import math
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -140,6 +142,7 @@ class TorchEngine:
         self.max_positions: int = getattr(self.model.config, "max_position_embeddings", 2048)
         self.peft: Any = None  # peft.PeftModel once the first adapter is loaded
         self.heads: dict[str, modeling.ScoreHead] = {}
+        self.final_norms: dict[str, torch.Tensor] = {}  # policies that train their own
         self.max_pending = max_pending  # requests admitted (running or waiting) at once
         self.max_batch = max_batch  # rows decoded together
         self.stream_interval_s = stream_interval_s
@@ -485,10 +488,31 @@ class TorchEngine:
             raise AdapterRefused(f"adapter {adapter_id} failed its smoke check: {e}") from e
 
     def _attach(self, adapter_id: str, path: Path) -> None:
-        from peft import PeftModel
+        """Give peft the adapter's LoRA matrices; keep its own final norm, if any, apart.
 
+        peft cannot mix adapters that swap the norm in one batch, and only the lean decoder
+        applies a final norm per row, so the norm never reaches peft."""
         if adapter_id in self.adapters:
             return  # idempotent: versions are immutable, never reloaded in place
+        with tempfile.TemporaryDirectory() as tmp:
+            norm = split_final_norm(adapter_id, path, Path(tmp) / "lora")
+            if norm is not None:
+                if not isinstance(self._decoder, LlamaDecoder):
+                    raise AdapterRefused(
+                        f"adapter {adapter_id} trains its own final norm, which only the lean "
+                        "decoder applies; serve it with decoder 'auto' on a Llama-shaped model, "
+                        "or train the policy with final_norm_lr=0"
+                    )
+                if not torch.isfinite(norm).all():
+                    raise AdapterRefused(f"adapter {adapter_id} has a non-finite final norm")
+                path = Path(tmp) / "lora"
+            self._attach_lora(adapter_id, path)
+        if norm is not None:
+            self.final_norms[adapter_id] = norm.to(self.device, self.model.dtype)
+
+    def _attach_lora(self, adapter_id: str, path: Path) -> None:
+        from peft import PeftModel
+
         try:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(
@@ -525,6 +549,7 @@ class TorchEngine:
 
     def _unload(self, adapter_id: str) -> None:
         self.heads.pop(adapter_id, None)
+        self.final_norms.pop(adapter_id, None)
         if adapter_id not in self.adapters:
             return
         in_use = [r.adapter for r in self._rows] + [q.spec.adapter for q in self._waiting]
@@ -543,7 +568,31 @@ class TorchEngine:
     def _read_adapters(self) -> None:
         """Hand the loaded LoRA weights to the lean decoder (ValueError: it cannot run one)."""
         if isinstance(self._decoder, LlamaDecoder):
-            self._decoder.read_adapters(self.peft)
+            self._decoder.read_adapters(self.peft, self.final_norms)
+
+
+def split_final_norm(adapter_id: str, path: Path, into: Path) -> torch.Tensor | None:
+    """The final norm's weight of an adapter that trains its own (PEFT `modules_to_save`
+    ["model.norm"], as `ppo.PPOConfig.final_norm_lr` does), with a LoRA-only copy of the adapter
+    written to `into`. None, writing nothing, when it trains no whole module; AdapterRefused when
+    it trains another."""
+    from safetensors.torch import load_file, save_file
+
+    config = modeling.read_adapter_config(path)
+    whole = config.get("modules_to_save") or []
+    if not whole:
+        return None
+    weights = load_file(str(path / modeling.ADAPTER_WEIGHTS))
+    norm = weights.pop(f"base_model.model.{modeling.FINAL_NORM}.weight", None)
+    if list(whole) != [modeling.FINAL_NORM] or norm is None:
+        raise AdapterRefused(
+            f"adapter {adapter_id} trains whole modules {list(whole)}; the server serves LoRA "
+            f"matrices and the policy's own final norm ({modeling.FINAL_NORM}) only"
+        )
+    into.mkdir(parents=True)
+    (into / modeling.ADAPTER_CONFIG).write_text(json.dumps({**config, "modules_to_save": None}))
+    save_file(weights, str(into / modeling.ADAPTER_WEIGHTS))
+    return norm
 
 
 def check_adapter_files(adapter_id: str, path: Path, base_model: str) -> dict[str, Any]:

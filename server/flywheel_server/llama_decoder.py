@@ -9,7 +9,8 @@ slot of a preallocated cache:
   is in the batch (no left padding, no shared mask);
 - a joining row writes its prompt into a free slot; a leaving row's slot is refilled by the last
   row (one row's cache is copied, not the whole batch's);
-- each row names its LoRA adapter: rows on the same adapter share one pair of low-rank matmuls.
+- each row names its LoRA adapter: rows on the same adapter share one pair of low-rank matmuls;
+  an adapter may also bring its own final norm weights, applied to its rows only.
 
 The forward pass itself is the pure function `llama_forward.forward`.
 It serves Llama, Mistral (without a sliding window) and Qwen2 models; `unsupported_reason` says
@@ -92,6 +93,7 @@ class LlamaDecoder:
         self._modules = {id(m): i for i, m in enumerate(linears)}  # base Linear -> its index
         self._rotary = inner.rotary_emb
         self.lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.final_norms: dict[str, torch.Tensor] = {}
         self._lora_lists: dict[tuple[str, ...], list[list[tuple[int, torch.Tensor, torch.Tensor]]]]
         self._lora_lists = {}
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.embed.device)
@@ -103,12 +105,14 @@ class LlamaDecoder:
 
     # -- adapters ---------------------------------------------------------------------------
 
-    def read_adapters(self, peft: Any) -> None:
-        """Take every LoRA adapter's weights from the peft model (None: no adapters)."""
+    def read_adapters(self, peft: Any, final_norms: dict[str, torch.Tensor] | None = None) -> None:
+        """Take every LoRA adapter's weights from the peft model (None: no adapters), and the
+        final norm weights of those adapters that bring their own."""
         from peft.tuners.lora import LoraLayer
 
         lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._lora_lists = {}
+        self.final_norms = dict(final_norms or {})
         if peft is None:
             self.lora = lora
             return
@@ -263,6 +267,14 @@ class LlamaDecoder:
         self.lengths = lengths + 1
         return logits
 
+    def _final_norm(self, adapters: Sequence[str | None]) -> torch.Tensor:
+        """The final norm's weights: (hidden,) shared, or (rows, hidden) when some row's
+        adapter brings its own."""
+        own = [self.final_norms.get(a) if a is not None else None for a in adapters]
+        if all(w is None for w in own):
+            return self.weights.norm
+        return torch.stack([self.weights.norm if w is None else w for w in own])
+
     def _run(
         self,
         ids: torch.Tensor,
@@ -281,7 +293,7 @@ class LlamaDecoder:
             last,
             span,
             contiguous,
-            self.weights,
+            self.weights._replace(norm=self._final_norm(adapters)),
             self.shape,
             self.keys,
             self.values,

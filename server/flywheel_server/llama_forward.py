@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 class Weights(NamedTuple):
     embed: torch.Tensor
-    norm: torch.Tensor
+    norm: torch.Tensor  # the final norm: (hidden,), or (rows, hidden) when adapters bring their own
     lm_head: torch.Tensor
     norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
     linears: list[torch.Tensor]  # per layer: q, k, v, o, gate, up, down (PROJECTIONS' order)
@@ -96,7 +96,9 @@ def forward(
         up = _linear(x, weights, lora, group_rows, base + 5)
         h = h + _linear(gate * up, weights, lora, group_rows, base + 6)
     h = h[torch.arange(rows, device=ids.device), last]
-    return F.linear(torch.rms_norm(h, [hidden], weights.norm, shape.eps), weights.lm_head)
+    if weights.norm.dim() == 1:
+        return F.linear(torch.rms_norm(h, [hidden], weights.norm, shape.eps), weights.lm_head)
+    return F.linear(torch.rms_norm(h, [hidden], None, shape.eps) * weights.norm, weights.lm_head)
 
 
 def _linear(

@@ -134,7 +134,13 @@ class VllmEngine:
         if adapter_id in self._policies:
             return  # versions are immutable: never reloaded in place
         path = Path(path)
-        check_adapter_files(adapter_id, path, self.base_model)
+        whole = check_adapter_files(adapter_id, path, self.base_model).get("modules_to_save")
+        if whole:
+            raise AdapterRefused(
+                f"adapter {adapter_id} also trains whole modules {list(whole)}, which vLLM does "
+                "not apply to a LoRA adapter; train the policy with final_norm_lr=0 to serve it "
+                "with vLLM"
+            )
         check_finite_weights(adapter_id, path)  # vLLM's own checks cover rank and targets
         response = await self._post(
             "/v1/load_lora_adapter", {"lora_name": adapter_id, "lora_path": str(path.resolve())}

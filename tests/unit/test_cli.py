@@ -67,6 +67,7 @@ def test_command_help_mentions_its_flags(command: str, capsys: pytest.CaptureFix
         (["score", "prompt"], "COMPLETION"),
         (["policies", "--name", "critic"], "invalid choice"),
         (["serve", "--http-port", "port"], "invalid int"),
+        (["learn", "--final-norm-lr", "-1"], "must be 0 or more"),
     ],
 )
 def test_bad_usage_exits_2_with_a_message(
@@ -74,6 +75,19 @@ def test_bad_usage_exits_2_with_a_message(
 ) -> None:
     assert run(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_learn_defaults_to_the_ppo_configs_final_norm_lr() -> None:
+    from flywheel_learner.ppo import PPOConfig
+
+    args = cli.build_parser({}).parse_args(["learn", "--model", "m"])
+    assert args.final_norm_lr == PPOConfig.final_norm_lr
+    assert (
+        cli.build_parser({})
+        .parse_args(["learn", "--model", "m", "--final-norm-lr", "0"])
+        .final_norm_lr
+        == 0
+    )
 
 
 def test_rank_with_an_empty_tied_id_exits_2_before_connecting(

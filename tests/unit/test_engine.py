@@ -396,6 +396,57 @@ async def test_a_dora_adapter_is_refused_with_a_reason_and_the_base_still_serves
     assert await greedy_text(fresh_engine) == base_greedy[1]
 
 
+def with_whole_module(adapter_dir: Path, out: Path, module: str, weight: torch.Tensor) -> Path:
+    """A copy of the adapter that also trains `module` in full (PEFT modules_to_save)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter_dir, out)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    weights[f"base_model.model.{module}.weight"] = weight.contiguous()
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": [module]}))
+    return out
+
+
+async def test_a_policy_with_its_own_final_norm_is_served_by_the_lean_decoder(
+    fresh_engine: TorchEngine,
+    decoder: str,
+    adapter_dir: Path,
+    tmp_path: Path,
+    base_greedy: tuple[list[int], str],
+) -> None:
+    base_norm = fresh_engine.model.model.norm.weight.detach()
+    torch.manual_seed(0)
+    own = base_norm * torch.empty_like(base_norm).uniform_(0.2, 3.0)
+    normed = with_whole_module(adapter_dir, tmp_path / "normed", "model.norm", own)
+    if decoder == "generic":  # peft cannot swap a norm per row of a mixed batch
+        with pytest.raises(AdapterRefused, match="only the lean decoder applies"):
+            await fresh_engine.load_adapter("policy-v2", normed, reward=False)
+        assert fresh_engine.adapters == []
+        return
+    await fresh_engine.load_adapter("policy-v1", adapter_dir, reward=False)
+    await fresh_engine.load_adapter("policy-v2", normed, reward=False)
+    assert torch.equal(fresh_engine.final_norms["policy-v2"], own)
+    assert not fresh_engine.peft.peft_config["policy-v2"].modules_to_save  # peft: LoRA only
+    lora_only = await greedy_text(fresh_engine, "policy-v1")
+    assert await greedy_text(fresh_engine, "policy-v2") != lora_only  # same LoRA, its own norm
+    assert await greedy_text(fresh_engine) == base_greedy[1]
+    assert torch.equal(fresh_engine.model.model.norm.weight, base_norm)
+    await fresh_engine.unload_adapter("policy-v2")
+    assert "policy-v2" not in fresh_engine.final_norms
+
+
+async def test_an_adapter_that_trains_another_whole_module_is_refused(
+    fresh_engine: TorchEngine, adapter_dir: Path, tmp_path: Path
+) -> None:
+    head = fresh_engine.model.lm_head.weight.detach()
+    whole = with_whole_module(adapter_dir, tmp_path / "head", "lm_head", head)
+    with pytest.raises(AdapterRefused, match=r"trains whole modules \['lm_head'\]"):
+        await fresh_engine.load_adapter("policy-v3", whole, reward=False)
+    assert fresh_engine.adapters == []
+
+
 async def test_a_model_the_lean_decoder_cannot_run_is_decoded_by_transformers(
     model_dir: Path, tmp_path: Path
 ) -> None:

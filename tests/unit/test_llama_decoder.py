@@ -117,6 +117,36 @@ def test_rows_on_different_adapters_match_peft_each_alone() -> None:
     assert drive(peft, decoder, [None, "policy-v1", "policy-v2"]) > 100
 
 
+class OwnNorm:
+    """The oracle for an adapter with its own final norm: peft, with that norm swapped in."""
+
+    def __init__(self, peft: torch.nn.Module, adapter: str, norm: torch.Tensor) -> None:
+        self.peft, self.adapter, self.norm = peft, adapter, norm
+        self.peft_config = peft.peft_config
+
+    def __call__(self, *, input_ids: torch.Tensor, adapter_names: list[str]) -> object:
+        weight = self.peft.get_submodule("base_model.model.model.norm").weight
+        base = weight.detach().clone()
+        if adapter_names == [self.adapter]:
+            weight.copy_(self.norm)
+        try:
+            return self.peft(input_ids=input_ids, adapter_names=adapter_names)
+        finally:
+            weight.copy_(base)
+
+
+def test_an_adapters_own_final_norm_applies_to_its_rows_only() -> None:
+    model = tiny("llama", num_key_value_heads=2)
+    decoder = LlamaDecoder(model)
+    peft = with_adapters(model, ["policy-v1", "policy-v2"])
+    norm = model.model.norm.weight.detach() * torch.linspace(0.5, 3.0, 64)
+    decoder.read_adapters(peft, {"policy-v2": norm})
+    assert drive(OwnNorm(peft, "policy-v2", norm), decoder, [None, "policy-v1", "policy-v2"]) > 100
+    decoder.clear()
+    decoder.read_adapters(peft)  # without it, policy-v2's rows use the shared norm again
+    assert drive(peft, decoder, ["policy-v2"]) > 30
+
+
 def test_the_cache_grows_past_its_first_size() -> None:
     model = tiny("llama")
     decoder = LlamaDecoder(model)

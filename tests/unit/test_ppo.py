@@ -117,7 +117,8 @@ def test_one_copy_of_the_base_weights_shared_by_every_role(
 ) -> None:
     models = build(base_dir, reward_dir)
     plain, _ = modeling.load_base(base_dir)
-    base = {n: p for n, p in models.peft.named_parameters() if "lora_" not in n}
+    own = ("lora_", "modules_to_save.")  # adapters' weights, not the base's
+    base = {n: p for n, p in models.peft.named_parameters() if not any(o in n for o in own)}
     # one base parameter per parameter of the plain model: no second copy for policy or value
     assert len(base) == len(list(plain.parameters()))
     assert len({p.data_ptr() for p in base.values()}) == len(
@@ -253,6 +254,58 @@ def test_a_few_steps_run_end_to_end_with_finite_stats(base_dir: Path, reward_dir
     assert kl_ctl.beta != config.beta  # the adaptive controller moved it
 
 
+def test_k_samples_per_prompt_are_scored_against_each_other(
+    base_dir: Path, reward_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = dataclasses.replace(
+        CONFIG, rollout_batch=8, samples_per_prompt=2, beta=0.0, gae_gamma=1.0, gae_lambda=1.0
+    )
+    assert config.prompts_per_step == 4
+    models = build(base_dir, reward_dir, config)
+    seen: list[list[str]] = []
+    scores = torch.tensor([3.0, 1.0, 0.0, 0.0, -2.0, 4.0, 5.0, 5.0])
+
+    def rewards(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        seen.append(list(prompts))
+        return scores
+
+    monkeypatch.setattr(models, "rewards", rewards)
+    torch.manual_seed(0)
+    rollout = collect_rollout(models, [p for p in prompts(models) for _ in "ab"], config, 0.0)
+    # with beta 0 and lambda = gamma = 1 every token's return is the sequence's final reward:
+    # its score minus the other response's to the same prompt
+    returns = torch.where(rollout.mask, rollout.returns, torch.nan)
+    expected = torch.tensor([2.0, -2.0, 0.0, 0.0, -6.0, 6.0, 0.0, 0.0])
+    assert torch.allclose(returns.nanmean(dim=1), expected, atol=1e-5)
+    assert torch.equal(rollout.scores, scores)  # reported scores stay the reward model's own
+    # ppo_step takes the distinct prompts and samples each one K times, side by side
+    run_step(models, config, None)
+    assert seen[-1] == [p for p in prompts(models) for _ in range(2)]
+
+
+def test_the_policy_trains_its_own_final_norm_and_nothing_else_of_the_base(
+    base_dir: Path, reward_dir: Path
+) -> None:
+    models = build(base_dir, reward_dir)
+    norm = models.peft.get_submodule("base_model.model.model.norm")
+    base_norm = norm.original_module.weight.detach().clone()
+    (policy_norm,) = models.policy_norm
+    assert torch.equal(policy_norm, base_norm)  # a copy: the policy starts as the SFT model
+    optimizer = make_optimizer(models, CONFIG)
+    assert [g["lr"] for g in optimizer.param_groups] == [CONFIG.lr, CONFIG.final_norm_lr]
+    torch.manual_seed(0)
+    fixed = collect_rollout(models, prompts(models), CONFIG, CONFIG.beta)
+    run_step(models, CONFIG, ptx_batch(models))
+    assert not torch.equal(policy_norm, base_norm)
+    assert torch.equal(norm.original_module.weight, base_norm)
+    # the reference, reward and value roles still read the base's norm
+    with torch.no_grad():
+        ref = models.reference_logprobs(fixed.ids, fixed.attention, fixed.start)
+    assert torch.equal(ref, fixed.ref_logp)
+    lora_only = dataclasses.replace(CONFIG, final_norm_lr=0.0)
+    assert build(base_dir, reward_dir, lora_only).policy_norm == []
+
+
 def test_saved_policy_loads_with_plain_peft(
     base_dir: Path, reward_dir: Path, tmp_path: Path
 ) -> None:
@@ -337,6 +390,10 @@ def test_ptx_scores_whole_documents_but_only_the_continuation_of_pairs(base_dir:
             r"\(rollout_batch / minibatches = 2\)",
         ),
         ({"adaptive_kl": True, "beta": 0.0}, "adaptive_kl needs beta > 0"),
+        (
+            {"rollout_batch": 8, "minibatches": 2, "samples_per_prompt": 3},
+            r"rollout_batch \(8\) must be divisible by samples_per_prompt \(3\)",
+        ),
         ({"micro_batches": 8, "ptx_batch": 4}, r"micro_batches \(8\) must be <= ptx_batch \(4\)"),
     ],
 )

@@ -14,6 +14,7 @@ from flywheel_learner.ppo_math import (
     kl_k2,
     kl_k3,
     kl_shaped_rewards,
+    leave_one_out,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -163,6 +164,21 @@ def test_kl_shaped_rewards_use_the_chosen_estimator() -> None:
     rewards = kl_shaped_rewards(torch.tensor([0.0]), logp, ref_logp, mask, beta=2.0, kind="k2")
     # k2 = 0.5 * (±1)^2 = 0.5 on both tokens; -2 * 0.5 = -1
     assert torch.allclose(rewards, torch.tensor([[-1.0, -1.0]]))
+
+
+def test_leave_one_out_subtracts_the_mean_of_the_other_samples_of_the_prompt() -> None:
+    scores = torch.tensor([1.0, 2.0, 6.0, -3.0, 0.0, 3.0])
+    # two prompts of 3: 1 - (2 + 6) / 2 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5; -3 - 1.5 = -4.5, ...
+    expected = torch.tensor([-3.0, -1.5, 4.5, -4.5, 0.0, 4.5])
+    assert torch.equal(leave_one_out(scores, 3), expected)
+    assert torch.equal(leave_one_out(scores, 1), scores)  # nothing to compare with
+    # every group sums to 0 times K / (K - 1) of its centred scores: the baseline is unbiased
+    assert torch.allclose(leave_one_out(scores, 2), torch.tensor([-1.0, 1.0, 9.0, -9.0, -3.0, 3.0]))
+
+
+def test_leave_one_out_rejects_a_batch_that_does_not_split_into_groups() -> None:
+    with pytest.raises(ValueError, match="5 scores do not split into groups of 2"):
+        leave_one_out(torch.zeros(5), 2)
 
 
 # --- GAE ----------------------------------------------------------------------------------------

@@ -315,6 +315,15 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         help="PPO-ptx steps per round (default: %(default)s)",
     )
     sub.add_argument(
+        "--final-norm-lr",
+        type=_non_negative_float,
+        default=3e-2,
+        metavar="LR",
+        help="learning rate of the policy's own copy of the model's final norm, trained with "
+        "its LoRA and shipped in the adapter: it lets PPO sharpen the policy (default: "
+        "%(default)s). 0 ships LoRA matrices only, which the vLLM backend needs",
+    )
+    sub.add_argument(
         "--import-preferences",
         nargs="+",
         default=[],
@@ -582,6 +591,7 @@ def _learn(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flywheel_learner.loop import LearnerConfig, LearnerError, run  # torch: only here
+    from flywheel_learner.ppo import PPOConfig
 
     try:
         config = LearnerConfig(
@@ -593,6 +603,7 @@ def _learn(args: argparse.Namespace) -> int:
             interval_s=args.interval,
             max_rounds=args.rounds,
             ppo_steps_per_round=args.ppo_steps,
+            ppo=PPOConfig(final_norm_lr=args.final_norm_lr),
             import_preferences=tuple(Path(p) for p in args.import_preferences),
             pretraining=Path(args.pretraining) if args.pretraining else None,
             reward_init=Path(args.reward_init) if args.reward_init else None,
