@@ -64,7 +64,7 @@ TRAINABLE = (POLICY, VALUE)
 # | KL estimator     | log(pi / pi_SFT), per token  | k1, per token    | same                        |
 # | gamma_ptx        | 27.8                         | 1.0              | see PPOConfig.gamma_ptx     |
 # | value init       | from the reward model        | RM's LoRA + head | same, on the shared base    |
-# | policy weights   | full fine-tuning             | LoRA r=8         | one base, hot-swap adapters |
+# | policy weights   | full fine-tuning             | LoRA r=8 + norm  | one base, hot-swap adapters |
 # | batch / minibatch| 512 / 64 episodes            | 256 / 64         | CPU budget for the demo     |
 # | epochs, lr       | -                            | 1, 1e-3 (LoRA)   | see PPOConfig.rollout_batch |
 # | clip, GAE        | -                            | 0.2; 1, 0.95     | PPO's and GAE's usual ones  |
