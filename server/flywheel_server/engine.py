@@ -501,7 +501,7 @@ class TorchEngine:
                     raise AdapterRefused(
                         f"adapter {adapter_id} trains its own final norm, which only the lean "
                         "decoder applies; serve it with decoder 'auto' on a Llama-shaped model, "
-                        "or train the policy with final_norm_lr=0"
+                        "or train the policy without it (flywheel learn --final-norm-lr 0)"
                     )
                 if not torch.isfinite(norm).all():
                     raise AdapterRefused(f"adapter {adapter_id} has a non-finite final norm")
@@ -584,9 +584,9 @@ def split_final_norm(adapter_id: str, path: Path, into: Path) -> torch.Tensor | 
         return None
     weights = load_file(str(path / modeling.ADAPTER_WEIGHTS))
     norm = weights.pop(f"base_model.model.{modeling.FINAL_NORM}.weight", None)
-    if list(whole) != [modeling.FINAL_NORM] or norm is None:
+    if whole != [modeling.FINAL_NORM] or norm is None:
         raise AdapterRefused(
-            f"adapter {adapter_id} trains whole modules {list(whole)}; the server serves LoRA "
+            f"adapter {adapter_id} trains whole modules {whole}; the server serves LoRA "
             f"matrices and the policy's own final norm ({modeling.FINAL_NORM}) only"
         )
     into.mkdir(parents=True)

@@ -138,8 +138,8 @@ class VllmEngine:
         if whole:
             raise AdapterRefused(
                 f"adapter {adapter_id} also trains whole modules {list(whole)}, which vLLM does "
-                "not apply to a LoRA adapter; train the policy with final_norm_lr=0 to serve it "
-                "with vLLM"
+                "not apply to a LoRA adapter; train the policy without them to serve it with "
+                "vLLM (flywheel learn --final-norm-lr 0)"
             )
         check_finite_weights(adapter_id, path)  # vLLM's own checks cover rank and targets
         response = await self._post(
