@@ -172,7 +172,7 @@ def test_leave_one_out_subtracts_the_mean_of_the_other_samples_of_the_prompt() -
     expected = torch.tensor([-3.0, -1.5, 4.5, -4.5, 0.0, 4.5])
     assert torch.equal(leave_one_out(scores, 3), expected)
     assert torch.equal(leave_one_out(scores, 1), scores)  # nothing to compare with
-    # every group sums to 0 times K / (K - 1) of its centred scores: the baseline is unbiased
+    # pairs: each score minus the other one
     assert torch.allclose(leave_one_out(scores, 2), torch.tensor([-1.0, 1.0, 9.0, -9.0, -3.0, 3.0]))
 
 
