@@ -242,12 +242,12 @@ class SharedBaseModels:
         self.tokenizer = tokenizer
         self.reward_head = reward_head.requires_grad_(False)
         self.value_head = value_head.requires_grad_(True)
-        value_head.likelihood.requires_grad_(False)  # values read hidden states only
         self.config = config
         named = list(peft_model.named_parameters())
         self._policy = [p for n, p in named if f".{POLICY}." in n]
         self.policy_norm = [p for n, p in named if f"modules_to_save.{POLICY}." in n]
         value_lora = [p for n, p in named if f".{VALUE}." in n]
+        # values read hidden states only: the head's likelihood weight neither runs nor trains
         self._value = value_lora + list(value_head.linear.parameters())
         self._use(POLICY)
 
@@ -264,6 +264,11 @@ class SharedBaseModels:
 
         modeling.read_adapter_config(reward_dir)  # a clear error when it is not an adapter
         base, tokenizer = modeling.load_base(base_dir)
+        if config.final_norm_lr > 0 and not _has_module(base, modeling.FINAL_NORM):
+            raise ValueError(
+                f"final_norm_lr > 0 trains the policy's own {modeling.FINAL_NORM}, which this "
+                f"{base.config.model_type} model does not have; set final_norm_lr=0"
+            )
         model = PeftModel.from_pretrained(
             base, str(reward_dir), adapter_name=REWARD, is_trainable=False
         )
@@ -276,11 +281,6 @@ class SharedBaseModels:
             modules_to_save=[modeling.FINAL_NORM] if config.final_norm_lr > 0 else None,
             task_type="CAUSAL_LM",
         )
-        if config.final_norm_lr > 0 and not _has_module(base, modeling.FINAL_NORM):
-            raise ValueError(
-                f"final_norm_lr > 0 trains the policy's own {modeling.FINAL_NORM}, which this "
-                f"{base.config.model_type} model does not have; set final_norm_lr=0"
-            )
         torch.manual_seed(config.seed)  # LoRA A is random; B = 0 keeps policy == base at start
         model.add_adapter(POLICY, lora)
         model.eval()

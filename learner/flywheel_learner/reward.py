@@ -178,7 +178,9 @@ def score_batch(
 ) -> torch.Tensor:
     """Rewards of a batch's rows, on the head's device. -> (N,)"""
     device = head.linear.weight.device
-    ids, attention, starts = (t.to(device) for t in batch[:3])
+    ids, attention, starts = (
+        t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.starts)
+    )
     return modeling.score(model, head, ids, attention, starts, **model_kwargs)
 
 

@@ -464,12 +464,12 @@ class TorchEngine:
         return score_batch(self._net, self.heads[adapter], batch, **use).float().cpu().tolist()
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
-        check_adapter_files(adapter_id, path, self.base_model)
+        config = check_adapter_files(adapter_id, path, self.base_model)
         try:
             head = (
                 modeling.ScoreHead.load(path, self.hidden_size).to(self.device) if reward else None
             )
-            self._attach(adapter_id, path)
+            self._attach(adapter_id, path, config)
         except Exception as e:
             raise AdapterRefused(f"adapter {adapter_id} could not be loaded: {e}") from e
         try:
@@ -487,15 +487,16 @@ class TorchEngine:
                 raise
             raise AdapterRefused(f"adapter {adapter_id} failed its smoke check: {e}") from e
 
-    def _attach(self, adapter_id: str, path: Path) -> None:
+    def _attach(self, adapter_id: str, path: Path, config: dict[str, Any]) -> None:
         """Give peft the adapter's LoRA matrices; keep its own final norm, if any, apart.
+        `config` is the adapter's PEFT config, as `check_adapter_files` read it.
 
         peft cannot mix adapters that swap the norm in one batch, and only the lean decoder
         applies a final norm per row, so the norm never reaches peft."""
         if adapter_id in self.adapters:
             return  # idempotent: versions are immutable, never reloaded in place
         with tempfile.TemporaryDirectory() as tmp:
-            norm = split_final_norm(adapter_id, path, Path(tmp) / "lora")
+            norm = split_final_norm(adapter_id, path, config, Path(tmp) / "lora")
             if norm is not None:
                 if not isinstance(self._decoder, LlamaDecoder):
                     raise AdapterRefused(
@@ -571,14 +572,15 @@ class TorchEngine:
             self._decoder.read_adapters(self.peft, self.final_norms)
 
 
-def split_final_norm(adapter_id: str, path: Path, into: Path) -> torch.Tensor | None:
+def split_final_norm(
+    adapter_id: str, path: Path, config: dict[str, Any], into: Path
+) -> torch.Tensor | None:
     """The final norm's weight of an adapter that trains its own (PEFT `modules_to_save`
     ["model.norm"], as `ppo.PPOConfig.final_norm_lr` does), with a LoRA-only copy of the adapter
     written to `into`. None, writing nothing, when it trains no whole module; AdapterRefused when
     it trains another."""
     from safetensors.torch import load_file, save_file
 
-    config = modeling.read_adapter_config(path)
     whole = config.get("modules_to_save") or []
     if not whole:
         return None

@@ -270,6 +270,10 @@ class LlamaDecoder:
     def _final_norm(self, adapters: Sequence[str | None]) -> torch.Tensor:
         """The final norm's weights: (hidden,) shared, or (rows, hidden) when some row's
         adapter brings its own."""
+        names = set(adapters)
+        if len(names) == 1:  # the usual decode step: every row on the live policy
+            (name,) = names
+            return self.final_norms.get(name, self.weights.norm) if name else self.weights.norm
         own = [self.final_norms.get(a) if a is not None else None for a in adapters]
         if all(w is None for w in own):
             return self.weights.norm
