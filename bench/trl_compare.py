@@ -19,8 +19,12 @@ What is compared:
   network).
 - reward throughput: fit_reward_model vs RewardTrainer.train(), same rankings per step (TRL: all
   their pairs per step), steps, LoRA (r, alpha, targets), lr and cosine schedule. Ours forwards
-  each completion of a ranking once, as the paper does; TRL forwards both sides of every pair,
-  so for K > 2 it does C(K, 2) * 2 / K times the forwards for the same comparisons. Model heads differ by design: ours
+  each completion of a ranking once, as the paper does, and each ranking's prompt once
+  (prompt_sharing, through the lean forward); TRL forwards both sides of every pair, prompt
+  included, so for K > 2 it does C(K, 2) * 2 / K times the forwards for the same comparisons.
+  Our whole call also adds the LoRA adapter and tokenises the text; the row "TRL: +
+  constructor" times RewardTrainer's constructor, which does that part on its side, with
+  train(). Model heads differ by design: ours
   is base + LoRA + ScoreHead on the last hidden state, TRL's is LlamaForSequenceClassification
   + LoRA (its score layer trained in full via peft's modules_to_save).
 - PPO loss: TRL 1.12 computes its losses inline in PPOTrainer.train() (no function to call),
@@ -40,6 +44,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,14 +89,14 @@ def prepare(s: dict) -> None:
     rng = random.Random(s["seed"])
     rankings = demo_rankings(rng, s["rankings_per_step"] * s["reward_steps"], s["k"])
     # TRL's RewardTrainer takes pairs: every ranking becomes its C(K, 2) (better, worse) pairs.
-    ids = [
-        (
-            modeling.reward_tokens(tok, p, better, s["max_length"])[0],
-            modeling.reward_tokens(tok, p, worse, s["max_length"])[0],
-        )
+    pairs = [
+        (p, better, worse)
         for p, ranked in rankings
         for better, worse in itertools.combinations(ranked, 2)
     ]
+    better = modeling.reward_tokens(tok, [(p, b) for p, b, _ in pairs], s["max_length"])
+    worse = modeling.reward_tokens(tok, [(p, w) for p, _, w in pairs], s["max_length"])
+    ids = [(b, w) for (b, _), (w, _) in zip(better, worse, strict=True)]
     prompts = [
         chat_prompt(tok, demo_task.sample_example(rng).instruction)
         for _ in range(s["rollout_batch"] * s["ppo_steps"])
@@ -170,7 +175,10 @@ def run_ours(s: dict) -> dict:
     group = torch.arange(n).repeat(s["k"])
     out["reward_loss"] = float(ranking_loss(r, tiers, group))
 
-    # reward throughput
+    # reward throughput. peft is imported before the clock starts, as TRL's side imports its
+    # libraries before its own: a process imports it once, not once per refit.
+    import peft  # noqa: F401
+
     base, tok = modeling.load_base(WORK / "model")
     rankings = [(p, [[c] for c in ranked]) for p, ranked in inputs["rankings"]]
     cfg = RewardConfig(
@@ -183,6 +191,7 @@ def run_ours(s: dict) -> dict:
     wall = time.perf_counter() - t0
     out["reward_train_seconds"] = wall
     out["reward_pairs_per_s"] = s["reward_steps"] * s["pairs_per_step"] / wall
+    out["reward_setup_pairs_per_s"] = out["reward_pairs_per_s"]  # our call includes its setup
     out["reward_loop_pairs_per_s"] = s["reward_steps"] * s["pairs_per_step"] / fit.seconds
     out["reward_final_loss"] = fit.train_loss  # mean of the last 10 steps
     reward_dir = WORK / "reward-adapter"
@@ -262,9 +271,11 @@ def run_trl116(s: dict) -> dict:
         disable_tqdm=True,
     )  # fmt: skip
     lora = trl_lora(s, "SEQ_CLS")
+    t0 = time.perf_counter()
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora
     )
+    setup = time.perf_counter() - t0  # adds LoRA and prepares the dataset, as our call does
     out: dict = {"trl_version": trl.__version__}
 
     # loss on the same rewards through RewardTrainer.compute_loss (stub model returns them),
@@ -286,6 +297,7 @@ def run_trl116(s: dict) -> dict:
     wall = time.perf_counter() - t0
     out["reward_train_seconds"] = wall
     out["reward_pairs_per_s"] = s["reward_steps"] * s["pairs_per_step"] / wall
+    out["reward_setup_pairs_per_s"] = s["reward_steps"] * s["pairs_per_step"] / (setup + wall)
     out["reward_loop_pairs_per_s"] = (
         s["reward_steps"] * s["pairs_per_step"] / res.metrics["train_runtime"]
     )
@@ -392,6 +404,22 @@ def run_part(venv: str, part: str, args: argparse.Namespace) -> dict:
     return json.loads((WORK / f"{part}.json").read_text())
 
 
+PARTS = {"ours": ".venv", "trl116": ".venv-trl116", "trl112": ".venv-trl112"}
+
+
+def median(parts: list[dict]) -> dict:
+    """Each number's median over the runs; other values from the first run (or its error)."""
+    failed = [p for p in parts if "error" in p]
+    if failed:
+        return failed[0]
+    return {
+        k: statistics.median(p[k] for p in parts)
+        if all(isinstance(p.get(k), (int, float)) for p in parts)
+        else v
+        for k, v in parts[0].items()
+    }
+
+
 def ratio(a: object, b: object) -> str:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
         return f"{a / b:.3f}"
@@ -417,6 +445,10 @@ def main() -> None:
     ap.add_argument("--rollout-batch", type=int, default=16)
     ap.add_argument("--ppo-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--repeats", type=int, default=3,
+        help="runs of each side, interleaved (ours, TRL, ours, ...); the table gives medians",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     s = settings(args)
@@ -426,12 +458,21 @@ def main() -> None:
         return
 
     prepare(s)
-    ours = run_part(".venv", "ours", args)
-    t116 = run_part(".venv-trl116", "trl116", args)
-    t112 = run_part(".venv-trl112", "trl112", args)
+    # This machine's speed drifts from one minute to the next: interleave the sides, take medians.
+    runs = [
+        {part: run_part(venv, part, args) for part, venv in PARTS.items()}
+        for _ in range(args.repeats)
+    ]
+    ours, t116, t112 = (median([run[part] for run in runs]) for part in PARTS)
+    for i, run in enumerate(runs, 1):
+        loop = ratio(run["ours"].get("reward_loop_pairs_per_s"),
+                     run["trl116"].get("reward_loop_pairs_per_s"))  # fmt: skip
+        ppo = ratio(run["ours"].get("ppo_samples_per_s"), run["trl112"].get("ppo_samples_per_s"))
+        print(f"run {i}: reward loop ours/TRL {loop}, PPO ours/TRL {ppo}")
     rows = [
         (f"reward loss K={s['k']} (same rewards)", "reward_loss", t116),
         ("reward fit pairs/s (whole call)", "reward_pairs_per_s", t116),
+        ("reward pairs/s (TRL: + constructor)", "reward_setup_pairs_per_s", t116),
         ("reward fit pairs/s (loop only)", "reward_loop_pairs_per_s", t116),
         ("reward fit seconds (whole call)", "reward_train_seconds", t116),
         ("PPO policy loss (same tensors)", "ppo_policy_loss", t112),
@@ -459,8 +500,8 @@ def main() -> None:
             print(f"{name}: {part['error']}\n{part.get('stderr_tail', '')}", file=sys.stderr)
     OUT.mkdir(parents=True, exist_ok=True)
     result = {
-        "settings": s, "table": table, "abs_diff": diffs, "ours": ours,
-        "trl116": t116, "trl112": t112,
+        "settings": s, "repeats": args.repeats, "table": table, "abs_diff": diffs,
+        "ours": ours, "trl116": t116, "trl112": t112, "runs": runs,
     }  # fmt: skip
     path = OUT / ("trl_compare.json" if s["k"] == 2 else f"trl_compare_k{s['k']}.json")
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -13,11 +13,15 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from flywheel_learner import lean_forward
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -118,15 +122,23 @@ def last_token_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 
 def reward_tokens(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int
-) -> tuple[list[int], int]:
-    """Token ids the reward model reads, prompt + completion + eos, truncated from the left,
-    and the index of the first response token (at least 1, so eos is always scored)."""
-    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-    ids = [*ids, tokenizer.eos_token_id]
-    prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    cut = max(0, len(ids) - max_length)
-    return ids[cut:], min(max(1, prompt_length - cut), len(ids) - cut - 1)
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[tuple[str, str]], max_length: int
+) -> list[tuple[list[int], int]]:
+    """Token ids the reward model reads for each (prompt, completion): prompt + completion +
+    eos, truncated from the left, and the index of the first response token (at least 1, so
+    eos is always scored). Two tokenizer calls for the whole list."""
+    if not texts:
+        return []
+    full = tokenizer([p + c for p, c in texts], add_special_tokens=False)["input_ids"]
+    prompts = list(dict.fromkeys(p for p, _ in texts))  # a ranking's completions share one
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prompt_length = {p: len(ids) for p, ids in zip(prompts, encoded, strict=True)}
+    out = []
+    for (prompt, _), ids in zip(texts, full, strict=True):
+        ids = [*ids, tokenizer.eos_token_id]
+        cut = max(0, len(ids) - max_length)
+        out.append((ids[cut:], min(max(1, prompt_length[prompt] - cut), len(ids) - cut - 1)))
+    return out
 
 
 def response_loglik(
@@ -136,13 +148,15 @@ def response_loglik(
     """Mean log-probability of each row's tokens from `starts[r]` on (right padding).
 
     hidden: (B, T, H) final post-norm states; input_ids, attention_mask: (B, T); starts: (B,)
-    -> (B,). The LM head runs only from the earliest response token on.
+    -> (B,). The LM head runs only from the earliest response token on, as one 2-D matmul.
     """
     first = int(starts.min())
     lm_head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
-    logits = lm_head(hidden[:, first - 1 : -1])  # (B, T - first, V)
-    targets = input_ids[:, first:]  # (B, T - first)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    states = hidden[:, first - 1 : -1]  # (B, R, H), R = T - first
+    rows, width = states.shape[:2]
+    logits = lm_head(states.reshape(rows * width, -1)).float()  # (B * R, V)
+    targets = input_ids[:, first:].reshape(-1)
+    logp = -F.cross_entropy(logits, targets, reduction="none").view(rows, width)
     positions = torch.arange(first, input_ids.shape[1], device=input_ids.device)
     mask = (positions[None, :] >= starts[:, None]) & attention_mask[:, first:].bool()
     return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
@@ -165,6 +179,27 @@ def score(
     right over wrong 96% of the time with it and 73% without (bench/reward_on_policy.py).
     The LM head runs on response positions only.
     """
+    hidden = final_hidden(model, input_ids, attention_mask, **model_kwargs)
+    loglik = response_loglik(model, hidden, input_ids, attention_mask, starts)
+    return head(last_token_features(hidden, attention_mask)) + head.likelihood * loglik
+
+
+def final_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_kwargs: Any
+) -> torch.Tensor:
+    """Final (post-norm) hidden states of right-padded rows. (B, T) -> (B, T, H).
+
+    Llama-shaped models with at most one active plain LoRA adapter take the lean forward
+    (`lean_forward`, the same values with fewer ops); any other model, or extra model
+    arguments (such as peft's per-row adapter names), take transformers' forward.
+    """
+    if not model_kwargs and bool((attention_mask.diff(dim=1) <= 0).all()):
+        try:
+            weights = lean_forward.read(model)
+        except lean_forward.Unsupported:
+            pass
+        else:
+            return lean_forward.final_hidden(weights, input_ids)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -172,9 +207,7 @@ def score(
         logits_to_keep=1,
         **model_kwargs,
     )
-    hidden = out.hidden_states[-1]  # (B, T, H)
-    loglik = response_loglik(model, hidden, input_ids, attention_mask, starts)
-    return head(last_token_features(hidden, attention_mask)) + head.likelihood * loglik
+    return out.hidden_states[-1]
 
 
 def save_adapter(

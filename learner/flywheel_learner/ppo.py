@@ -398,7 +398,7 @@ def make_optimizer(models: SharedBaseModels, config: PPOConfig) -> torch.optim.O
     ]
     if models.policy_norm:
         groups.append({"params": models.policy_norm, "lr": config.final_norm_lr})
-    return torch.optim.AdamW(groups, lr=config.lr, eps=1e-5, weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=config.lr, eps=1e-5, weight_decay=0.0, fused=True)
 
 
 # --- rollouts ----------------------------------------------------------------------------------

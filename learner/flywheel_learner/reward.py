@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flywheel_learner import distributed, modeling
+from flywheel_learner import distributed, lean_forward, modeling, prompt_sharing
 from flywheel_learner.losses import pairwise_accuracy, ranking_loss
+from flywheel_learner.prompt_sharing import EncodedRanking
 from flywheel_learner.sft import right_pad, warmup_cosine
 
 if TYPE_CHECKING:
@@ -115,18 +116,15 @@ def _validate(rankings: Sequence[RankingText]) -> None:
             )
 
 
-# One ranking, tokenised: (token ids, first response token, tier) per completion, best tier 0.
-EncodedRanking = list[tuple[list[int], int, int]]
-
-
-def encode_ranking(
-    tokenizer: PreTrainedTokenizerBase, ranking: RankingText, max_length: int
-) -> EncodedRanking:
-    prompt, ranked = ranking
+def encode_rankings(
+    tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
+) -> list[EncodedRanking]:
+    """Tokenise rankings, all their completions in one batch."""
+    texts = [(prompt, c) for prompt, ranked in rankings for tier in ranked for c in tier]
+    tokens = iter(modeling.reward_tokens(tokenizer, texts, max_length))
     return [
-        (*modeling.reward_tokens(tokenizer, prompt, completion, max_length), tier)
-        for tier, completions in enumerate(ranked)
-        for completion in completions
+        [(*next(tokens), tier) for tier, completions in enumerate(ranked) for _ in completions]
+        for _, ranked in rankings
     ]
 
 
@@ -134,8 +132,7 @@ def make_batch(
     tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
 ) -> Batch:
     """Flatten rankings into one row per completion, tagged with its tier and group."""
-    encoded = [encode_ranking(tokenizer, r, max_length) for r in rankings]
-    return collate_rankings(encoded, _pad_id(tokenizer))
+    return collate_rankings(encode_rankings(tokenizer, rankings, max_length), _pad_id(tokenizer))
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -251,25 +248,34 @@ def fit_reward_model(
         head.load_state_dict(saved.state_dict())
         warm = True
     params = [p for p in peft_model.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, fused=True)
     steps = config.steps_for(len(train))
     warmup = min(config.warmup, steps - 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup, steps)
     )
-    encoded = [encode_ranking(tokenizer, r, config.max_length) for r in train]  # once, not per step
+    encoded = encode_rankings(tokenizer, train, config.max_length)  # once, not per step
     pad_id = _pad_id(tokenizer)
     rng = random.Random(config.seed)  # the same draws on every rank: one global batch
     rank, size = distributed.world()
     losses: list[float] = []
     start = time.perf_counter()
     peft_model.train()
+    try:  # one row per ranking, its prompt forwarded once (prompt_sharing), where it can
+        weights: lean_forward.Weights | None = lean_forward.read(peft_model)
+    except lean_forward.Unsupported:
+        weights = None
     bar = tqdm(range(steps), desc="reward", disable=not progress or rank > 0, leave=False)
     for _ in bar:
         chosen = rng.sample(encoded, min(config.batch_rankings, len(encoded)))
         local = distributed.shard(chosen, rank, size)
-        batch = collate_rankings(local, pad_id)
-        rewards = score_batch(peft_model, head, batch)  # (N,)
+        batch: Batch | prompt_sharing.SharedBatch
+        if weights is None:
+            batch = collate_rankings(local, pad_id)
+            rewards = score_batch(peft_model, head, batch)  # (N,)
+        else:
+            batch = prompt_sharing.collate(local, pad_id)
+            rewards = prompt_sharing.score(peft_model, weights, head, batch)
         loss = ranking_loss(rewards, batch.tiers.to(device), batch.group.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,39 +24,28 @@ from typing import Any
 
 import torch
 
+from flywheel_learner.lean_forward import (
+    PROJECTIONS,
+    config_problem,
+    lora_problem,
+    projection,
+)
 from flywheel_server import llama_forward
 from flywheel_server.llama_forward import Shape, Weights
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin independent of sequence length
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_ROWS, MIN_LENGTH = 8, 64  # the cache's first size; it doubles when it must
 
 
 def unsupported_reason(model: Any) -> str | None:
     """Why this model cannot use the lean decoder, or None when it can."""
-    config = model.config
-    if config.model_type not in MODEL_TYPES:
-        return f"model type {config.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r} is not silu"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ROPE_TYPES:
-        return f"RoPE type {rope.get('rope_type')!r} depends on the sequence length"
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window < config.max_position_embeddings:
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
-        return "layers that are not full attention"
+    problem = config_problem(model.config)
+    if problem:
+        return problem
     for layer in model.model.layers:
         for name in PROJECTIONS:
-            if type(_projection(layer, name)) is not torch.nn.Linear:
+            if type(projection(layer, name)) is not torch.nn.Linear:
                 return f"{name} is not a plain Linear (quantised or already wrapped)"
     return None
-
-
-def _projection(layer: Any, name: str) -> Any:
-    return getattr(layer.self_attn if name in PROJECTIONS[:4] else layer.mlp, name)
 
 
 class LlamaDecoder:
@@ -74,7 +63,7 @@ class LlamaDecoder:
         )
         self.max_length: int = config.max_position_embeddings
         self.embed = inner.embed_tokens.weight
-        linears = [_projection(layer, name) for layer in inner.layers for name in PROJECTIONS]
+        linears = [projection(layer, name) for layer in inner.layers for name in PROJECTIONS]
         self.weights = Weights(
             embed=self.embed,
             norm=inner.norm.weight,
@@ -129,7 +118,7 @@ class LlamaDecoder:
                 continue
             index = self._modules.get(id(module.get_base_layer()))
             for adapter in {*module.lora_A, *module.lora_embedding_A}:
-                problem = f"it adapts {name}" if index is None else _lora_problem(module, adapter)
+                problem = f"it adapts {name}" if index is None else lora_problem(module, adapter)
                 if index is None or problem:
                     raise ValueError(f"the lean decoder cannot serve adapter {adapter}: {problem}")
                 dtype = self.embed.dtype
@@ -304,11 +293,3 @@ class LlamaDecoder:
             lora,
             group_rows,
         )
-
-
-def _lora_problem(module: Any, adapter: str) -> str | None:
-    if getattr(module, "lora_variant", {}).get(adapter) is not None:
-        return "it is a LoRA variant (such as DoRA), not plain LoRA"
-    if getattr(module, "lora_bias", {}).get(adapter):
-        return "it has a LoRA bias"
-    return None

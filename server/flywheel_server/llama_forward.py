@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from flywheel_learner.lean_forward import rotate
+
 
 class Weights(NamedTuple):
     embed: torch.Tensor
@@ -72,8 +74,8 @@ def forward(
         q = q.view(rows, tokens, shape.heads, shape.head_dim).transpose(1, 2)
         k = k.view(rows, tokens, shape.kv_heads, shape.head_dim)
         v = v.view(rows, tokens, shape.kv_heads, shape.head_dim)
-        q = _rotate(q, cos, sin)
-        k = _rotate(k.transpose(1, 2), cos, sin).transpose(1, 2)
+        q = rotate(q, cos, sin)
+        k = rotate(k.transpose(1, 2), cos, sin).transpose(1, 2)
         keys[layer].index_put_(write, k)
         values[layer].index_put_(write, v)
         if contiguous:
@@ -117,10 +119,3 @@ def _linear(
         else:
             y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), a), b))
     return y
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as transformers applies it (rotate the two halves)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin

@@ -21,16 +21,29 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 def test_reward_tokens_mark_where_the_response_starts(tiny: tuple) -> None:
     _, tok = tiny
     prompt_ids = tok("q: abc\n", add_special_tokens=False)["input_ids"]
-    ids, start = modeling.reward_tokens(tok, "q: abc\n", "xyz", max_length=256)
+
+    def tokens(max_length: int) -> tuple[list[int], int]:
+        (got,) = modeling.reward_tokens(tok, [("q: abc\n", "xyz")], max_length)
+        return got
+
+    ids, start = tokens(256)
     assert ids[-1] == tok.eos_token_id
     assert start == len(prompt_ids)
     assert ids[:start] == prompt_ids
     # Truncated from the left: the start moves with the cut, the response stays whole.
-    short, cut_start = modeling.reward_tokens(tok, "q: abc\n", "xyz", max_length=len(ids) - 2)
+    short, cut_start = tokens(len(ids) - 2)
     assert short == ids[2:] and cut_start == start - 2
     # A prompt cut away entirely still leaves one token of context before what is scored.
-    tail, tail_start = modeling.reward_tokens(tok, "q: abc\n", "xyz", max_length=2)
+    tail, tail_start = tokens(2)
     assert tail == ids[-2:] and tail_start == 1
+
+
+def test_reward_tokens_of_a_list_equal_those_of_each_item_alone(tiny: tuple) -> None:
+    _, tok = tiny
+    texts = [("q: abc\n", "xyz"), ("question two\n", "a longer answer"), ("q: abc\n", "x")]
+    alone = [modeling.reward_tokens(tok, [t], 8)[0] for t in texts]
+    assert modeling.reward_tokens(tok, texts, 8) == alone
+    assert modeling.reward_tokens(tok, [], 8) == []
 
 
 def test_score_adds_the_weighted_mean_log_likelihood_of_the_response(tiny: tuple) -> None:
