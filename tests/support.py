@@ -1,4 +1,5 @@
-"""Test support: free loopback ports, random LoRA adapters, a `flywheel serve` subprocess."""
+"""Test support: free loopback ports, random LoRA adapters, a `flywheel serve` subprocess, and
+tiny Llama-shaped models for the lean forwards' tests."""
 
 from __future__ import annotations
 
@@ -13,9 +14,33 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 START_TIMEOUT_S = 120
+
+
+TINY_VOCAB = 96
+# The Llama-shaped families the lean forwards run, as (model type, extra config).
+LLAMA_SHAPES = [
+    ("llama", {}),
+    ("llama", {"num_key_value_heads": 2}),  # grouped-query attention
+    ("qwen2", {"num_key_value_heads": 2}),  # biases on q, k, v
+    ("mistral", {"sliding_window": None, "num_key_value_heads": 4}),
+]
+
+
+def tiny_causal_lm(model_type: str = "llama", **extra: object) -> Any:
+    """A random 2-layer causal LM of `model_type`, seeded, built from its config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
 
 
 def free_port() -> int:

@@ -2,7 +2,8 @@
 
 The base weights stay frozen and shared with the policy; only the adapter and the head learn.
 Each batch holds whole rankings and every completion is forwarded once, with the K-way loss
-taken over all pairs of each ranking (`losses.ranking_loss`).
+taken over all pairs of each ranking (`losses.ranking_loss`). Where the model has a lean forward,
+each ranking's prompt is forwarded once too (`prompt_sharing`).
 """
 
 from __future__ import annotations

@@ -11,22 +11,13 @@ import pytest
 import torch
 
 from flywheel_learner import lean_forward, modeling
+from tests.support import LLAMA_SHAPES, TINY_VOCAB, tiny_causal_lm
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-VOCAB = 96
+VOCAB = TINY_VOCAB
 PROJECTIONS = list(lean_forward.PROJECTIONS)
-
-
-def tiny(model_type: str = "llama", **extra: object) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, **extra,
-    )  # fmt: skip
-    return AutoModelForCausalLM.from_config(config)
+tiny = tiny_causal_lm
 
 
 def with_lora(model: torch.nn.Module, name: str = "reward", **extra: object) -> torch.nn.Module:
@@ -79,15 +70,7 @@ def assert_same(model: torch.nn.Module, atol: float = 1e-5) -> None:
             torch.testing.assert_close(g_got, g_want, atol=1e-4 * scale, rtol=1e-3)
 
 
-@pytest.mark.parametrize(
-    ("model_type", "extra"),
-    [
-        ("llama", {}),
-        ("llama", {"num_key_value_heads": 2}),  # grouped-query attention
-        ("qwen2", {"num_key_value_heads": 2}),  # biases on q, k, v
-        ("mistral", {"sliding_window": None, "num_key_value_heads": 4}),
-    ],
-)
+@pytest.mark.parametrize(("model_type", "extra"), LLAMA_SHAPES)
 def test_states_and_gradients_match_transformers_and_peft(model_type, extra) -> None:
     assert_same(with_lora(tiny(model_type, **extra)).train())
 

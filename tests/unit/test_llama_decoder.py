@@ -12,27 +12,15 @@ import pytest
 import torch
 
 from flywheel_server.llama_decoder import LlamaDecoder, unsupported_reason
+from tests.support import LLAMA_SHAPES, TINY_VOCAB, tiny_causal_lm
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-VOCAB = 96
+VOCAB = TINY_VOCAB
 
 
 def tiny(model_type: str, **extra: object) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        **extra,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_causal_lm(model_type, **extra).eval()
 
 
 def with_adapters(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
@@ -93,15 +81,7 @@ def drive(net: torch.nn.Module, decoder: LlamaDecoder, adapters: list[str | None
     return checked
 
 
-@pytest.mark.parametrize(
-    ("model_type", "extra"),
-    [
-        ("llama", {}),
-        ("llama", {"num_key_value_heads": 2}),  # grouped-query attention
-        ("qwen2", {"num_key_value_heads": 2}),  # biases on q, k, v
-        ("mistral", {"sliding_window": None, "num_key_value_heads": 4}),
-    ],
-)
+@pytest.mark.parametrize(("model_type", "extra"), LLAMA_SHAPES)
 def test_logits_match_transformers_through_joins_steps_and_departures(model_type, extra) -> None:
     model = tiny(model_type, **extra)
     assert unsupported_reason(model) is None
