@@ -72,10 +72,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Linear(NamedTuple):
     weight: torch.Tensor  # the frozen base weight, (out, in)
     bias: torch.Tensor | None
-    lora_a: torch.Tensor | None  # (r, in); None: no active adapter on this projection
-    lora_b: torch.Tensor | None  # (out, r)
-    scaling: float
-    dropout: float  # LoRA dropout applied to the input of A (0 when not training)
+    lora_a: torch.Tensor | None = None  # (r, in); None: no active adapter on this projection
+    lora_b: torch.Tensor | None = None  # (out, r)
+    scaling: float = 0.0
+    dropout: float = 0.0  # LoRA dropout applied to the input of A (0 when not training)
 
 
 class Layer(NamedTuple):
@@ -130,7 +130,7 @@ def read(model: Any) -> Weights:
 
 def _linear(module: Any) -> Linear:
     if type(module) is torch.nn.Linear:
-        return Linear(module.weight, module.bias, None, None, 0.0, 0.0)
+        return Linear(module.weight, module.bias)
     base = getattr(module, "base_layer", None)
     if not hasattr(module, "lora_A") or type(base) is not torch.nn.Linear:
         raise Unsupported(f"{type(module).__name__} is neither a Linear nor LoRA on one")
@@ -140,7 +140,7 @@ def _linear(module: Any) -> Linear:
         [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
     )
     if not active:
-        return Linear(base.weight, base.bias, None, None, 0.0, 0.0)
+        return Linear(base.weight, base.bias)
     if len(active) > 1:
         raise Unsupported(f"{len(active)} adapters are active at once")
     (adapter,) = active

@@ -193,7 +193,7 @@ def final_hidden(
     (`lean_forward`, the same values with fewer ops); any other model, or extra model
     arguments (such as peft's per-row adapter names), take transformers' forward.
     """
-    if not model_kwargs and bool((attention_mask.diff(dim=1) <= 0).all()):
+    if not model_kwargs and bool((attention_mask.long().diff(dim=1) <= 0).all()):
         try:
             weights = lean_forward.read(model)
         except lean_forward.Unsupported:

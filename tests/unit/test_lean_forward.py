@@ -146,3 +146,15 @@ def test_what_it_cannot_run_is_refused_and_score_falls_back_to_transformers() ->
         for model in (dora, two, merged):
             got = modeling.final_hidden(model, ids, mask)
             torch.testing.assert_close(got, oracle(model, ids, mask))
+
+
+def test_left_padded_rows_take_transformers_forward() -> None:
+    """The lean forward has no padding mask, so a row padded on the left must not reach it."""
+    peft = with_lora(tiny()).eval()
+    ids, right = batch()
+    left = right.flip(1)  # the same lengths, padding first
+    with torch.no_grad():
+        got = modeling.final_hidden(peft, ids, left)
+        torch.testing.assert_close(got[left.bool()], oracle(peft, ids, left)[left.bool()])
+        lean = lean_forward.final_hidden(lean_forward.read(peft), ids)
+    assert not torch.allclose(lean[left.bool()], got[left.bool()], atol=1e-3)
