@@ -7,6 +7,14 @@ batch. Same seed, same budget: the only difference within a seed is gamma_ptx. T
 gives each gamma's reward gain and rise in pretraining NLL (InstructGPT section 3.5, figure 34):
 
     .venv/bin/python bench/alignment_tax.py --demo-dir DEMO_BUILD --seeds 1,2,3 --gammas 0,1
+
+`--corpus` picks the "pretraining" text, both the ptx term's and the NLL's:
+- answers (the learner's demo default, `ppo.demo_pretraining_texts`): the task's correct answers;
+  a policy that gets more answers right raises their likelihood, so PPO lowers this NLL too;
+- demonstrations: the distribution the demo base was trained on, the SFT demonstrations with
+  their share of wrong answers (`demo_task.demonstrations` at the build's demo_quality). As the
+  paper's pretraining text, it is not what the reward asks for, and PPO drifting from it is the
+  tax.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,18 +78,29 @@ def evaluate(
     }
 
 
+def corpus_texts(
+    corpus: str, rng: random.Random, n: int, tok: Any, model_dir: Path
+) -> list[tuple[str, str]]:
+    """n (context, text) pairs of the chosen pretraining corpus (see the module docstring)."""
+    if corpus == "answers":
+        return demo_pretraining_texts(rng, n, tok)
+    build = json.loads((model_dir.parent / "build.json").read_text())
+    demos = demo_task.demonstrations(rng, n, quality=build["config"]["demo_quality"])
+    return [(chat_prompt(tok, instruction), response) for instruction, response in demos]
+
+
 def run(
-    model_dir: Path, reward_dir: Path, config: PPOConfig, steps: int, eval_n: int
+    model_dir: Path, reward_dir: Path, config: PPOConfig, steps: int, eval_n: int, corpus: str
 ) -> dict[str, object]:
     models = SharedBaseModels.build(model_dir, reward_dir, config)
     tok = models.tokenizer
     eval_rng = random.Random(1234)  # the same held-out data for every gamma
     eval_prompts = [chat_prompt(tok, i) for i in instructions(eval_rng, eval_n)]
-    eval_ptx = next(ptx_batches(tok, demo_pretraining_texts(eval_rng, 64, tok), 64, 128, eval_rng))
+    eval_texts = corpus_texts(corpus, eval_rng, 64, tok, model_dir)
+    eval_ptx = next(ptx_batches(tok, eval_texts, 64, 128, eval_rng))
     rng = random.Random(config.seed)
-    train_ptx = ptx_batches(
-        tok, demo_pretraining_texts(rng, 4096, tok), config.ptx_batch, config.ptx_max_length, rng
-    )
+    train_texts = corpus_texts(corpus, rng, 4096, tok, model_dir)
+    train_ptx = ptx_batches(tok, train_texts, config.ptx_batch, config.ptx_max_length, rng)
     optimizer, kl_ctl = make_optimizer(models, config), config.kl_controller()
     before = evaluate(models, eval_prompts, eval_ptx, seed=99)
     history: list[PPOStats] = []
@@ -174,6 +194,10 @@ def main() -> None:
     )
     parser.add_argument("--eval", type=int, default=256, help="held-out prompts")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--corpus", choices=("answers", "demonstrations"), default="answers",
+        help="the pretraining text of the ptx term and the NLL (see the module docstring)",
+    )  # fmt: skip
     # One thread: on a shared 2-core box, two torch threads spin-wait on each other and the
     # same update takes 0.1 s or 5 s depending on the neighbours' load.
     parser.add_argument("--threads", type=int, default=1)
@@ -187,10 +211,10 @@ def main() -> None:
             config = PPOConfig(
                 gamma_ptx=gamma, rollout_batch=args.rollout_batch, lr=args.lr, seed=seed
             )
-            results.append(run(model_dir, reward_dir, config, args.steps, args.eval))
+            results.append(run(model_dir, reward_dir, config, args.steps, args.eval, args.corpus))
     elapsed = time.perf_counter() - started
     print(f"\nmodel {model_dir}, {args.steps} steps, rollout_batch {args.rollout_batch}, "
-          f"{elapsed:.0f}s in all, {args.threads} threads")  # fmt: skip
+          f"corpus {args.corpus}, {elapsed:.0f}s in all, {args.threads} threads")  # fmt: skip
     print(table(results))
     print()
     print(summary(results))

@@ -133,9 +133,10 @@ def reward_tokens(
     prompts = list(dict.fromkeys(p for p, _ in texts))  # a ranking's completions share one
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     prompt_length = {p: len(ids) for p, ids in zip(prompts, encoded, strict=True)}
+    eos = tokenizer.eos_token_id  # an attribute lookup that costs as much as the loop's body
     out = []
     for (prompt, _), ids in zip(texts, full, strict=True):
-        ids = [*ids, tokenizer.eos_token_id]
+        ids = [*ids, eos]
         cut = max(0, len(ids) - max_length)
         out.append((ids[cut:], min(max(1, prompt_length[prompt] - cut), len(ids) - cut - 1)))
     return out
