@@ -1,7 +1,8 @@
 """Side by side with TRL: reward-model refit and one PPO step, ours vs TRL's, on identical inputs.
 
-A program, not a test. Run it from our venv; it prepares the shared inputs, runs our half in
-process and TRL's halves in their own venvs (made by bench/trl_setup.sh):
+A program, not a test. Run it from our venv; it prepares the shared inputs, then runs our half
+in our venv and TRL's halves in their own (made by bench/trl_setup.sh), each in a process of its
+own:
 
     bash bench/trl_setup.sh                       # .venv-trl116 (RewardTrainer), .venv-trl112 (PPO)
     .venv/bin/python bench/trl_compare.py         # table on stdout, JSON in bench/out/trl_compare.json
@@ -465,10 +466,13 @@ def main() -> None:
     ]
     ours, t116, t112 = (median([run[part] for run in runs]) for part in PARTS)
     for i, run in enumerate(runs, 1):
-        loop = ratio(run["ours"].get("reward_loop_pairs_per_s"),
-                     run["trl116"].get("reward_loop_pairs_per_s"))  # fmt: skip
-        ppo = ratio(run["ours"].get("ppo_samples_per_s"), run["trl112"].get("ppo_samples_per_s"))
-        print(f"run {i}: reward loop ours/TRL {loop}, PPO ours/TRL {ppo}")
+        ours_run, trl_run = run["ours"], run["trl116"]
+        loop, whole = (
+            ratio(ours_run.get(key), trl_run.get(key))
+            for key in ("reward_loop_pairs_per_s", "reward_pairs_per_s")
+        )
+        ppo = ratio(ours_run.get("ppo_samples_per_s"), run["trl112"].get("ppo_samples_per_s"))
+        print(f"run {i}: reward ours/TRL loop {loop}, whole call {whole}; PPO ours/TRL {ppo}")
     rows = [
         (f"reward loss K={s['k']} (same rewards)", "reward_loss", t116),
         ("reward fit pairs/s (whole call)", "reward_pairs_per_s", t116),
