@@ -152,15 +152,19 @@ def response_loglik(
     -> (B,). The LM head runs only from the earliest response token on, as one 2-D matmul.
     """
     first = int(starts.min())
-    lm_head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
     states = hidden[:, first - 1 : -1]  # (B, R, H), R = T - first
     rows, width = states.shape[:2]
-    logits = lm_head(states.reshape(rows * width, -1)).float()  # (B * R, V)
     targets = input_ids[:, first:].reshape(-1)
-    logp = -F.cross_entropy(logits, targets, reduction="none").view(rows, width)
+    logp = token_logprobs(model, states.reshape(rows * width, -1), targets).view(rows, width)
     positions = torch.arange(first, input_ids.shape[1], device=input_ids.device)
     mask = (positions[None, :] >= starts[:, None]) & attention_mask[:, first:].bool()
     return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def token_logprobs(model: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under the model's LM head from final states. (M, H), (M,) -> (M,)"""
+    lm_head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+    return -F.cross_entropy(lm_head(states).float(), targets, reduction="none")
 
 
 def score(

@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from flywheel_learner import lean_forward, modeling
+from flywheel_learner.sft import right_pad
 
 # One ranking, tokenised: (token ids, first response token, tier) per completion, best tier 0.
 EncodedRanking = list[tuple[list[int], int, int]]
@@ -87,13 +87,14 @@ def collate(encoded: Sequence[EncodedRanking], pad_id: int) -> SharedBatch:
         rows.append(row)
         positions.append(pos)
         segments.append(seg)
-    width = max(map(len, rows))
-    segment = torch.tensor([s + [-1] * (width - len(s)) for s in segments])  # -1: padding
+    input_ids, _ = right_pad(rows, pad_id)
+    segment, _ = right_pad(segments, -1)  # -1: padding
+    width = segment.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
     return SharedBatch(
-        input_ids=torch.tensor([row + [pad_id] * (width - len(row)) for row in rows]),
-        positions=torch.tensor([p + [0] * (width - len(p)) for p in positions]),
+        input_ids=input_ids,
+        positions=right_pad(positions, 0)[0],
         mask=mask,
         last=torch.tensor(last),
         tiers=torch.tensor(tiers),
@@ -117,9 +118,7 @@ def score(
     device = head.linear.weight.device
     b = SharedBatch(*(t.to(device) for t in batch))
     hidden = lean_forward.final_hidden(weights, b.input_ids, b.positions, b.mask)
-    lm_head: torch.nn.Module = model.get_output_embeddings()  # type: ignore[operator]
-    logits = lm_head(hidden[b.predictors[:, 0], b.predictors[:, 1]]).float()  # (M, V)
-    targets = b.input_ids[b.targets[:, 0], b.targets[:, 1]]
-    logp = -F.cross_entropy(logits, targets, reduction="none")  # (M,)
+    states = hidden[b.predictors[:, 0], b.predictors[:, 1]]  # (M, H)
+    logp = modeling.token_logprobs(model, states, b.input_ids[b.targets[:, 0], b.targets[:, 1]])
     loglik = logp.new_zeros(len(b.counts)).index_add(0, b.owner, logp) / b.counts
     return head(hidden[b.last[:, 0], b.last[:, 1]]) + head.likelihood * loglik

@@ -88,14 +88,12 @@ def encode_pair(
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows right-padded to the longest: input_ids and attention_mask, each (B, T)."""
+    """Integer rows right-padded with `pad_id` to the longest: the rows and the mask of what is
+    not padding, each (B, T). Built as lists, one tensor each: a copy per row costs more."""
     width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-    return input_ids, attention
+    padded = [[*ids, *[pad_id] * (width - len(ids))] for ids in rows]
+    attention = [[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]
+    return torch.tensor(padded, dtype=torch.long), torch.tensor(attention, dtype=torch.long)
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, ...]:
