@@ -9,7 +9,9 @@ gives each gamma's reward gain and rise in pretraining NLL (InstructGPT section 
     .venv/bin/python bench/alignment_tax.py --demo-dir DEMO_BUILD --seeds 1,2,3 --gammas 0,1
 
 `--corpus` picks the "pretraining" text, both the ptx term's and the NLL's:
-- answers (the learner's demo default, `ppo.demo_pretraining_texts`): the task's correct answers;
+- documents (the learner's demo default, `ppo.demo_pretraining_texts`): instructions alone, the
+  plain text the demo build mixes into its SFT;
+- answers (the learner's demo default before issue 15): the task's correct answers;
   a policy that gets more answers right raises their likelihood, so PPO lowers this NLL too;
 - demonstrations: the distribution the demo base was trained on, the SFT demonstrations with
   their share of wrong answers (`demo_task.demonstrations` at the build's demo_quality). As the
@@ -36,6 +38,7 @@ from flywheel_learner.ppo import (
     PPOConfig,
     PPOStats,
     PtxBatch,
+    PtxText,
     SharedBaseModels,
     demo_pretraining_texts,
     make_optimizer,
@@ -80,10 +83,13 @@ def evaluate(
 
 def corpus_texts(
     corpus: str, rng: random.Random, n: int, tok: Any, model_dir: Path
-) -> list[tuple[str, str]]:
-    """n (context, text) pairs of the chosen pretraining corpus (see the module docstring)."""
+) -> list[PtxText]:
+    """n texts or (context, text) pairs of the chosen pretraining corpus (module docstring)."""
+    if corpus == "documents":
+        return demo_pretraining_texts(rng, n)
     if corpus == "answers":
-        return demo_pretraining_texts(rng, n, tok)
+        examples = [demo_task.sample_example(rng) for _ in range(n)]
+        return [(chat_prompt(tok, e.instruction), e.answer) for e in examples]
     build = json.loads((model_dir.parent / "build.json").read_text())
     demos = demo_task.demonstrations(rng, n, quality=build["config"]["demo_quality"])
     return [(chat_prompt(tok, instruction), response) for instruction, response in demos]
@@ -195,7 +201,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=256, help="held-out prompts")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
-        "--corpus", choices=("answers", "demonstrations"), default="answers",
+        "--corpus", choices=("documents", "answers", "demonstrations"), default="documents",
         help="the pretraining text of the ptx term and the NLL (see the module docstring)",
     )  # fmt: skip
     # One thread: on a shared 2-core box, two torch threads spin-wait on each other and the

@@ -114,7 +114,7 @@ def main() -> None:
     tok = models.tokenizer
     held_out = [chat_prompt(tok, i) for i in instructions(random.Random(1234), 256)]
     rng = random.Random(args.seed)
-    ptx = ptx_batches(tok, demo_pretraining_texts(rng, 4096, tok), config.ptx_batch,
+    ptx = ptx_batches(tok, demo_pretraining_texts(rng, 4096), config.ptx_batch,
                       config.ptx_max_length, rng)  # fmt: skip
     optimizer, kl_ctl = make_optimizer(models, config), config.kl_controller()
     curve = [{"step": 0, "seconds": 0.0, "accuracy": accuracy(models, held_out)}]

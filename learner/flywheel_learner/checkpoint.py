@@ -42,6 +42,7 @@ class PendingPublish:
     sha256: str
     metrics: dict[str, float]
     promote: bool
+    challenger: bool = False  # run it against the live policy with live labelers instead
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,20 @@ def sample_example(rng: random.Random, task: str | None = None) -> Example:
     raise ValueError(f"unknown demo task {task!r}; choose one of {', '.join(TASKS)}")
 
 
+def pretraining_document(rng: random.Random) -> str:
+    """A line of the demo's pretraining corpus: a word or number said two to four times.
+
+    The demo base learns these as plain text (every token scored) before its SFT, and the ptx
+    term keeps them. They hold no instruction and no answer, so no labeler's preference over
+    answers pulls against them (issue 15: a corpus of correct answers held the policy to the
+    demo's own notion of "correct" whatever the users ranked). After the first word the rest
+    is predictable by copying, the skill every task needs; lines of unpredictable letters
+    taught the model to ignore its context and its SFT then reached 9% accuracy, not 79%.
+    """
+    word = _word(rng) if rng.random() < 0.7 else str(rng.randint(0, 999))
+    return " ".join([word] * rng.randint(2, 4))
+
+
 def parse(prompt: str) -> Example | None:
     """The last demo instruction found anywhere in `prompt` (bare or chat-rendered)."""
     matches = list(_INSTRUCTION.finditer(prompt))

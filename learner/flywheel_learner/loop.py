@@ -12,6 +12,7 @@ its checkpointed cursors, and uploads adapters. Everything it needs to resume li
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import sys
@@ -26,6 +27,7 @@ import torch
 from flywheel_client import FlywheelClient
 from flywheel_learner import feedback_log, modeling
 from flywheel_learner import metrics as learner_metrics
+from flywheel_learner.agreement import human_agreement
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
 from flywheel_learner.ppo import (
@@ -44,7 +46,14 @@ from flywheel_learner.ppo import (
 from flywheel_learner.ppo_math import kl_k1, ptx_loss
 from flywheel_learner.preference_data import read_preferences
 from flywheel_learner.publishing import archive_sha256, publish, recover
-from flywheel_learner.reward import RankingText, RewardConfig, fit_reward_model, normalise_head_bias
+from flywheel_learner.reward import HeldOutScore, RankingText, RewardConfig
+from flywheel_learner.reward_refit import (
+    IdentifiedRanking,
+    Validation,
+    refit,
+    score_saved,
+    split_rankings,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,12 +83,19 @@ class LearnerConfig:
     max_rounds: stop after this many rounds (None = run until stopped).
     ppo_steps_per_round: `ppo_step` calls per round (each one rollout of ppo.rollout_batch).
     eval_prompts: held-out prompts the candidate and the live policy are compared on.
-    gate: what a candidate must achieve to go live. rm_min_accuracy: held-out pairwise
-        accuracy a refit reward model needs to be promoted (and used for PPO).
+    gate: what a candidate must achieve to go live.
+    rm_min_accuracy, rm_min_held_out_pairs: what a reward model must show on the held-out
+        rankings (`reward_refit.Validation`) to be promoted, to train a policy and to judge
+        one. With no such model a round ends after the refit and publishes no policy.
+    rm_held_out_window: the newest this many held-out rankings are the ones measured.
     pretraining: a .txt/.jsonl corpus for the ptx term; None = the demo task's answers.
     reward_init: a saved reward model the first refit warm-starts from (the demo's initial
-        one under `flywheel up`); later refits start from the last promoted refit.
+        one under `flywheel up`); later refits start from the last promoted refit. Either is
+        only a prior: every refit also fits from scratch and keeps the better
+        (`reward_refit`), and the log reports reward_init's accuracy on the same rankings.
     import_preferences: JSONL preference files (`preference_data`) added to every refit.
+    challenger: publish a candidate that passes the gate as the server's challenger, to be
+        promoted or retired by live labelers' blind comparisons, instead of promoting it.
     threads: torch CPU threads (0 = one per core). `flywheel up` gives the learner the cores
         its server does not use.
     """
@@ -92,21 +108,29 @@ class LearnerConfig:
     interval_s: float = 120.0
     poll_s: float = 5.0
     max_rounds: int | None = None
-    # At most 4 passes over the rankings per refit: in a live run, 300 steps over the first
-    # 32 rankings took the train loss to 3e-7 and the rewards to about -10. At most 100 steps
-    # too: refits warm-start, so the reward model keeps learning from round to round, while a
-    # refit over every ranking so far (186 steps at 1,485 rankings) took PPO's time.
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(steps=100, max_epochs=4.0))
+    # The budget grows with the data (8 passes, up to 400 steps) and stops early on the
+    # held-out loss, after a fresh head is probed on the frozen features. The old cap of 100
+    # steps warm-started from the demo's reward model never overruled it: after 2,000 rankings
+    # of another preference its accuracy was 0.33 (issue 15). On 500 live `incorrect` rankings
+    # the probe takes held-out accuracy from 0.62 to 0.92, warm or fresh.
+    reward: RewardConfig = field(
+        default_factory=lambda: RewardConfig(
+            steps=400, max_epochs=8.0, eval_every=25, patience=3, held_out=0.2, probe_steps=200
+        )
+    )
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ppo_steps_per_round: int = 20
     # 16 prompts, one sample each, refused two good rounds in a row on noise (reward gain -0.12
     # and -0.04); 128 cost about a second more.
     eval_prompts: int = 128
     gate: GateThresholds = field(default_factory=GateThresholds)
-    rm_min_accuracy: float = 0.55
+    rm_min_accuracy: float = 0.6
+    rm_min_held_out_pairs: int = 50
+    rm_held_out_window: int = 400
     pretraining: Path | None = None
     reward_init: Path | None = None
     import_preferences: tuple[Path, ...] = ()
+    challenger: bool = False
     seed: int = 0
     timeout_s: float = 120.0
     threads: int = 0
@@ -132,13 +156,18 @@ class LearnerConfig:
             raise ValueError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
         if self.eval_prompts < 1:
             raise ValueError(f"eval_prompts must be >= 1, got {self.eval_prompts}")
-        if not 0.0 <= self.rm_min_accuracy <= 1.0:
-            raise ValueError(f"rm_min_accuracy must be in [0, 1], got {self.rm_min_accuracy}")
+        Validation(self.rm_min_accuracy, self.rm_min_held_out_pairs)  # raises when out of range
+        if self.rm_held_out_window < 1:
+            raise ValueError(f"rm_held_out_window must be >= 1, got {self.rm_held_out_window}")
         for path in (*self.import_preferences, *([self.pretraining] if self.pretraining else [])):
             if not Path(path).is_file():
                 raise ValueError(f"{path} does not exist or is not a file")
         if self.reward_init is not None:
             modeling.read_adapter_config(self.reward_init)  # a clear error if it is no adapter
+
+    @property
+    def validation(self) -> Validation:
+        return Validation(self.rm_min_accuracy, self.rm_min_held_out_pairs)
 
 
 # -- pure helpers --------------------------------------------------------------------------------
@@ -200,8 +229,12 @@ class Progress:
 
 class RewardRefit(NamedTuple):
     directory: Path
-    accuracy: float
-    promoted: bool
+    score: HeldOutScore
+    problem: str | None  # why it is not validated; None when it is
+
+    @property
+    def validated(self) -> bool:
+        return self.problem is None
 
 
 # -- the learner ---------------------------------------------------------------------------------
@@ -245,10 +278,14 @@ class Learner:
             )
         return fingerprint
 
-    def _read_imports(self) -> list[RankingText]:
-        rankings: list[RankingText] = []
+    def _read_imports(self) -> list[IdentifiedRanking]:
+        """Imported rankings, each with an id from its content, so they too are held out by
+        the same hash as logged ones: imported human judgments can validate a reward model."""
+        rankings: list[IdentifiedRanking] = []
         for path in self.config.import_preferences:
-            rankings.extend(read_preferences(path))
+            for prompt, tiers in read_preferences(path):
+                digest = hashlib.sha256(json.dumps([prompt, tiers]).encode()).hexdigest()[:16]
+                rankings.append(IdentifiedRanking(f"import-{digest}", prompt, tiers))
         return rankings
 
     # -- the outer loop ----------------------------------------------------------------------
@@ -281,16 +318,22 @@ class Learner:
             new, self.config.min_new_rankings, idle, self.config.interval_s
         )
         # A reward model needs pairs: rankings whose candidates all tied do not count.
-        return wake and len(self.training_rankings()) >= 2
+        return wake and len(self.split()[0]) >= 2
 
     def run_round(self) -> bool:
         """One round; True when the candidate policy passed the gate and went live."""
         number = self.state.round + 1
         log.info(kv("round_start", round=number))
         self.sync()
-        refit = self.refit_reward(number)
-        models = self.train_policy(self.reward_for_ppo(refit), number)
-        metrics = self.evaluate(models)
+        train, held = self.split()
+        reward_dir, why = self.reward_for_ppo(self.refit_reward(number, train, held), held)
+        if reward_dir is None:
+            log.warning(kv("round_skipped", round=number, reason=why))
+            learner_metrics.rounds_skipped.inc()
+            self.finish_round(number)
+            return False
+        models = self.train_policy(reward_dir, number)
+        metrics = self.evaluate(models, held)
         passed, reasons = gate(metrics, self.config.gate)
         live = self.publish_policy(models, metrics, passed, reasons, number)
         self.finish_round(number)
@@ -308,52 +351,73 @@ class Learner:
             )  # fmt: skip
         return result
 
-    def training_rankings(self) -> list[RankingText]:
-        logged = [(r.prompt, r.tiers) for r in feedback_log.read_rankings(self.work_dir)
-                  if r.informative]  # fmt: skip
+    def rankings(self) -> list[IdentifiedRanking]:
+        """Every informative logged ranking, oldest first, then the imported ones."""
+        logged = [IdentifiedRanking(r.ranking_id, r.prompt, r.tiers)
+                  for r in feedback_log.read_rankings(self.work_dir) if r.informative]  # fmt: skip
         return [*logged, *self.imported]
 
-    def refit_reward(self, number: int) -> RewardRefit:
-        """Fit a reward model on every ranking so far, save it, publish it (promoted if good)."""
-        rankings = self.training_rankings()
-        if len(rankings) < 2:
+    def split(self) -> tuple[list[RankingText], list[RankingText]]:
+        """(train, held-out) rankings: see `reward_refit.split_rankings`."""
+        return split_rankings(
+            self.rankings(), self.config.reward.held_out, self.config.rm_held_out_window
+        )
+
+    def refit_reward(
+        self, number: int, train: Sequence[RankingText], held: Sequence[RankingText]
+    ) -> RewardRefit:
+        """Fit warm and fresh, keep the better, publish it (promoted only if validated)."""
+        if len(train) < 2:
             raise LearnerError(
-                f"a reward model needs at least 2 rankings with an order, have {len(rankings)}; "
+                f"a reward model needs at least 2 rankings with an order, have {len(train)}; "
                 "collect more (e.g. `flywheel simulate`) or pass --import-preferences FILE"
             )
-        base, tokenizer = modeling.load_base(self.config.model_dir)
-        init = self.state.reward_dir or self.config.reward_init
-        fit = fit_reward_model(
-            base, tokenizer, rankings, self.config.reward, init=init, progress=self.progress.tty
-        )
-        # Centre on the best-ranked responses: what a good response earns scores 0.
-        best = [(prompt, tiers[0][0]) for prompt, tiers in rankings if tiers and tiers[0]]
-        normalise_head_bias(fit.model, fit.head, tokenizer, best,
-                            max_length=self.config.reward.max_length)  # fmt: skip
-        directory = modeling.save_adapter(
-            fit.model, fit.adapter_name, self.work_dir / "adapters" / f"reward-r{number:04d}",
-            head=fit.head, base_model=self.base_model,
+        config = self.config.reward
+        prior = Path(self.state.reward_dir) if self.state.reward_dir else self.config.reward_init
+        fit = refit(
+            self.config.model_dir, train, held, config,
+            self.work_dir / "adapters" / f"reward-r{number:04d}", prior=prior,
+            base_model=self.base_model, progress=self.progress.tty,
         )  # fmt: skip
-        accuracy = fit.held_out_accuracy
-        promote = accuracy >= self.config.rm_min_accuracy  # NaN (nothing held out): no
-        metrics = {"held_out_accuracy": accuracy, "train_loss": fit.train_loss,
-                   "rankings": float(len(rankings))}  # fmt: skip
-        log.info(kv("reward_fit", round=number, promote=promote, seconds=fit.seconds,
-                    warm_start=fit.warm_start, **metrics))  # fmt: skip
+        problem = self.config.validation.problem(fit.score)
+        metrics = {"held_out_accuracy": fit.score.accuracy, "held_out_pairs": float(fit.score.pairs),
+                   "train_loss": fit.train_loss, "rankings": float(len(train) + len(held)),
+                   "validated": float(problem is None)}  # fmt: skip
+        for start, score in fit.candidates.items():
+            metrics[f"{start}_accuracy"] = score.accuracy
+        if self.config.reward_init is not None and held:
+            init = score_saved(self.config.model_dir, self.config.reward_init, held, config)
+            metrics["init_accuracy"] = init.accuracy  # a drift from the prior shows here
+        log.info(kv("reward_fit", round=number, kept=fit.start, steps=fit.steps,
+                    seconds=fit.seconds, **metrics))  # fmt: skip
+        if problem is not None:
+            log.warning(kv("reward_not_validated", round=number, reason=problem))
         learner_metrics.reward_train_loss.set(fit.train_loss)
-        learner_metrics.reward_accuracy.set(accuracy)
-        learner_metrics.versions.labels("reward", "promoted" if promote else "refused").inc()
-        self._publish("reward", directory, metrics, promote)
-        if promote:
-            self.state = self.state.replace(reward_dir=str(directory))
+        learner_metrics.reward_accuracy.set(fit.score.accuracy)
+        outcome = "promoted" if problem is None else "refused"
+        learner_metrics.versions.labels("reward", outcome).inc()
+        self._publish("reward", fit.directory, metrics, problem is None)
+        if problem is None:
+            self.state = self.state.replace(reward_dir=str(fit.directory))
             save_state(self.work_dir, self.state)
-        return RewardRefit(directory, accuracy, promote)
+        return RewardRefit(fit.directory, fit.score, problem)
 
-    def reward_for_ppo(self, refit: RewardRefit) -> Path:
-        """The newest reward model that passed rm_min_accuracy, else this round's fit."""
-        if refit.promoted or not self.state.reward_dir:
-            return refit.directory
-        return Path(self.state.reward_dir)
+    def reward_for_ppo(
+        self, refit: RewardRefit, held: Sequence[RankingText]
+    ) -> tuple[Path | None, str]:
+        """This round's refit if validated; else the last validated one if it still passes on
+        the current held-out rankings; else (None, why not)."""
+        if refit.validated:
+            return refit.directory, ""
+        why = f"this round's reward model is not validated: {refit.problem}"
+        previous = self.state.reward_dir
+        if not previous or Path(previous) == refit.directory or not Path(previous).is_dir():
+            return None, why
+        score = score_saved(self.config.model_dir, Path(previous), held, self.config.reward)
+        problem = self.config.validation.problem(score)
+        if problem is not None:
+            return None, f"{why}; nor is the last validated one ({previous}): {problem}"
+        return Path(previous), ""
 
     def train_policy(self, reward_dir: Path, number: int) -> SharedBaseModels:
         """`ppo_steps_per_round` PPO-ptx steps on prompts drawn from the logged prompts."""
@@ -386,12 +450,13 @@ class Learner:
             )  # fmt: skip
         return models
 
-    def evaluate(self, models: SharedBaseModels) -> EvalMetrics:
-        """Candidate vs live on held-out prompts, scored by the same reward model."""
+    def evaluate(self, models: SharedBaseModels, held: Sequence[RankingText]) -> EvalMetrics:
+        """Candidate vs live on held-out prompts, scored by the same reward model, and both
+        against held-out human rankings (`agreement`)."""
         ppo = self.config.ppo
         rng = random.Random(self.config.seed)
-        _, held = split_prompts(feedback_log.read_prompts(self.work_dir))
-        prompts = (held or demo_prompts(models.tokenizer, rng, self.config.eval_prompts))[
+        _, held_prompts = split_prompts(feedback_log.read_prompts(self.work_dir))
+        prompts = (held_prompts or demo_prompts(models.tokenizer, rng, self.config.eval_prompts))[
             : self.config.eval_prompts
         ]
         torch.manual_seed(self.config.seed)
@@ -407,7 +472,9 @@ class Learner:
         batch = next(ptx_batches(models.tokenizer, texts, ppo.ptx_batch, ppo.ptx_max_length,
                                  random.Random(self.config.seed + 2)))  # fmt: skip
         candidate_ptx, base_ptx = pretraining_losses(models, batch)
-        metrics = EvalMetrics(candidate, live, kl, candidate_ptx, base_ptx)
+        humans = human_agreement(models, held, self._live_adapter())
+        metrics = EvalMetrics(candidate, live, kl, candidate_ptx, base_ptx, humans.candidate,
+                              humans.live, humans.pairs)  # fmt: skip
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
 
@@ -427,8 +494,10 @@ class Learner:
             log.warning(kv("gate_refused", round=number, reasons="; ".join(reasons)))
         values = {**metrics.as_dict(), "gate_passed": float(passed),
                   "ppo_steps": float(self.config.ppo_steps_per_round)}  # fmt: skip
-        version = self._publish("policy", directory, values, passed)
-        learner_metrics.versions.labels("policy", "promoted" if passed else "refused").inc()
+        challenge = passed and self.config.challenger
+        version = self._publish("policy", directory, values, passed and not challenge, challenge)
+        outcome = "challenger" if challenge else "promoted" if passed else "refused"
+        learner_metrics.versions.labels("policy", outcome).inc()
         live = version is not None and version.state == "live"
         if live:
             self.state = self.state.replace(policy_dir=str(directory))
@@ -447,9 +516,15 @@ class Learner:
     # -- helpers -----------------------------------------------------------------------------
 
     def _publish(
-        self, kind: str, directory: Path, metrics: dict[str, float], promote: bool
+        self,
+        kind: str,
+        directory: Path,
+        metrics: dict[str, float],
+        promote: bool,
+        challenger: bool = False,
     ) -> t.AdapterVersion | None:
-        pending = PendingPublish(kind, str(directory), archive_sha256(directory), metrics, promote)
+        sha = archive_sha256(directory)
+        pending = PendingPublish(kind, str(directory), sha, metrics, promote, challenger)
         self.state, version = publish(
             self.client, self.work_dir, self.state, pending, self.base_model
         )
@@ -462,27 +537,38 @@ class Learner:
         )
         return generation.completions[0].text
 
-    def _continue_from_live(self, models: SharedBaseModels) -> None:
-        """Start PPO from the policy this learner last put live, if it is still the live one
-        (an operator may have rolled back) and has the configured shape; else from the base."""
-        if not self.state.policy_dir or not Path(self.state.policy_dir).is_dir():
-            return
+    def _live_adapter(self) -> Path | bool | None:
+        """The live policy's adapter among those this learner wrote; None when the live policy
+        is the bare base (policy-v0); False when this learner does not hold it."""
         versions = self.client.versions("policy")
         live_id = versions.live.get("policy", "")
         live = [v for v in versions.versions if v.id == live_id]
-        if not live or live[0].sha256 != archive_sha256(self.state.policy_dir):
+        if not live or not live[0].sha256:
+            return None
+        for directory in sorted((self.work_dir / "adapters").glob("policy-r*")):
+            if archive_sha256(directory) == live[0].sha256:
+                return directory
+        log.warning(kv("live_policy_unknown", version=live_id,
+                       effect="the gate compares the candidate with chance only"))  # fmt: skip
+        return False
+
+    def _continue_from_live(self, models: SharedBaseModels) -> None:
+        """Start PPO from the live policy if this learner wrote it (an operator may have rolled
+        back, or a challenger won) and it has the configured shape; else from the base."""
+        live = self._live_adapter()
+        if not isinstance(live, Path):
             return
-        if not modeling.load_adapter_weights(models.peft, self.state.policy_dir, POLICY):
+        if not modeling.load_adapter_weights(models.peft, live, POLICY):
             log.info(kv("policy_fresh", reason="live policy adapter has another LoRA shape"))
             return
-        log.info(kv("policy_continued", version=live_id))
+        log.info(kv("policy_continued", directory=str(live)))
 
     def pretraining_texts(
         self, tokenizer: PreTrainedTokenizerBase, rng: random.Random
     ) -> list[PtxText]:
         if self.config.pretraining is not None:
             return read_pretraining_texts(self.config.pretraining)
-        return demo_pretraining_texts(rng, 256, tokenizer)
+        return demo_pretraining_texts(rng, 256)
 
 
 def demo_prompts(tokenizer: PreTrainedTokenizerBase, rng: random.Random, n: int) -> list[str]:

@@ -40,11 +40,16 @@ ppo_clip = Gauge(
 ppo_steps = Counter("flywheel_learner_ppo_steps_total", "PPO-ptx steps taken", registry=REGISTRY)
 versions = Counter(
     "flywheel_learner_versions_total",
-    "Adapter versions published, by kind and outcome (promoted, or refused by the gate)",
+    "Adapter versions published, by kind and outcome (promoted, challenger, or refused)",
     ["kind", "outcome"],
     registry=REGISTRY,
 )
 rounds = Counter("flywheel_learner_rounds_total", "Learning rounds completed", registry=REGISTRY)
+rounds_skipped = Counter(
+    "flywheel_learner_rounds_skipped_total",
+    "Rounds that ended after the reward refit: no validated reward model to train a policy on",
+    registry=REGISTRY,
+)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> None:

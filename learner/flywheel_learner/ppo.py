@@ -225,7 +225,7 @@ class SharedBaseModels:
 
     Adapters are chosen per forward with `set_adapter`, not peft's `adapter_names=[...]`: peft
     refuses `adapter_names` in training mode and splits the batch per adapter. `set_adapter`
-    also flips requires_grad, so `_use` resets it: only policy and value LoRA ever train.
+    also flips requires_grad, so `use` resets it: only policy and value LoRA ever train.
     The model stays in eval mode: every adapter has dropout 0, so pi_theta == pi_old exactly
     at the first update of each rollout (ratio 1), as PPO's clipping assumes.
     """
@@ -249,7 +249,7 @@ class SharedBaseModels:
         value_lora = [p for n, p in named if f".{VALUE}." in n]
         # values read hidden states only: the head's likelihood weight neither runs nor trains
         self._value = value_lora + list(value_head.linear.parameters())
-        self._use(POLICY)
+        self.use(POLICY)
 
     @classmethod
     def build(
@@ -289,7 +289,7 @@ class SharedBaseModels:
         value_head = modeling.ScoreHead.load(Path(reward_dir), hidden)
         return cls(model, tokenizer, reward_head, value_head, config)
 
-    def _use(self, adapter: str) -> None:
+    def use(self, adapter: str) -> None:
         self.peft.set_adapter(adapter)
         for name, p in self.peft.named_parameters():
             p.requires_grad_(any(f".{a}." in name for a in TRAINABLE))
@@ -326,7 +326,7 @@ class SharedBaseModels:
         self, ids: torch.Tensor, attention: torch.Tensor, start: int
     ) -> torch.Tensor:
         """log pi(token) of ids[:, start:] under the policy. ids, attention: (B, L) -> (B, R)."""
-        self._use(POLICY)
+        self.use(POLICY)
         return self._logprobs(ids, attention, start)
 
     def reference_logprobs(
@@ -343,7 +343,7 @@ class SharedBaseModels:
         ids, attention: (B, P) left-padded prompts -> (B, P + R), R <= max_new_tokens; rows
         that stop early are padded after their eos.
         """
-        self._use(POLICY)
+        self.use(POLICY)
         return self.peft.generate(
             input_ids=ids,
             attention_mask=attention,
@@ -358,7 +358,7 @@ class SharedBaseModels:
 
     def values(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
         """V of the state before each token of ids[:, start:]. (B, L) -> (B, R)."""
-        self._use(VALUE)
+        self.use(VALUE)
         out = self._forward(ids, attention, keep=1, hidden=True)
         states = out.hidden_states[-1][:, start - 1 : -1]  # (B, R, H)
         return self.value_head(states)  # (B, R)
@@ -369,14 +369,14 @@ class SharedBaseModels:
 
         The head was shifted so demonstrations score 0 (reward.normalise_head_bias). -> (B,)
         """
-        self._use(REWARD)
+        self.use(REWARD)
         rows = [(p, [[r]]) for p, r in zip(prompts, responses, strict=True)]
         batch = make_batch(self.tokenizer, rows, self.config.reward_max_length)
         return score_batch(self.peft, self.reward_head, batch)
 
     def pretraining_nll(self, batch: PtxBatch) -> torch.Tensor:
         """Per-token NLL of a pretraining batch under the policy (the ptx term). -> scalar"""
-        self._use(POLICY)
+        self.use(POLICY)
         logits = self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:])
 
@@ -698,24 +698,17 @@ class PtxBatch(NamedTuple):
         return PtxBatch(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows])
 
 
-def demo_pretraining_texts(
-    rng: random.Random, n: int, tokenizer: PreTrainedTokenizerBase | None = None
-) -> list[PtxText]:
-    """The demo's stand-in for pretraining data: task instructions with their correct answers.
+def demo_pretraining_texts(rng: random.Random, n: int) -> list[PtxText]:
+    """The demo's pretraining corpus: fresh documents as the demo build mixed into its SFT.
 
-    The demo base never saw a pretraining corpus; what it learned is SFT on chat-rendered
-    demonstrations, scored on the response only. So its "pretraining loss" is that: the NLL of
-    correct answers given the prompt (rendered with the chat template when `tokenizer` is
-    given). Scoring the prompt tokens too would teach a new task (their NLL starts at ~7.4
-    nats, above uniform) and on the demo drove the KL from 0.5 to 7.7 in five steps.
+    Words said a few times, every token scored (`demo_task.pretraining_document`). They carry
+    no answer, so the ptx term protects the base's language modelling without favouring any
+    preference over answers (issue 15: a corpus of correct answers fought every labeler who
+    did not prefer them, and the gate's pretraining-loss check refused their policies).
     """
     from flywheel_learner import demo_task
-    from flywheel_learner.demo_model import chat_prompt
 
-    examples = [demo_task.sample_example(rng) for _ in range(n)]
-    if tokenizer is None:
-        return [(f"{e.instruction}\n", e.answer) for e in examples]
-    return [(chat_prompt(tokenizer, e.instruction), e.answer) for e in examples]
+    return [demo_task.pretraining_document(rng) for _ in range(n)]
 
 
 def read_pretraining_texts(path: str | Path) -> list[PtxText]:

@@ -34,6 +34,7 @@ class PublishClient(Protocol):
         base_model: str,
         metrics: Mapping[str, float] | None = None,
         promote: bool = False,
+        challenger: bool = False,
         chunk_size: int = 1 << 20,
     ) -> t.AdapterVersion: ...
 
@@ -94,6 +95,7 @@ def _upload(
             base_model=base_model,
             metrics=pending.metrics,
             promote=pending.promote,
+            challenger=pending.challenger,
         )
     except Unavailable:
         raise  # the record stays; the next start retries

@@ -41,7 +41,17 @@ class RewardConfig:
     held_out: share of the rankings kept out of training to report pairwise accuracy on.
     max_epochs: stop after this many passes over the training rankings, even before `steps`
         (None: always `steps`). A warm-started refit on a few rankings needs a few steps, not
-        hundreds, which would fit those rankings exactly and blow the rewards up.
+        hundreds, which would fit those rankings exactly and blow the rewards up. So the
+        budget grows with the data, up to `steps`.
+    eval_every, patience: with held-out rankings, measure their loss every `eval_every` steps
+        and stop once `patience` measurements in a row did not improve on the best; the best
+        weights are kept (0 = no early stopping).
+    probe_steps: before training the adapter, fit a fresh score head alone on the frozen
+        features of every training ranking (full-batch Adam, a convex problem): linear probing
+        then fine-tuning (Kumar et al. 2022). A warm start's features may already separate
+        what the users prefer while its old head reads them the other way round; a few
+        hundred gradient steps through the whole model turn such a head only slowly
+        (0 = keep the initial head).
     """
 
     steps: int = 300
@@ -58,6 +68,10 @@ class RewardConfig:
     seed: int = 0
     warmup: int = 10
     max_epochs: float | None = None
+    eval_every: int = 0
+    patience: int = 3
+    probe_steps: int = 0
+    probe_lr: float = 0.05
 
     def steps_for(self, rankings: int) -> int:
         """Steps a fit on `rankings` training rankings runs: `steps`, capped by max_epochs."""
@@ -88,6 +102,16 @@ class RewardConfig:
             raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup}")
+        if self.probe_steps < 0 or not self.probe_lr > 0:
+            raise ValueError(
+                f"probe_steps must be >= 0 and probe_lr > 0, got {self.probe_steps} and "
+                f"{self.probe_lr}"
+            )
+        if self.eval_every < 0 or self.patience < 1:
+            raise ValueError(
+                f"eval_every must be >= 0 and patience >= 1, got {self.eval_every} and "
+                f"{self.patience}"
+            )
 
 
 class RewardFit(NamedTuple):
@@ -99,6 +123,15 @@ class RewardFit(NamedTuple):
     steps: int
     seconds: float
     warm_start: bool = False  # began from `init`'s weights rather than a fresh adapter
+    held_out: HeldOutScore | None = None  # the kept weights' score on the held-out rankings
+
+
+class HeldOutScore(NamedTuple):
+    """A reward model measured on rankings it was not trained on."""
+
+    accuracy: float  # share of ordered pairs put in the labelers' order; NaN with no pair
+    loss: float  # the K-way ranking loss (lower is better); NaN with no pair
+    pairs: int  # ordered pairs measured (ties within a tier are not pairs)
 
 
 class Batch(NamedTuple):
@@ -193,6 +226,34 @@ def split_held_out(
 
 
 @torch.no_grad()
+def held_out_score(
+    model: nn.Module,
+    head: modeling.ScoreHead,
+    tokenizer: PreTrainedTokenizerBase,
+    rankings: Sequence[RankingText],
+    config: RewardConfig,
+) -> HeldOutScore:
+    """Pairwise accuracy and ranking loss of the reward model on `rankings`."""
+    correct = loss = 0.0
+    total = groups = 0
+    for start in range(0, len(rankings), config.batch_rankings):
+        batch = make_batch(
+            tokenizer, rankings[start : start + config.batch_rankings], config.max_length
+        )
+        rewards = score_batch(model, head, batch).cpu()
+        pairs = _pair_count(batch)
+        if not pairs:
+            continue
+        ranked = _ranked_groups(batch)
+        correct += pairwise_accuracy(rewards, batch.tiers, batch.group) * pairs
+        loss += float(ranking_loss(rewards, batch.tiers, batch.group)) * ranked
+        total += pairs
+        groups += ranked
+    if not total:
+        return HeldOutScore(float("nan"), float("nan"), 0)
+    return HeldOutScore(correct / total, loss / groups, total)
+
+
 def evaluate(
     model: nn.Module,
     head: modeling.ScoreHead,
@@ -201,18 +262,13 @@ def evaluate(
     config: RewardConfig,
 ) -> float:
     """Pairwise accuracy of the reward model on `rankings` (NaN when empty)."""
-    if not rankings:
-        return float("nan")
-    correct = total = 0.0
-    for start in range(0, len(rankings), config.batch_rankings):
-        batch = make_batch(
-            tokenizer, rankings[start : start + config.batch_rankings], config.max_length
-        )
-        rewards = score_batch(model, head, batch)
-        pairs = _pair_count(batch)
-        correct += pairwise_accuracy(rewards.cpu(), batch.tiers, batch.group) * pairs
-        total += pairs
-    return correct / total
+    return held_out_score(model, head, tokenizer, rankings, config).accuracy
+
+
+def _ranked_groups(batch: Batch) -> int:
+    """Groups (rankings) of the batch holding at least one ordered pair."""
+    return len({int(g) for g, t in zip(batch.group, batch.tiers, strict=True)
+                if bool(((batch.group == g) & (batch.tiers > t)).any())})  # fmt: skip
 
 
 def _pair_count(batch: Batch) -> int:
@@ -228,6 +284,7 @@ def fit_reward_model(
     *,
     adapter_name: str = "reward",
     init: str | Path | None = None,
+    held_out: Sequence[RankingText] | None = None,
     progress: bool = True,
 ) -> RewardFit:
     """Add a reward adapter + score head to `model` and fit them on K-way `rankings`.
@@ -236,9 +293,14 @@ def fit_reward_model(
     it. Save with `modeling.save_adapter(fit.model, fit.adapter_name, dir, head=fit.head, ...)`.
     init: a saved reward model to warm-start from (adapter and head), used when its LoRA
     shape matches `config`; otherwise the adapter starts fresh (`RewardFit.warm_start`).
+    held_out: the rankings to measure (and stop early) on; None holds out a random
+    `config.held_out` share of `rankings` instead.
     """
     _validate(rankings)
-    train, held_out = split_held_out(rankings, config.held_out, config.seed)
+    if held_out is None:
+        train, held = split_held_out(rankings, config.held_out, config.seed)
+    else:
+        train, held = list(rankings), list(held_out)
     torch.manual_seed(config.seed)
     peft_model = add_reward_adapter(model, config, adapter_name)
     device = next(peft_model.parameters()).device
@@ -248,6 +310,8 @@ def fit_reward_model(
         saved = modeling.ScoreHead.load(Path(init), peft_model.config.hidden_size)
         head.load_state_dict(saved.state_dict())
         warm = True
+    if config.probe_steps:
+        head = probe_head(peft_model, tokenizer, train, config).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, fused=True)
     steps = config.steps_for(len(train))
@@ -259,15 +323,16 @@ def fit_reward_model(
     pad_id = _pad_id(tokenizer)
     rng = random.Random(config.seed)  # the same draws on every rank: one global batch
     rank, size = distributed.world()
+    stopper = _EarlyStop(params, config.patience) if config.eval_every and held else None
     losses: list[float] = []
     start = time.perf_counter()
-    peft_model.train()
     try:  # one row per ranking, its prompt forwarded once (prompt_sharing), where it can
         weights: lean_forward.Weights | None = lean_forward.read(peft_model)
     except lean_forward.Unsupported:
         weights = None
     bar = tqdm(range(steps), desc="reward", disable=not progress or rank > 0, leave=False)
-    for _ in bar:
+    for step in bar:
+        peft_model.train()
         chosen = rng.sample(encoded, min(config.batch_rankings, len(encoded)))
         local = distributed.shard(chosen, rank, size)
         batch: Batch | prompt_sharing.SharedBatch
@@ -287,14 +352,109 @@ def fit_reward_model(
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if stopper is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
+            peft_model.eval()
+            if stopper.measure(held_out_score(peft_model, head, tokenizer, held, config).loss):
+                break
     peft_model.eval()
-    accuracy = evaluate(peft_model, head, tokenizer, held_out, config)
+    if stopper is not None:
+        stopper.restore()
+    score = held_out_score(peft_model, head, tokenizer, held, config)
     tail = losses[-10:]
     seconds = time.perf_counter() - start
     return RewardFit(
-        peft_model, head, adapter_name, sum(tail) / len(tail), accuracy, steps, seconds,
-        warm,
+        peft_model, head, adapter_name, sum(tail) / len(tail), score.accuracy, len(losses),
+        seconds, warm, score,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def ranking_features(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rankings: Sequence[RankingText],
+    config: RewardConfig,
+) -> tuple[torch.Tensor, torch.Tensor, Batch]:
+    """What a score head reads for every completion of `rankings`, with the model frozen:
+    last-token states (N, H), mean response log-likelihoods (N,), and the rows' tiers and
+    groups (as one `Batch`, groups numbered across chunks)."""
+    states, logliks, tiers, groups = [], [], [], []
+    for start in range(0, len(rankings), config.batch_rankings):
+        batch = make_batch(tokenizer, rankings[start : start + config.batch_rankings],
+                           config.max_length)  # fmt: skip
+        device = next(model.parameters()).device
+        ids, attention, starts = (t.to(device) for t in batch[:3])
+        hidden = modeling.final_hidden(model, ids, attention)
+        states.append(modeling.last_token_features(hidden, attention).float().cpu())
+        logliks.append(modeling.response_loglik(model, hidden, ids, attention, starts).cpu())
+        tiers.append(batch.tiers)
+        groups.append(batch.group + start)
+    empty = torch.zeros(0, dtype=torch.long)
+    meta = Batch(empty, empty, empty, torch.cat(tiers), torch.cat(groups))
+    return torch.cat(states), torch.cat(logliks), meta
+
+
+def probe_head(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rankings: Sequence[RankingText],
+    config: RewardConfig,
+) -> modeling.ScoreHead:
+    """A fresh score head fitted alone, full batch, on `model`'s frozen features (on CPU)."""
+    states, logliks, meta = ranking_features(model, tokenizer, rankings, config)
+    torch.manual_seed(config.seed)
+    head = modeling.ScoreHead(states.shape[1], likelihood=0.0)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.probe_lr)
+    for _ in range(config.probe_steps):
+        rewards = head(states) + head.likelihood * logliks  # (N,)
+        loss = ranking_loss(rewards, meta.tiers, meta.group)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return head
+
+
+class _EarlyStop:
+    """Keeps a copy of the weights with the lowest held-out loss; says when to stop."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], patience: int) -> None:
+        self.params = list(params)
+        self.patience = patience
+        self.best = math.inf
+        self.best_weights: list[torch.Tensor] | None = None
+        self.misses = 0
+
+    def measure(self, loss: float) -> bool:
+        """Record a held-out loss; True once `patience` measurements in a row missed the best."""
+        if loss < self.best:
+            self.best, self.misses = loss, 0
+            self.best_weights = [p.detach().clone() for p in self.params]
+        else:
+            self.misses += 1
+        return self.misses >= self.patience
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.best_weights is not None:
+            for p, saved in zip(self.params, self.best_weights, strict=True):
+                p.copy_(saved)
+
+
+@torch.no_grad()
+def score_texts(
+    model: nn.Module,
+    head: modeling.ScoreHead,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[tuple[str, str]],
+    max_length: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Rewards of (prompt, response) pairs. -> (N,)"""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = [(p, [[r]]) for p, r in texts[start : start + batch_size]]
+        out.append(score_batch(model, head, make_batch(tokenizer, chunk, max_length)).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -314,11 +474,33 @@ def normalise_head_bias(
     """
     if not demonstrations:
         raise ValueError("normalise_head_bias needs at least one (prompt, response) demonstration")
-    total = 0.0
-    for start in range(0, len(demonstrations), batch_size):
-        chunk = [(p, [[r]]) for p, r in demonstrations[start : start + batch_size]]
-        batch = make_batch(tokenizer, chunk, max_length)
-        total += float(score_batch(model, head, batch).sum())
-    mean = total / len(demonstrations)
+    mean = float(score_texts(model, head, tokenizer, demonstrations, max_length, batch_size).mean())
     head.linear.bias.sub_(mean)
     return mean
+
+
+@torch.no_grad()
+def normalise_head_scale(
+    model: nn.Module,
+    head: modeling.ScoreHead,
+    tokenizer: PreTrainedTokenizerBase,
+    responses: Sequence[tuple[str, str]],
+    *,
+    max_length: int = 256,
+    batch_size: int = 64,
+) -> float:
+    """Scale the head so `responses` score with standard deviation 1; return the old one.
+
+    The ranking loss fixes only the order of rewards: on separable rankings it drives their
+    scale up without bound (a live `incorrect` refit scored 27 against -4). PPO's KL penalty
+    beta is in the reward's units, so at that scale it held nothing back and the policy went
+    20 nats from the reference. Unit scale keeps beta meaningful; the order is unchanged.
+    """
+    if len(responses) < 2:
+        raise ValueError("normalise_head_scale needs at least two (prompt, response) pairs")
+    std = float(score_texts(model, head, tokenizer, responses, max_length, batch_size).std())
+    if std > 0:
+        head.linear.weight.div_(std)
+        head.linear.bias.div_(std)
+        head.likelihood.div_(std)
+    return std

@@ -46,7 +46,8 @@ class Flywheel:
 
 def _sample_gauges() -> None:
     if runtime := _runtime.get("current"):
-        metrics.sample(runtime.service.engine.load, runtime.service.registry.live())
+        service = runtime.service
+        metrics.sample(service.engine.load, service.registry.live(), service.last_challenge)
 
 
 Flywheel.add_asgi_middleware(metrics.RefreshOnScrape, refresh=_sample_gauges)  # type: ignore[attr-defined]

@@ -96,6 +96,27 @@ class ServerConfig:
         "cores, and the learner gets the other half, so the two never spin-wait on each other)",
         default=0,
     )
+    challenger_share: float = _opt(
+        "while a challenger runs: the share of comparison requests without explicit policies "
+        "that get half their candidates from the challenger and half from the champion (blind, "
+        "shuffled); 0 = none",
+        default=0.5,
+    )
+    challenger_confidence: float = _opt(
+        "two-sided confidence of the Wilson interval around the challenger's win rate",
+        default=0.95,
+    )
+    challenger_promote_above: float = _opt(
+        "promote the challenger once the interval's lower bound is above this win rate",
+        default=0.5,
+    )
+    challenger_retire_below: float = _opt(
+        "retire the challenger once the interval's upper bound is below this win rate",
+        default=0.5,
+    )
+    challenger_min_rankings: int = _opt(
+        "rankings a challenge must count before it can promote or retire", default=10
+    )
     log_level: str = _opt("logging level", default="INFO")
 
     def __post_init__(self) -> None:
@@ -116,10 +137,25 @@ class ServerConfig:
             ("stream_interval_ms", 0, 1000),
             ("max_prompt_tokens", 1, 1 << 20),
             ("threads", 0, 1024),
+            ("challenger_min_rankings", 1, 1 << 20),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        for name in ("challenger_share", "challenger_promote_above", "challenger_retire_below"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0 < self.challenger_confidence < 1:
+            raise ValueError(
+                f"challenger_confidence must be in (0, 1), got {self.challenger_confidence}"
+            )
+        if self.challenger_retire_below > self.challenger_promote_above:
+            raise ValueError(
+                f"challenger_retire_below ({self.challenger_retire_below}) must not exceed "
+                f"challenger_promote_above ({self.challenger_promote_above}): one tally could "
+                "then both promote and retire"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):
@@ -173,6 +209,8 @@ def _coerce(hint: Any, raw: str) -> Any:
         return Path(raw)
     if hint is int or text == "int":
         return int(raw)
+    if hint is float or text == "float":
+        return float(raw)
     return raw
 
 
@@ -181,7 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = ServerConfig) -> 
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        conv: Any = int if kind is int else (Path if "Path" in str(kind) else str)
+        conv: Any = (
+            int if kind is int else float if kind is float else Path if "Path" in str(kind) else str
+        )
         default = f.default if f.default is not dataclasses.MISSING else None
         parser.add_argument(
             "--" + f.name.replace("_", "-"),

@@ -6,8 +6,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flywheel_server import challenge as challenge_math
+
 FinishReason = Literal["stop", "length"]
 AdapterState = Literal["ready", "live", "retired", "refused"]
+ChallengeOutcome = Literal["running", "promoted", "retired", "stopped"]
 ADAPTER_NAMES = ("policy", "reward")
 
 
@@ -43,6 +46,7 @@ class PromptRecord:
     text: str  # the rendered text the policy saw
     kind: Literal["text", "chat"]
     created_at: float = field(default_factory=now)
+    challenge: int | None = None  # the challenge whose blind comparison this prompt is
 
 
 @dataclass(frozen=True)
@@ -151,3 +155,33 @@ class AdapterVersion:
     @property
     def id(self) -> str:
         return f"{self.name}-v{self.version}"
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A challenger policy version against the champion, the version live when it began."""
+
+    seq: int
+    challenger: int  # policy version
+    champion: int  # policy version; 0 = the bare base model
+    outcome: ChallengeOutcome
+    started_at: float
+    ended_at: float | None = None
+
+    @property
+    def challenger_id(self) -> str:
+        return f"policy-v{self.challenger}"
+
+    @property
+    def champion_id(self) -> str:
+        return f"policy-v{self.champion}"
+
+
+@dataclass(frozen=True)
+class ChallengeStatus:
+    """A challenge with its tally and the thresholds that judge it (what ListVersions shows)."""
+
+    challenge: Challenge
+    tally: challenge_math.Tally
+    thresholds: challenge_math.Thresholds
+    share: float

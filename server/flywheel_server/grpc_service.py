@@ -189,6 +189,29 @@ def version_pb(v: domain.AdapterVersion) -> pb.AdapterVersion:
     )
 
 
+def challenge_pb(status: domain.ChallengeStatus) -> pb.ChallengeTally:
+    c, t, limits = status.challenge, status.tally, status.thresholds
+    return pb.ChallengeTally(
+        challenger=c.challenger_id,
+        champion=c.champion_id,
+        outcome=c.outcome,
+        rankings=t.rankings,
+        wins=t.wins,
+        losses=t.losses,
+        ties=t.ties,
+        win_rate=t.win_rate,
+        lower=t.lower,
+        upper=t.upper,
+        share=status.share,
+        confidence=limits.confidence,
+        promote_above=limits.promote_above,
+        retire_below=limits.retire_below,
+        min_rankings=limits.min_rankings,
+        started_at=c.started_at,
+        ended_at=c.ended_at or 0.0,
+    )
+
+
 class Servicer:
     """Every flywheel.v1 method, each a few lines of conversion around one service call."""
 
@@ -247,7 +270,12 @@ class Servicer:
         self, request: pb.ListVersionsRequest, context: Any
     ) -> pb.ListVersionsResponse:
         versions, live = self.service.versions(request.name)
-        return pb.ListVersionsResponse(versions=[version_pb(v) for v in versions], live=live)
+        status = await self.service.challenge_status(request.name)
+        return pb.ListVersionsResponse(
+            versions=[version_pb(v) for v in versions],
+            live=live,
+            challenge=None if status is None else challenge_pb(status),
+        )
 
     # Feedback
     async def SubmitRanking(self, request: pb.RankingRequest, context: Any) -> pb.RankingResponse:
@@ -324,7 +352,9 @@ class Servicer:
                 "the first AdapterChunk must carry the header", field="header"
             )
         h = first.header
-        header = PublishHeader(h.name, h.base_model, h.sha256, h.size, dict(h.metrics), h.promote)
+        header = PublishHeader(
+            h.name, h.base_model, h.sha256, h.size, dict(h.metrics), h.promote, h.challenger
+        )
 
         async def data() -> AsyncIterator[bytes]:
             async for chunk in request_iterator:
@@ -342,6 +372,10 @@ class Servicer:
 
     async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.AdapterVersion:
         return version_pb(await self.service.rollback(request.name))
+
+    async def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeTally:
+        status = await self.service.challenge(request.version or None, stop=request.stop)
+        return challenge_pb(status)
 
     async def GetServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfo:
         s = self.service

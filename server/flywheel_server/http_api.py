@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flywheel_server import errors, metrics
-from flywheel_server.domain import AdapterVersion
+from flywheel_server.domain import AdapterVersion, ChallengeStatus
 from flywheel_server.service import (
     FlywheelService,
     Generation,
@@ -148,6 +148,11 @@ class RollbackBody(_Strict):
     name: Literal["policy", "reward"]
 
 
+class ChallengeBody(_Strict):
+    version: int | None = None
+    stop: bool = False
+
+
 # -- the app -----------------------------------------------------------------------------------
 
 
@@ -254,8 +259,16 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
 
     @route("generate")
     async def policies(service: FlywheelService, request: Request) -> Response:
-        versions, live = service.versions(request.query_params.get("name", ""))
-        return JSONResponse({"live": live, "versions": [version_json(v) for v in versions]})
+        name = request.query_params.get("name", "")
+        versions, live = service.versions(name)
+        status = await service.challenge_status(name)
+        return JSONResponse(
+            {
+                "live": live,
+                "versions": [version_json(v) for v in versions],
+                "challenge": None if status is None else challenge_json(status),
+            }
+        )
 
     @route("generate", CompareBody)
     async def compare(service: FlywheelService, b: CompareBody) -> Response:
@@ -321,6 +334,10 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
     async def rollback(service: FlywheelService, b: RollbackBody) -> Response:
         return JSONResponse(version_json(await service.rollback(b.name)))
 
+    @route("admin", ChallengeBody)
+    async def challenge(service: FlywheelService, b: ChallengeBody) -> Response:
+        return JSONResponse(challenge_json(await service.challenge(b.version, stop=b.stop)))
+
     return Starlette(
         routes=[
             Route("/completions", completions, methods=["POST"]),
@@ -329,6 +346,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             Route("/policies", policies, methods=["GET"]),
             Route("/policies/promote", promote, methods=["POST"]),
             Route("/policies/rollback", rollback, methods=["POST"]),
+            Route("/policies/challenge", challenge, methods=["POST"]),
             Route("/compare", compare, methods=["POST"]),
             Route("/rewards", rewards, methods=["POST"]),
             Route("/feedback", feedback, methods=["POST"]),
@@ -347,6 +365,29 @@ def version_json(v: AdapterVersion) -> dict[str, Any]:
         "created_at": v.created_at,
         "metrics": v.metrics,
         "base_model": v.base_model,
+    }
+
+
+def challenge_json(status: ChallengeStatus) -> dict[str, Any]:
+    c, t, limits = status.challenge, status.tally, status.thresholds
+    return {
+        "challenger": c.challenger_id,
+        "champion": c.champion_id,
+        "outcome": c.outcome,
+        "rankings": t.rankings,
+        "wins": t.wins,
+        "losses": t.losses,
+        "ties": t.ties,
+        "win_rate": t.win_rate,
+        "lower": t.lower,
+        "upper": t.upper,
+        "share": status.share,
+        "confidence": limits.confidence,
+        "promote_above": limits.promote_above,
+        "retire_below": limits.retire_below,
+        "min_rankings": limits.min_rankings,
+        "started_at": c.started_at,
+        "ended_at": c.ended_at,
     }
 
 

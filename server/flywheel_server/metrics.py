@@ -19,7 +19,12 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from flywheel_server.domain import CompletionRecord, DemonstrationReceipt, RankingReceipt
+from flywheel_server.domain import (
+    ChallengeStatus,
+    CompletionRecord,
+    DemonstrationReceipt,
+    RankingReceipt,
+)
 from flywheel_server.registry import parse_id
 
 # Generation is slow on CPU: buckets reach minutes, not the client's 10 s default.
@@ -90,6 +95,28 @@ DUPLICATE_SUBMISSIONS = Counter(
     "flywheel_duplicate_submissions_total",
     "Submissions answered from an earlier one with the same idempotency key, by kind.",
     ["kind"],
+)
+CHALLENGER_DECISIONS = Counter(
+    "flywheel_challenger_decisions_total",
+    "Challenges decided by the labelers' rankings, by outcome (promoted, retired).",
+    ["outcome"],
+)
+CHALLENGER_VERSION = Gauge(
+    "flywheel_challenger_version",
+    "Version number of the running challenger policy (0: no challenge runs).",
+    multiprocess_mode="livemostrecent",
+)
+CHALLENGER_RANKINGS = Gauge(
+    "flywheel_challenger_rankings",
+    "Rankings counted by the running challenge (as of the last one judged here).",
+    multiprocess_mode="livemostrecent",
+)
+CHALLENGER_WIN_RATE = Gauge(
+    "flywheel_challenger_win_rate",
+    "The running challenger's win rate against the champion (ties half): its mean and the lower "
+    "and upper bounds of its interval, as of the last ranking judged here.",
+    ["estimate"],
+    multiprocess_mode="livemostrecent",
 )
 REJECTED = Counter(
     "flywheel_rejected_total",
@@ -181,6 +208,10 @@ def demonstrated(receipt: DemonstrationReceipt) -> None:
         DEMONSTRATIONS.inc()
 
 
+def challenge_decided(outcome: str) -> None:
+    CHALLENGER_DECISIONS.labels(outcome).inc()
+
+
 def hot_swapped(name: str, started: float) -> None:
     """`started` is the `time.perf_counter()` at which the publish (or promote) began."""
     HOT_SWAPS.labels(name).inc()
@@ -190,13 +221,24 @@ def hot_swapped(name: str, started: float) -> None:
 # -- sampled at scrape time ----------------------------------------------------------------------
 
 
-def sample(load: dict[str, int], live: dict[str, str]) -> None:
-    """Set the state gauges from `engine.load` and `registry.live()`."""
+def sample(
+    load: dict[str, int], live: dict[str, str], challenge: ChallengeStatus | None = None
+) -> None:
+    """Set the state gauges from `engine.load`, `registry.live()` and the latest challenge tally."""
     QUEUE_DEPTH.set(load["waiting"])
     RUNNING_ROWS.set(load["rows"])
     versions = {name: parse_id(i, field="live")[1] or 0 for name, i in live.items()}
     LIVE_POLICY_VERSION.set(versions.get("policy", 0))
     LIVE_REWARD_VERSION.set(versions.get("reward", 0))
+    running = challenge if challenge and challenge.challenge.outcome == "running" else None
+    CHALLENGER_VERSION.set(running.challenge.challenger if running else 0)
+    CHALLENGER_RANKINGS.set(running.tally.rankings if running else 0)
+    tally = running.tally if running else None
+    estimates = (
+        {"mean": tally.win_rate, "lower": tally.lower, "upper": tally.upper} if tally else {}
+    )
+    for estimate in ("mean", "lower", "upper"):
+        CHALLENGER_WIN_RATE.labels(estimate).set(estimates.get(estimate, 0.0))
 
 
 class RefreshOnScrape:

@@ -9,22 +9,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from flywheel_proto import archive
+from flywheel_server import challenge as challenge_math
 from flywheel_server import metrics, validation
 from flywheel_server.backends import Engine
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (
     ADAPTER_NAMES,
     AdapterVersion,
+    Challenge,
+    ChallengeStatus,
     CompletionRecord,
     Demonstration,
     DemonstrationExport,
@@ -37,7 +41,13 @@ from flywheel_server.domain import (
     Sampling,
 )
 from flywheel_server.engine import EngineRequest, TokenEvent
-from flywheel_server.errors import AdapterRefused, Conflict, InvalidRequest, NotFound
+from flywheel_server.errors import (
+    AdapterRefused,
+    Conflict,
+    FlywheelError,
+    InvalidRequest,
+    NotFound,
+)
 from flywheel_server.registry import AdapterRegistry
 from flywheel_server.store import Store
 
@@ -87,6 +97,7 @@ class PublishHeader:
     size: int
     metrics: dict[str, float] = field(default_factory=dict)
     promote: bool = False
+    challenger: bool = False  # a policy that challenges the live one (not with promote)
 
 
 @dataclass
@@ -114,6 +125,16 @@ class FlywheelService:
         self._admin = asyncio.Lock()
         self.recorder = GroupCommit(store)
         self._draining: dict[str, asyncio.Task[None]] = {}
+        self.thresholds = challenge_math.Thresholds(
+            config.challenger_confidence,
+            config.challenger_promote_above,
+            config.challenger_retire_below,
+            config.challenger_min_rankings,
+        )
+        # The running challenge as the store last said (every change here, and sync(), reload it).
+        self._challenge: Challenge | None = None
+        self.last_challenge: ChallengeStatus | None = None  # the latest tally, for the gauges
+        self._rng = random.Random()
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -139,6 +160,7 @@ class FlywheelService:
                 await asyncio.to_thread(self.store.set_adapter_state, v.name, v.version, "refused")
                 continue
             (self.registry.set_live if v.state == "live" else self.registry.add)(v)
+        await self._reload_challenge()
 
     async def sync(self) -> None:
         """Follow the shared store: load versions other replicas published, move the aliases.
@@ -162,6 +184,7 @@ class FlywheelService:
             for name in ADAPTER_NAMES:
                 self.registry.refresh(name, [v for v in versions if v.name == name])
                 await self._unload_retired(name)
+            await self._reload_challenge()
 
     # -- generation -------------------------------------------------------------------------
 
@@ -210,21 +233,52 @@ class FlywheelService:
     async def compare(
         self, prompt: PromptInput, *, k: int, sampling: Sampling, policies: Sequence[str] = ()
     ) -> Generation:
-        """K candidates; candidate i from policies[i % len(policies)] (champion vs challenger)."""
+        """K candidates: candidate i from policies[i % len(policies)]; without policies, from the
+        live policy, or (challenger_share of requests while a challenge runs) a blind mix of the
+        challenger's and the champion's."""
         k = validation.integer("k", k or DEFAULT_K, 2, self.config.max_n)
         kind, text = self.render(prompt)
-        chosen = [
-            self.registry.resolve(p, kind="policy", field="policies") for p in (policies or [""])
-        ]
-        rows = [_Row(new_id("cmpl"), i, *chosen[i % len(chosen)]) for i in range(k)]
+        challenge = None if policies else self._draw_challenge()
+        if challenge is None:
+            chosen = [
+                self.registry.resolve(p, kind="policy", field="policies")
+                for p in (policies or [""])
+            ]
+            rows = [_Row(new_id("cmpl"), i, *chosen[i % len(chosen)]) for i in range(k)]
+        else:
+            sides = {
+                True: (challenge.challenger_id, challenge.challenger_id),
+                False: self.registry.resolve(challenge.champion_id, kind="policy", field="policy"),
+            }
+            seats = challenge_math.challenger_seats(k, self._rng)
+            rows = [_Row(new_id("cmpl"), i, *sides[seat]) for i, seat in enumerate(seats)]
         stream = GenerationStream(
             self,
-            PromptRecord(new_id("prm"), text, kind),
+            PromptRecord(
+                new_id("prm"), text, kind, challenge=None if challenge is None else challenge.seq
+            ),
             self._encode_prompt(text, sampling),
             sampling,
             rows,
         )
-        return await stream.finish()
+        result = await stream.finish()
+        if challenge is None:
+            return result
+        # Blind: the store keeps which candidate came from which version; the labeler sees none.
+        return replace(result, completions=[replace(c, policy="") for c in result.completions])
+
+    def _draw_challenge(self) -> Challenge | None:
+        """The running challenge, for challenger_share of the comparisons that may carry it."""
+        challenge = self._challenge
+        if challenge is None or self._rng.random() >= self.config.challenger_share:
+            return None
+        loaded = {v.id for v in self.registry.versions("policy")}
+        if (
+            self.registry.live()["policy"] != challenge.champion_id
+            or challenge.challenger_id not in loaded
+        ):
+            return None  # this replica has not caught up with the shared store yet
+        return challenge
 
     async def score(
         self, prompt: str, completions: Sequence[str], reward_model: str = ""
@@ -269,6 +323,11 @@ class FlywheelService:
             )
         receipt = await asyncio.to_thread(self.store.add_ranking, ranking, prompts.pop())
         metrics.ranked(receipt)
+        if not receipt.duplicate:
+            try:
+                await self._judge_challenge(found.values())
+            except FlywheelError as e:  # the ranking is stored; the next one judges again
+                log.error("challenge not judged after %s: %s", receipt.ranking_id, e.message)
         return receipt
 
     async def demonstrate(
@@ -291,6 +350,91 @@ class FlywheelService:
 
     def versions(self, name: str = "") -> tuple[list[AdapterVersion], dict[str, str]]:
         return self.registry.versions(name), self.registry.live()
+
+    # -- champion / challenger --------------------------------------------------------------
+
+    async def challenge_status(self, name: str = "") -> ChallengeStatus | None:
+        """The running challenge with its tally, else the last one that ended; None if none ran
+        (or for name "reward": only policies are challenged)."""
+        if name == "reward":
+            return None
+        latest = await asyncio.to_thread(self.store.latest_challenge)
+        return None if latest is None else await self._status(latest)
+
+    async def challenge(self, version: int | None = None, *, stop: bool = False) -> ChallengeStatus:
+        """Challenge the live policy with a loaded ready version, or stop the running challenge."""
+        if stop and version is not None:
+            raise InvalidRequest(
+                "give a version to challenge with, or stop; not both", field="stop"
+            )
+        if not stop and version is None:
+            raise InvalidRequest(
+                "give the policy version to challenge the live one with, or stop", field="version"
+            )
+        async with self._admin:
+            if version is not None:
+                challenge = await self._start_challenge(version)
+            else:
+                running = await asyncio.to_thread(self.store.running_challenge)
+                ended = (
+                    None
+                    if running is None
+                    else await asyncio.to_thread(self.store.end_challenge, running.seq, "stopped")
+                )
+                await self._reload_challenge()
+                if ended is None:
+                    raise Conflict("no challenge is running", field="stop")
+                challenge = ended
+                log.info("challenge of %s stopped", challenge.challenger_id)
+        return await self._status(challenge)
+
+    async def _start_challenge(self, version: int) -> Challenge:
+        version = validation.integer("version", version, 1, 1 << 31)
+        if f"policy-v{version}" not in {v.id for v in self.registry.versions("policy")}:
+            raise NotFound(f"policy-v{version} is not a loaded version", field="version")
+        challenge = await asyncio.to_thread(self.store.start_challenge, version)
+        self._challenge = challenge
+        log.info("%s challenges %s", challenge.challenger_id, challenge.champion_id)
+        return challenge
+
+    async def _reload_challenge(self) -> None:
+        self._challenge = await asyncio.to_thread(self.store.running_challenge)
+
+    async def _status(self, challenge: Challenge) -> ChallengeStatus:
+        """The tally of a challenge, derived from the rankings in the store (so it survives a
+        restart and every replica sharing the database sees the same)."""
+        rankings = await asyncio.to_thread(self.store.challenge_rankings, challenge)
+        scores = challenge_math.scores(rankings, challenge.challenger_id, challenge.champion_id)
+        status = ChallengeStatus(
+            challenge,
+            challenge_math.tally(scores, self.thresholds.confidence),
+            self.thresholds,
+            self.config.challenger_share,
+        )
+        self.last_challenge = status
+        return status
+
+    async def _judge_challenge(self, ranked: Iterable[CompletionRecord]) -> None:
+        """After a ranking is stored: promote or retire the challenger once its tally decides."""
+        challenge = self._challenge
+        if challenge is None or not any(c.policy == challenge.challenger_id for c in ranked):
+            return
+        outcome = challenge_math.decide((await self._status(challenge)).tally, self.thresholds)
+        if outcome is None:
+            return
+        started = time.perf_counter()
+        async with self._admin:
+            # Ends it only if it still runs: of two replicas (or rankings) deciding, one acts.
+            ended = await asyncio.to_thread(self.store.end_challenge, challenge.seq, outcome)
+            await self._reload_challenge()
+            if ended is None:
+                return
+            await self._refresh("policy")
+            await self._unload_retired("policy")
+        metrics.challenge_decided(outcome)
+        if outcome == "promoted":
+            metrics.hot_swapped("policy", started)
+        log.info("challenge decided: %s %s", challenge.challenger_id, outcome)
 
     async def export_rankings(self, after: int, limit: int) -> list[RankingExport]:
         return await asyncio.to_thread(self.store.export_rankings, after, self._page(limit))
@@ -315,6 +459,16 @@ class FlywheelService:
         if header.name not in ADAPTER_NAMES:
             raise InvalidRequest(
                 f"name must be one of {', '.join(ADAPTER_NAMES)}, got {header.name!r}", field="name"
+            )
+        if header.challenger and header.promote:
+            raise InvalidRequest(
+                "give promote or challenger, not both: a challenger goes live when it wins its "
+                "challenge",
+                field="challenger",
+            )
+        if header.challenger and header.name != "policy":
+            raise InvalidRequest(
+                f"only a policy can be a challenger, got name {header.name!r}", field="challenger"
             )
         if header.base_model != self.engine.base_model:
             raise AdapterRefused(
@@ -381,6 +535,8 @@ class FlywheelService:
         log.info("adapter %s loaded (sha256 %s)", version.id, digest[:12])
         if header.promote:
             return await self._promote(header.name, version.version)
+        if header.challenger:
+            await self._start_challenge(version.version)
         return version
 
     async def promote(self, name: str, version: int) -> AdapterVersion:
@@ -401,6 +557,7 @@ class FlywheelService:
             raise NotFound(f"{name}-v{version} is not a loaded version", field="version")
         live = await asyncio.to_thread(self.store.promote, name, version)
         await self._refresh(name)
+        await self._reload_challenge()  # a promotion by hand ends a challenge of another champion
         log.info("%s is live", live.id)
         await self._unload_retired(name)
         return live
@@ -457,6 +614,7 @@ class FlywheelService:
                 await self.engine.load_adapter(live.id, live.path, reward=name == "reward")
                 self.registry.add(live)
             await self._refresh(name)
+            await self._reload_challenge()
             metrics.hot_swapped(name, started)
             if live is None:
                 return self.registry.versions(name)[0]

@@ -61,9 +61,32 @@ def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerCo
         ppo_steps_per_round=2,
         eval_prompts=4,
         # Wide open: this test checks the plumbing of promotion, not learning.
-        gate=GateThresholds(min_reward_gain=-1e9, max_kl=1e9, max_ptx_rise=1e9),
+        gate=GateThresholds(
+            min_reward_gain=-1e9,
+            max_kl=1e9,
+            max_ptx_rise=1e9,
+            min_human_agreement=0.0,
+            max_agreement_drop=1.0,
+        ),
         rm_min_accuracy=0.0,
+        rm_min_held_out_pairs=1,
     )
+
+
+def label(client: FlywheelClient, name: str, seed: int) -> None:
+    """Twelve `longer` rankings through the public API (at least 4 not all tied)."""
+    torch.set_num_threads(1)
+    labeler = Labeler(client, preference_from_spec("longer"), name=name, k=3, max_tokens=8)
+    assert labeler.run(demo_prompts(seed=seed), count=12).submitted >= 4
+
+
+def one_round(config: LearnerConfig) -> bool:
+    learner = Learner(config, progress=Progress(tty=False))
+    try:
+        learner.sync()
+        return learner.run_round()
+    finally:
+        learner.close()
 
 
 def test_one_round_publishes_and_resume_does_not_duplicate(
@@ -86,8 +109,11 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
     reward = [v for v in new if v.name == "reward"]
     policy = [v for v in new if v.name == "policy"]
     assert len(reward) == 1 and len(policy) == 1, new
-    assert {"held_out_accuracy", "train_loss", "rankings"} <= set(reward[0].metrics)
-    assert {"reward_gain", "kl_to_reference", "ptx_rise", "gate_passed"} <= set(policy[0].metrics)
+    assert {"held_out_accuracy", "train_loss", "rankings", "validated", "fresh_accuracy"} <= set(
+        reward[0].metrics
+    )
+    assert {"reward_gain", "kl_to_reference", "ptx_rise", "gate_passed", "human_agreement",
+            "live_human_agreement"} <= set(policy[0].metrics)  # fmt: skip
     assert policy[0].metrics["gate_passed"] == 1.0
     assert versions.live["policy"] == policy[0].id
     state = load_state(tmp_path)
@@ -122,23 +148,57 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
 def test_a_candidate_the_gate_refuses_is_uploaded_but_not_live(
     server: ServerProcess, tiny_model: Path, client: FlywheelClient, tmp_path: Path
 ) -> None:
-    torch.set_num_threads(1)
-    labeler = Labeler(client, preference_from_spec("longer"), name="e2e-gate", k=3, max_tokens=8)
-    assert labeler.run(demo_prompts(seed=8), count=12).submitted >= 4
+    label(client, "e2e-gate", seed=8)
     live = client.versions().live["policy"]
     sample = learner_metrics.REGISTRY.get_sample_value
     outcome = {"kind": "policy", "outcome": "refused"}
     refused = sample("flywheel_learner_versions_total", outcome) or 0.0
     closed = GateThresholds(min_reward_gain=1e9)  # no candidate can gain this much
-    config = dataclasses.replace(tiny_config(server, tiny_model, tmp_path), gate=closed)
-    learner = Learner(config, progress=Progress(tty=False))
-    try:
-        learner.sync()
-        assert learner.run_round() is False
-    finally:
-        learner.close()
+    assert (
+        one_round(dataclasses.replace(tiny_config(server, tiny_model, tmp_path), gate=closed))
+        is False
+    )
     versions = client.versions()
     assert versions.live["policy"] == live  # still the last good adapter
     newest = max((v for v in versions.versions if v.name == "policy"), key=lambda v: v.version)
     assert newest.metrics["gate_passed"] == 0.0 and newest.id != live
     assert sample("flywheel_learner_versions_total", outcome) == refused + 1
+
+
+def test_a_round_whose_reward_model_fails_validation_publishes_no_policy(
+    server: ServerProcess, tiny_model: Path, client: FlywheelClient, tmp_path: Path
+) -> None:
+    label(client, "e2e-rm", seed=9)
+    before = client.versions()
+    sample = learner_metrics.REGISTRY.get_sample_value
+    skipped = sample("flywheel_learner_rounds_skipped_total") or 0.0
+    unreachable = dataclasses.replace(
+        tiny_config(server, tiny_model, tmp_path), rm_min_held_out_pairs=10**6
+    )
+    assert one_round(unreachable) is False
+    after = client.versions()
+    new = [v for v in after.versions if v.id not in {b.id for b in before.versions}]
+    assert [v.name for v in new] == ["reward"], new  # the refit is shown; no policy
+    assert new[0].state != "live" and new[0].metrics["validated"] == 0.0
+    assert after.live == before.live
+    assert sample("flywheel_learner_rounds_skipped_total") == skipped + 1
+    assert load_state(tmp_path).round == 1
+
+
+def test_a_candidate_that_passes_runs_as_the_challenger_when_asked(
+    server: ServerProcess, tiny_model: Path, client: FlywheelClient, tmp_path: Path
+) -> None:
+    label(client, "e2e-ch", seed=10)
+    live = client.versions().live["policy"]
+    config = dataclasses.replace(tiny_config(server, tiny_model, tmp_path), challenger=True)
+    assert one_round(config) is False  # not live: the labelers decide
+    try:
+        versions = client.versions()
+        newest = max((v for v in versions.versions if v.name == "policy"), key=lambda v: v.version)
+        assert versions.live["policy"] == live and newest.state == "ready"
+        assert newest.metrics["gate_passed"] == 1.0
+        challenge = versions.challenge
+        assert challenge is not None and challenge.outcome == "running"
+        assert (challenge.challenger, challenge.champion) == (newest.id, live)
+    finally:
+        client.stop_challenge()

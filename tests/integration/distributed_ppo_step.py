@@ -53,7 +53,7 @@ def main() -> None:
     optimizer = make_optimizer(models, CONFIG)
     rng = random.Random(0)
     prompts = [chat_prompt(models.tokenizer, sample_example(rng).instruction) for _ in range(8)]
-    texts = demo_pretraining_texts(rng, 12, models.tokenizer)
+    texts = demo_pretraining_texts(rng, 12)
     ptx = next(ptx_batches(models.tokenizer, texts, CONFIG.ptx_batch, 48, random.Random(0)))
 
     torch.manual_seed(1)

@@ -157,7 +157,28 @@ class FakeInference(pb_grpc.InferenceServicer):
                 ),
             ],
             live={"policy": "policy-v1", "reward": "reward-v1"},
+            challenge=TALLY if request.name != "reward" else None,
         )
+
+
+TALLY = pb.ChallengeTally(
+    challenger="policy-v2",
+    champion="policy-v1",
+    outcome="running",
+    rankings=7,
+    wins=5,
+    losses=1,
+    ties=1,
+    win_rate=11 / 14,
+    lower=0.49,
+    upper=0.94,
+    share=0.5,
+    confidence=0.95,
+    promote_above=0.5,
+    retire_below=0.5,
+    min_rankings=10,
+    started_at=1_700_000_000.0,
+)
 
 
 class FakeFeedback(pb_grpc.FeedbackServicer):
@@ -287,6 +308,14 @@ class FakeLearner(pb_grpc.LearnerServicer):
         context.abort(
             grpc.StatusCode.FAILED_PRECONDITION, f"{request.name} has no earlier live version"
         )
+
+    def Challenge(
+        self, request: pb.ChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.ChallengeTally:
+        self.rec.note("Challenge", request, context)
+        if request.stop:
+            return pb.ChallengeTally(challenger="policy-v2", outcome="stopped", ended_at=2.0)
+        return pb.ChallengeTally(challenger=f"policy-v{request.version}", outcome="running")
 
     def GetServerInfo(
         self, request: pb.ServerInfoRequest, context: grpc.ServicerContext
@@ -495,6 +524,33 @@ def test_versions(client: FlywheelClient, rec: Recorder) -> None:
         {"reward": 0.25},
         "fp",
     )
+    c = versions.challenge
+    assert c is not None
+    assert (c.challenger, c.champion, c.outcome, c.ended_at) == (
+        "policy-v2",
+        "policy-v1",
+        "running",
+        None,  # 0 on the wire while it runs
+    )
+    assert (c.rankings, c.wins, c.losses, c.ties, c.min_rankings) == (7, 5, 1, 1, 10)
+    assert (c.win_rate, c.lower, c.upper, c.confidence) == (11 / 14, 0.49, 0.94, 0.95)
+    assert client.versions("reward").challenge is None
+
+
+def test_publish_as_challenger_and_the_challenge_calls(
+    client: FlywheelClient, rec: Recorder, tmp_path: Path
+) -> None:
+    version = client.publish_adapter(
+        _adapter_dir(tmp_path), name="policy", base_model="fp", challenger=True
+    )
+    header, _ = rec.uploads[-1]
+    assert (header.challenger, header.promote, version.state) == (True, False, "ready")
+    started = client.challenge(3)
+    assert (rec.last("Challenge").version, rec.last("Challenge").stop) == (3, False)
+    assert (started.challenger, started.outcome) == ("policy-v3", "running")
+    stopped = client.stop_challenge()
+    assert rec.last("Challenge").stop is True
+    assert (stopped.outcome, stopped.ended_at) == ("stopped", 2.0)
 
 
 def test_exports_page_from_a_cursor(client: FlywheelClient, rec: Recorder) -> None:
@@ -605,6 +661,9 @@ async def test_async_client_same_calls(fake_server: tuple[str, Recorder], tmp_pa
 
         assert [r.cursor async for r in client.iter_rankings(after=2)] == [3]
         assert (await client.versions()).live["policy"] == "policy-v1"
+        assert (await client.versions()).challenge.wins == 5  # type: ignore[union-attr]
+        assert (await client.challenge(4)).challenger == "policy-v4"
+        assert (await client.stop_challenge()).outcome == "stopped"
 
         with pytest.raises(InvalidArgument) as info:
             await client.generate("invalid")
@@ -691,6 +750,14 @@ def test_cli_compare_rank_score_policies(
         "policy-v1",
         "live",
     ]
+    assert lines[-1] == (
+        "challenge policy-v2 vs policy-v1 (running): 7 rankings, 5-1-1 won-lost-tied, win rate "
+        "0.786 [0.490, 0.940] at 95%; from 10 rankings, promotes if lower > 0.5, retires if "
+        "upper < 0.5"
+    )
+
+    assert _cli(target, ["policies", "--name", "reward"]) == 0
+    assert "challenge" not in capsys.readouterr().out
 
 
 def test_cli_server_errors(

@@ -46,6 +46,13 @@ def test_defaults() -> None:
     )
     assert (c.api_keys_file, c.device, c.max_tokens_limit, c.max_n) == (None, "auto", 512, 16)
     assert (c.max_body_bytes, c.max_prompt_tokens, c.log_level) == (1 << 20, 1024, "INFO")
+    assert (
+        c.challenger_share,
+        c.challenger_confidence,
+        c.challenger_promote_above,
+        c.challenger_retire_below,
+        c.challenger_min_rankings,
+    ) == (0.5, 0.95, 0.5, 0.5, 10)
 
 
 @pytest.mark.parametrize(
@@ -88,6 +95,23 @@ def test_config_is_immutable() -> None:
         ),
         ({"device": "tpu"}, "device must be auto, cpu or cuda[:N], got 'tpu'"),
         ({"backend": "tgi"}, "backend must be one of torch, vllm, got 'tgi'"),
+        ({"challenger_share": 1.5}, "challenger_share must be in [0, 1], got 1.5"),
+        ({"challenger_share": float("nan")}, "challenger_share must be in [0, 1], got nan"),
+        (
+            {"challenger_promote_above": -0.1},
+            "challenger_promote_above must be in [0, 1], got -0.1",
+        ),
+        ({"challenger_confidence": 1.0}, "challenger_confidence must be in (0, 1), got 1.0"),
+        ({"challenger_confidence": 0.0}, "challenger_confidence must be in (0, 1), got 0.0"),
+        (
+            {"challenger_min_rankings": 0},
+            "challenger_min_rankings must be between 1 and 1048576, got 0",
+        ),
+        (
+            {"challenger_retire_below": 0.6},
+            "challenger_retire_below (0.6) must not exceed challenger_promote_above (0.5): one "
+            "tally could then both promote and retire",
+        ),
         (
             {"backend": "vllm", "vllm_url": "127.0.0.1:8000"},
             "vllm_url must start with http:// or https://, got '127.0.0.1:8000'",
@@ -113,6 +137,11 @@ def test_bounds(kwargs: dict[str, Any], message: str) -> None:
         {"device": "cuda"},
         {"device": "cuda:1"},
         {"backend": "vllm", "vllm_url": "http://127.0.0.1:8000"},
+        {"challenger_share": 0.0},
+        {"challenger_share": 1.0},
+        {"challenger_promote_above": 0.6, "challenger_retire_below": 0.6},
+        {"challenger_promote_above": 1.0, "challenger_retire_below": 0.0},
+        {"challenger_min_rankings": 1},
     ],
 )
 def test_bounds_are_inclusive(kwargs: dict[str, Any]) -> None:
@@ -298,6 +327,17 @@ def test_flag_help_names_the_default() -> None:
     assert "--http-port HTTP_PORT" in text
     assert "(default: 3000)" in text
     assert "(default: 50051)" in text
+
+
+def test_float_flags_and_variables_are_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_CHALLENGER_CONFIDENCE", "0.9")
+    c = from_arguments(
+        parser().parse_args(["--challenger-share", "1", "--challenger-min-rankings", "4"])
+    )
+    assert (c.challenger_share, c.challenger_confidence, c.challenger_min_rankings) == (1.0, 0.9, 4)
+    assert isinstance(c.challenger_share, float)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--challenger-share", "half"])
 
 
 def test_flags_are_validated_by_the_config() -> None:

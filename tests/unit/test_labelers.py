@@ -15,6 +15,7 @@ from flywheel_client.errors import Conflict, InvalidArgument, NotFound, Overload
 from flywheel_client.labelers import (
     Contains,
     Correct,
+    Incorrect,
     Labeler,
     Longer,
     Shorter,
@@ -40,6 +41,13 @@ def test_correct_scores_the_demo_answer() -> None:
     assert correct.key("reverse: abc", "cba") > correct.key("reverse: abc", "abc")
 
 
+def test_incorrect_is_the_opposite_of_correct() -> None:
+    assert Incorrect().key("add: 2 + 3", "6") == 1.0
+    assert Incorrect().key("add: 2 + 3", "5") == 0.0
+    with pytest.raises(ValueError, match="needs a demo-task instruction"):
+        Incorrect().key("tell me a joke", "no")
+
+
 def test_correct_refuses_a_prompt_with_no_demo_instruction() -> None:
     with pytest.raises(ValueError, match="needs a demo-task instruction"):
         Correct().key("tell me a joke", "no")
@@ -58,6 +66,7 @@ def test_length_and_contains_preferences() -> None:
     ("spec", "expected"),
     [
         ("correct", Correct()),
+        ("incorrect", Incorrect()),
         ("shorter", Shorter()),
         (" Longer ", Longer()),
         ("contains:yes", Contains("yes")),
@@ -73,7 +82,7 @@ def test_preference_from_spec(spec: str, expected: object) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("kindest", "unknown preference 'kindest'; choose one of correct, shorter"),
+        ("kindest", "unknown preference 'kindest'; choose one of correct, incorrect, shorter"),
         ("", "unknown preference"),
         ("contains", "contains needs a word"),
         ("contains:", "contains needs a word"),

@@ -31,7 +31,7 @@ THRESHOLDS = GateThresholds(min_reward_gain=0.1, max_kl=5.0, max_ptx_rise=0.2)
 
 
 def metrics(gain: float = 0.5, kl: float = 1.0, rise: float = 0.0) -> EvalMetrics:
-    return EvalMetrics(1.0 + gain, 1.0, kl, 2.0 + rise, 2.0)
+    return EvalMetrics(1.0 + gain, 1.0, kl, 2.0 + rise, 2.0, 0.7, 0.6, 100)
 
 
 def test_gate_passes_a_safe_improvement() -> None:
@@ -56,7 +56,7 @@ def test_gate_names_each_failed_check(m: EvalMetrics, word: str) -> None:
 def test_gate_lists_every_failure_and_bounds_are_inclusive() -> None:
     passed, reasons = gate(metrics(gain=-1.0, kl=9.0, rise=1.0), THRESHOLDS)
     assert not passed and len(reasons) == 3
-    assert gate(EvalMetrics(1.5, 1.0, 5.0, 2.5, 2.0), GateThresholds(0.5, 5.0, 0.5))[0]
+    assert gate(EvalMetrics(1.5, 1.0, 5.0, 2.5, 2.0, 0.6, 0.6, 9), GateThresholds(0.5, 5.0, 0.5))[0]
 
 
 def test_gate_thresholds_are_validated() -> None:
@@ -225,6 +225,7 @@ class FakePublisher:
         base_model: str,
         metrics: Mapping[str, float] | None = None,
         promote: bool = False,
+        challenger: bool = False,
         chunk_size: int = 1 << 20,
     ) -> t.AdapterVersion:
         sha = archive_sha256(directory)

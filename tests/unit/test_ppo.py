@@ -83,9 +83,7 @@ def prompts(models: SharedBaseModels) -> list[str]:
 
 def ptx_batch(models: SharedBaseModels) -> PtxBatch:
     rng = random.Random(0)
-    return next(
-        ptx_batches(models.tokenizer, demo_pretraining_texts(rng, 8, models.tokenizer), 4, 32, rng)
-    )
+    return next(ptx_batches(models.tokenizer, demo_pretraining_texts(rng, 8), 4, 32, rng))
 
 
 def snapshot(models: SharedBaseModels) -> dict[str, torch.Tensor]:

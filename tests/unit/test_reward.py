@@ -163,10 +163,11 @@ def test_a_capped_fit_runs_the_capped_steps(tiny_dir: Path) -> None:
     assert result.steps == 3  # 9 training rankings (1 held out), 4 per step, one pass
 
 
-def test_the_learner_caps_its_refits(tiny_dir: Path) -> None:
+def test_the_learners_refit_budget_grows_with_the_data(tiny_dir: Path) -> None:
     from flywheel_learner.loop import LearnerConfig
 
     config = LearnerConfig(server="127.0.0.1:1", model_dir=tiny_dir, work_dir=Path("w"))
-    assert config.reward.max_epochs == 4.0
-    assert config.reward.steps_for(32) == 4  # a few rankings: 4 passes
-    assert config.reward.steps_for(1485) == 100  # many: a fixed budget, not every ranking
+    assert config.reward.max_epochs == 8.0 and config.reward.eval_every > 0
+    assert config.reward.steps_for(32) == 8  # a few rankings: 8 passes
+    assert config.reward.steps_for(1000) == 250  # more: more steps
+    assert config.reward.steps_for(5000) == 400  # a cap, and early stopping before it

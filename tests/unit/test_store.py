@@ -7,6 +7,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -437,6 +438,133 @@ def test_rollback_without_history_is_a_conflict(store: Store) -> None:
         store.rollback("policy")
 
 
+# --- champion / challenger -------------------------------------------------------------------
+
+
+def _challenge_comparison(store: Store, seq: int | None, policies: list[str]) -> list[str]:
+    """A stored comparison (its prompt marked as challenge `seq`'s); the completion ids."""
+    prompt = PromptRecord(id=f"prm-{uuid.uuid4().hex}", text="q", kind="text", challenge=seq)
+    completions = [
+        CompletionRecord(
+            id=f"cmp-{uuid.uuid4().hex}",
+            prompt_id=prompt.id,
+            index=i,
+            text=f"answer {i}",
+            finish_reason="stop",
+            policy=policy,
+            sampling=Sampling(),
+            prompt_tokens=1,
+            completion_tokens=2,
+        )
+        for i, policy in enumerate(policies)
+    ]
+    store.record_generation(prompt, completions)
+    return [c.id for c in completions]
+
+
+def test_a_challenge_names_the_live_champion_and_only_one_runs(store: Store) -> None:
+    for _ in range(3):
+        _add(store)
+    first = store.start_challenge(2)  # nothing live: the base model is the champion
+    assert (first.challenger, first.champion, first.outcome, first.ended_at) == (
+        2,
+        0,
+        "running",
+        None,
+    )
+    store.promote("policy", 1)  # the live policy moved: that challenge is over
+    assert store.running_challenge() is None
+    assert store.latest_challenge() == replace(
+        first, outcome="stopped", ended_at=store.latest_challenge().ended_at
+    )
+    second = store.start_challenge(2)
+    assert second.champion == 1
+    third = store.start_challenge(3)  # replaces the running one
+    assert store.running_challenge() == third
+    with Session(store._engine) as s:
+        outcomes = s.execute(text("SELECT seq, outcome FROM challenges ORDER BY seq")).all()
+    assert [o for _, o in outcomes] == ["stopped", "stopped", "running"]
+    assert _states(store) == {1: "live", 2: "ready", 3: "ready"}
+
+
+@pytest.mark.parametrize(("state", "why"), [("live", "policy-v1 is live"), ("refused", "refused")])
+def test_only_a_ready_version_can_challenge(store: Store, state: str, why: str) -> None:
+    _add(store)
+    if state == "live":
+        store.promote("policy", 1)
+    else:
+        store.set_adapter_state("policy", 1, state)
+    with pytest.raises(Conflict, match=why):
+        store.start_challenge(1)
+    with pytest.raises(NotFound, match="policy-v9"):
+        store.start_challenge(9)
+    assert store.latest_challenge() is None
+
+
+def test_challenge_rankings_are_those_of_its_blind_comparisons(store: Store) -> None:
+    _add(store), _add(store)
+    store.promote("policy", 1)
+    c = store.start_challenge(2)
+    mixed = _challenge_comparison(store, c.seq, ["policy-v2", "policy-v1", "policy-v2"])
+    store.add_ranking(
+        Ranking(((mixed[1],), (mixed[0], mixed[2])), "ann", "k1"), _prompt_of(store, mixed)
+    )
+    # Not part of the challenge: a comparison with explicit policies, though of the same two.
+    open_ = _challenge_comparison(store, None, ["policy-v2", "policy-v1"])
+    store.add_ranking(Ranking(((open_[0],), (open_[1],)), "ann", "k2"), _prompt_of(store, open_))
+    assert store.challenge_rankings(c) == [(("policy-v1", 0), ("policy-v2", 1), ("policy-v2", 1))]
+
+
+def _prompt_of(store: Store, ids: list[str]) -> str:
+    return store.get_completions(ids)[ids[0]].prompt_id
+
+
+def test_a_promoted_challenger_goes_live_with_history(store: Store) -> None:
+    _add(store), _add(store)
+    store.promote("policy", 1)
+    c = store.start_challenge(2)
+    ended = store.end_challenge(c.seq, "promoted")
+    assert ended is not None and (ended.outcome, ended.ended_at is not None) == ("promoted", True)
+    assert _states(store) == {1: "retired", 2: "live"}
+    assert store.end_challenge(c.seq, "retired") is None  # decided once
+    assert _states(store) == {1: "retired", 2: "live"}
+    assert store.rollback("policy").version == 1  # an ordinary promotion: it can be rolled back
+
+
+def test_a_retired_challenger_leaves_the_champion_live(store: Store) -> None:
+    _add(store), _add(store)
+    store.promote("policy", 1)
+    c = store.start_challenge(2)
+    assert store.end_challenge(c.seq, "retired").outcome == "retired"
+    assert _states(store) == {1: "live", 2: "retired"}
+    assert store.running_challenge() is None
+    with pytest.raises(InvalidRequest, match="outcome must be one of"):
+        store.end_challenge(c.seq, "running")
+
+
+def test_an_ended_challenge_keeps_its_final_tally(store: Store) -> None:
+    _add(store)
+    c = store.start_challenge(1)
+    before = _challenge_comparison(store, c.seq, ["policy-v1", "policy-v0"])
+    store.add_ranking(Ranking(((before[0],), (before[1],)), "ann", "k1"), _prompt_of(store, before))
+    late = _challenge_comparison(store, c.seq, ["policy-v1", "policy-v0"])
+    ended = store.end_challenge(c.seq, "stopped")
+    assert ended is not None
+    store.add_ranking(Ranking(((late[1],), (late[0],)), "ann", "k2"), _prompt_of(store, late))
+    assert store.challenge_rankings(ended) == [(("policy-v1", 0), ("policy-v0", 1))]
+
+
+def test_promoting_the_challenger_by_hand_ends_its_challenge_promoted(store: Store) -> None:
+    _add(store), _add(store)
+    c = store.start_challenge(2)
+    store.promote("policy", 2)
+    assert store.latest_challenge().outcome == "promoted"
+    c = store.start_challenge(1)
+    assert c.champion == 2
+    store.rollback("policy")  # back to the base model: not the champion any more
+    assert store.latest_challenge().outcome == "stopped"
+
+
 # --- migrations ----------------------------------------------------------------------------
 
 
@@ -445,7 +573,7 @@ def test_migrated_schema_matches_metadata(store: Store) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         head = MigrationContext.configure(conn).get_current_revision()
     assert diff == []
-    assert head == "0001"
+    assert head == "0002"
 
 
 def test_open_is_idempotent(db_url: str) -> None:

@@ -15,6 +15,7 @@ from flywheel_client.grpc_client import AsyncFlywheelClient, FlywheelClient
 from flywheel_client.http_client import AsyncHttpClient, HttpClient
 from flywheel_client.types import (
     AdapterVersion,
+    ChallengeTally,
     Chunk,
     Comparison,
     Completion,
@@ -35,6 +36,7 @@ __all__ = [
     "AdapterVersion",
     "AsyncFlywheelClient",
     "AsyncHttpClient",
+    "ChallengeTally",
     "Chunk",
     "Comparison",
     "Completion",

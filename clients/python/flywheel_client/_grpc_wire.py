@@ -136,8 +136,34 @@ def adapter_version(v: pb.AdapterVersion) -> t.AdapterVersion:
     )
 
 
+def challenge_tally(c: pb.ChallengeTally) -> t.ChallengeTally:
+    return t.ChallengeTally(
+        challenger=c.challenger,
+        champion=c.champion,
+        outcome=c.outcome,
+        rankings=c.rankings,
+        wins=c.wins,
+        losses=c.losses,
+        ties=c.ties,
+        win_rate=c.win_rate,
+        lower=c.lower,
+        upper=c.upper,
+        share=c.share,
+        confidence=c.confidence,
+        promote_above=c.promote_above,
+        retire_below=c.retire_below,
+        min_rankings=c.min_rankings,
+        started_at=c.started_at,
+        ended_at=c.ended_at or None,
+    )
+
+
 def versions(r: pb.ListVersionsResponse) -> t.Versions:
-    return t.Versions(versions=tuple(map(adapter_version, r.versions)), live=dict(r.live))
+    return t.Versions(
+        versions=tuple(map(adapter_version, r.versions)),
+        live=dict(r.live),
+        challenge=challenge_tally(r.challenge) if r.HasField("challenge") else None,
+    )
 
 
 def ranking_record(r: pb.RankingRecord) -> t.RankingRecord:

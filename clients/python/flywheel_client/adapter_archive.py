@@ -43,6 +43,7 @@ def upload_chunks(
     base_model: str,
     metrics: Mapping[str, float] | None = None,
     promote: bool = False,
+    challenger: bool = False,
     chunk_size: int = 1 << 20,
 ) -> Iterator[pb.AdapterChunk]:
     """The header, then the archive's bytes in pieces of at most `chunk_size`.
@@ -59,6 +60,7 @@ def upload_chunks(
         size=archive.size,
         metrics=dict(metrics or {}),
         promote=promote,
+        challenger=challenger,
     )
     return _chunks(header, archive.data, chunk_size)
 

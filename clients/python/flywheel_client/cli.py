@@ -226,8 +226,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         required=True,
         metavar="NAME",
         help=(
-            "correct (the demo task's right answer first), shorter, longer (by characters), "
-            "or contains:WORD (responses containing WORD first)"
+            "correct (the demo task's right answer first), incorrect (wrong answers first), "
+            "shorter, longer (by characters), or contains:WORD (responses containing WORD first)"
         ),
     )
     sub.add_argument(
@@ -315,6 +315,27 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         help="PPO-ptx steps per round (default: %(default)s)",
     )
     sub.add_argument(
+        "--rm-min-accuracy",
+        type=float,
+        default=0.6,
+        metavar="A",
+        help="held-out pairwise accuracy a reward model needs before it trains or judges a "
+        "policy; a round without one publishes no policy (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--rm-min-held-out-pairs",
+        type=_positive_int,
+        default=50,
+        metavar="N",
+        help="held-out ranked pairs needed to trust that accuracy (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--challenger",
+        action="store_true",
+        help="publish a candidate that passes the gate as the server's challenger (blind "
+        "comparisons by live labelers promote or retire it) instead of promoting it",
+    )
+    sub.add_argument(
         "--final-norm-lr",
         type=_non_negative_float,
         default=3e-2,
@@ -335,12 +356,14 @@ def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         "--reward-init",
         metavar="DIR",
         help="a saved reward model (adapter + score head) the first refit warm-starts from; "
-        "later refits start from the last promoted one (default: a fresh adapter)",
+        "later refits start from the last promoted one. Every refit also fits from scratch "
+        "and keeps whichever orders the held-out rankings better (default: fresh only)",
     )
     sub.add_argument(
         "--pretraining",
         metavar="FILE",
-        help="a .txt or .jsonl corpus for the ptx term (default: the demo task's answers)",
+        help="a .txt or .jsonl corpus for the ptx term (default: the demo's pretraining "
+        "documents: words repeated, no task answers)",
     )
     sub.add_argument(
         "--threads",
@@ -530,6 +553,14 @@ def _policies(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1])
+    if (c := versions.challenge) is not None:
+        print(
+            f"challenge {c.challenger} vs {c.champion} ({c.outcome}): {c.rankings} rankings, "
+            f"{c.wins}-{c.losses}-{c.ties} won-lost-tied, win rate {c.win_rate:.3f} "
+            f"[{c.lower:.3f}, {c.upper:.3f}] at {c.confidence:.0%}; from {c.min_rankings} "
+            f"rankings, promotes if lower > {c.promote_above:g}, retires if upper < "
+            f"{c.retire_below:g}"
+        )
     return 0
 
 
@@ -603,6 +634,9 @@ def _learn(args: argparse.Namespace) -> int:
             interval_s=args.interval,
             max_rounds=args.rounds,
             ppo_steps_per_round=args.ppo_steps,
+            rm_min_accuracy=args.rm_min_accuracy,
+            rm_min_held_out_pairs=args.rm_min_held_out_pairs,
+            challenger=args.challenger,
             ppo=PPOConfig(final_norm_lr=args.final_norm_lr),
             import_preferences=tuple(Path(p) for p in args.import_preferences),
             pretraining=Path(args.pretraining) if args.pretraining else None,

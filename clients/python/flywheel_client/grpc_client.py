@@ -207,15 +207,22 @@ class FlywheelClient:
         base_model: str,
         metrics: Mapping[str, float] | None = None,
         promote: bool = False,
+        challenger: bool = False,
         chunk_size: int = 1 << 20,
     ) -> t.AdapterVersion:
-        """Upload a PEFT adapter directory as a checksummed tar; the server verifies it."""
+        """Upload a PEFT adapter directory as a checksummed tar; the server verifies it.
+
+        `promote` makes it live once loaded; `challenger` (a policy only, not with `promote`)
+        makes it the challenger of the live policy instead, promoted or retired by the
+        labelers' rankings of blind comparisons (see `versions().challenge`).
+        """
         chunks = upload_chunks(
             pack_adapter(directory),
             name=name,
             base_model=base_model,
             metrics=metrics,
             promote=promote,
+            challenger=challenger,
             chunk_size=chunk_size,
         )
         return wire.adapter_version(self._call(self._learner.PublishAdapter, chunks))
@@ -228,6 +235,16 @@ class FlywheelClient:
         """Back to the version that was live before the current one."""
         request = pb.RollbackRequest(name=name)
         return wire.adapter_version(self._call(self._learner.Rollback, request))
+
+    def challenge(self, version: int) -> t.ChallengeTally:
+        """Make a loaded ready policy version the challenger of the live policy."""
+        request = pb.ChallengeRequest(version=version)
+        return wire.challenge_tally(self._call(self._learner.Challenge, request))
+
+    def stop_challenge(self) -> t.ChallengeTally:
+        """End the running challenge undecided (the challenger stays ready)."""
+        request = pb.ChallengeRequest(stop=True)
+        return wire.challenge_tally(self._call(self._learner.Challenge, request))
 
     def server_info(self) -> t.ServerInfo:
         return wire.server_info(self._call(self._learner.GetServerInfo, pb.ServerInfoRequest()))
@@ -404,6 +421,7 @@ class AsyncFlywheelClient:
         base_model: str,
         metrics: Mapping[str, float] | None = None,
         promote: bool = False,
+        challenger: bool = False,
         chunk_size: int = 1 << 20,
     ) -> t.AdapterVersion:
         chunks = upload_chunks(
@@ -412,6 +430,7 @@ class AsyncFlywheelClient:
             base_model=base_model,
             metrics=metrics,
             promote=promote,
+            challenger=challenger,
             chunk_size=chunk_size,
         )
         return wire.adapter_version(await self._call(self._learner.PublishAdapter, chunks))
@@ -423,6 +442,14 @@ class AsyncFlywheelClient:
     async def rollback(self, name: str) -> t.AdapterVersion:
         request = pb.RollbackRequest(name=name)
         return wire.adapter_version(await self._call(self._learner.Rollback, request))
+
+    async def challenge(self, version: int) -> t.ChallengeTally:
+        request = pb.ChallengeRequest(version=version)
+        return wire.challenge_tally(await self._call(self._learner.Challenge, request))
+
+    async def stop_challenge(self) -> t.ChallengeTally:
+        request = pb.ChallengeRequest(stop=True)
+        return wire.challenge_tally(await self._call(self._learner.Challenge, request))
 
     async def server_info(self) -> t.ServerInfo:
         request = pb.ServerInfoRequest()

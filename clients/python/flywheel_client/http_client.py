@@ -202,7 +202,34 @@ def _versions(body: Json) -> t.Versions:
         )
         for v in body.get("versions", [])
     )
-    return t.Versions(versions=versions, live=dict(body.get("live") or {}))
+    challenge = body.get("challenge")
+    return t.Versions(
+        versions=versions,
+        live=dict(body.get("live") or {}),
+        challenge=None if not challenge else _challenge_tally(challenge),
+    )
+
+
+def _challenge_tally(c: Json) -> t.ChallengeTally:
+    return t.ChallengeTally(
+        challenger=c.get("challenger", ""),
+        champion=c.get("champion", ""),
+        outcome=c.get("outcome", ""),
+        rankings=c.get("rankings", 0),
+        wins=c.get("wins", 0),
+        losses=c.get("losses", 0),
+        ties=c.get("ties", 0),
+        win_rate=c.get("win_rate", 0.0),
+        lower=c.get("lower", 0.0),
+        upper=c.get("upper", 1.0),
+        share=c.get("share", 0.0),
+        confidence=c.get("confidence", 0.0),
+        promote_above=c.get("promote_above", 0.0),
+        retire_below=c.get("retire_below", 0.0),
+        min_rankings=c.get("min_rankings", 0),
+        started_at=c.get("started_at", 0.0),
+        ended_at=c.get("ended_at"),
+    )
 
 
 def _name(name: str) -> Json | None:

@@ -8,8 +8,9 @@ demos, end-to-end tests and load runs; the server cannot tell them from people.
         labeler = Labeler(client, preference_from_spec("correct"), name="sim-correct")
         stats = labeler.run(demo_prompts(seed=0), count=100)
 
-Built-in preferences (`preference_from_spec`): `correct` (the demo task's checker), `shorter`,
-`longer` (character length) and `contains:WORD` (case-sensitive substring).
+Built-in preferences (`preference_from_spec`): `correct` (the demo task's checker), `incorrect`
+(its opposite), `shorter`, `longer` (character length) and `contains:WORD` (case-sensitive
+substring).
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ class Correct:
 
 
 @dataclass(frozen=True)
+class Incorrect:
+    """1 for a wrong answer to the demo task, 0 for the right one: the opposite of `correct`,
+    and of what the demo's initial reward model learned, so a loop that only amplifies its
+    prior cannot satisfy it."""
+
+    def key(self, prompt: str, response: str) -> float:
+        return 1.0 - Correct().key(prompt, response)
+
+    def __str__(self) -> str:
+        return "incorrect"
+
+
+@dataclass(frozen=True)
 class Shorter:
     def key(self, prompt: str, response: str) -> float:
         return -float(len(response))
@@ -103,14 +117,16 @@ class Contains:
         return f"contains:{self.word}"
 
 
-PREFERENCE_SPECS = ("correct", "shorter", "longer", "contains:WORD")
+PREFERENCE_SPECS = ("correct", "incorrect", "shorter", "longer", "contains:WORD")
 
 
 def preference_from_spec(spec: str) -> Preference:
-    """`correct`, `shorter`, `longer` or `contains:WORD` -> the preference it names."""
+    """`correct`, `incorrect`, `shorter`, `longer` or `contains:WORD` -> that preference."""
     name, colon, argument = spec.strip().partition(":")
     name = name.strip().lower()
-    simple: dict[str, Preference] = {"correct": Correct(), "shorter": Shorter(), "longer": Longer()}
+    simple: dict[str, Preference] = {
+        "correct": Correct(), "incorrect": Incorrect(), "shorter": Shorter(), "longer": Longer(),
+    }  # fmt: skip
     if name in simple and not colon:
         return simple[name]
     if name == "contains":

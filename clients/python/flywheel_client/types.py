@@ -15,7 +15,7 @@ class Completion:
     index: int
     text: str
     finish_reason: str  # "stop" | "length"
-    policy: str  # the version that produced it, e.g. "policy-v3"
+    policy: str  # the version that produced it, e.g. "policy-v3"; "" in a blind challenge mix
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -75,7 +75,7 @@ class AdapterVersion:
     id: str  # "policy-v3"
     name: str  # "policy" | "reward"
     version: int
-    state: str  # "ready" | "live" | "retired" | "refused"
+    state: str  # "ready" | "live" | "retired" (also: lost a challenge) | "refused"
     sha256: str
     created_at: float
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -83,9 +83,41 @@ class AdapterVersion:
 
 
 @dataclass(frozen=True)
+class ChallengeTally:
+    """A challenger policy against the champion (the policy live when the challenge began),
+    judged by labelers' rankings of blind comparisons between the two.
+
+    Each ranking scores the mean over its (challenger, champion) pairs of 1 (challenger better),
+    1/2 (tie) or 0; `wins`, `losses` and `ties` count rankings whose score is above, below or at
+    1/2. `win_rate` is the mean score, [`lower`, `upper`] its Wilson interval at `confidence`.
+    Once `rankings >= min_rankings`, lower > promote_above promotes the challenger and
+    upper < retire_below retires it.
+    """
+
+    challenger: str  # "policy-v4"
+    champion: str  # "policy-v3"
+    outcome: str  # "running" | "promoted" | "retired" | "stopped"
+    rankings: int
+    wins: int
+    losses: int
+    ties: int
+    win_rate: float
+    lower: float
+    upper: float
+    share: float  # of comparison requests that carry the challenge
+    confidence: float
+    promote_above: float
+    retire_below: float
+    min_rankings: int
+    started_at: float
+    ended_at: float | None = None  # None while running
+
+
+@dataclass(frozen=True)
 class Versions:
     versions: tuple[AdapterVersion, ...]
     live: Mapping[str, str]  # name -> live id, e.g. "policy" -> "policy-v3"
+    challenge: ChallengeTally | None = None  # the running challenge, else the last that ended
 
 
 @dataclass(frozen=True)

@@ -169,8 +169,46 @@ class AdapterVersion(_message.Message):
     base_model: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., id: _Optional[str] = ..., state: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., base_model: _Optional[str] = ...) -> None: ...
 
+class ChallengeTally(_message.Message):
+    __slots__ = ("challenger", "champion", "outcome", "rankings", "wins", "losses", "ties", "win_rate", "lower", "upper", "share", "confidence", "promote_above", "retire_below", "min_rankings", "started_at", "ended_at")
+    CHALLENGER_FIELD_NUMBER: _ClassVar[int]
+    CHAMPION_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    RANKINGS_FIELD_NUMBER: _ClassVar[int]
+    WINS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    TIES_FIELD_NUMBER: _ClassVar[int]
+    WIN_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_ABOVE_FIELD_NUMBER: _ClassVar[int]
+    RETIRE_BELOW_FIELD_NUMBER: _ClassVar[int]
+    MIN_RANKINGS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    challenger: str
+    champion: str
+    outcome: str
+    rankings: int
+    wins: int
+    losses: int
+    ties: int
+    win_rate: float
+    lower: float
+    upper: float
+    share: float
+    confidence: float
+    promote_above: float
+    retire_below: float
+    min_rankings: int
+    started_at: float
+    ended_at: float
+    def __init__(self, challenger: _Optional[str] = ..., champion: _Optional[str] = ..., outcome: _Optional[str] = ..., rankings: _Optional[int] = ..., wins: _Optional[int] = ..., losses: _Optional[int] = ..., ties: _Optional[int] = ..., win_rate: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., share: _Optional[float] = ..., confidence: _Optional[float] = ..., promote_above: _Optional[float] = ..., retire_below: _Optional[float] = ..., min_rankings: _Optional[int] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ...) -> None: ...
+
 class ListVersionsResponse(_message.Message):
-    __slots__ = ("versions", "live")
+    __slots__ = ("versions", "live", "challenge")
     class LiveEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,9 +218,11 @@ class ListVersionsResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedCompositeFieldContainer[AdapterVersion]
     live: _containers.ScalarMap[str, str]
-    def __init__(self, versions: _Optional[_Iterable[_Union[AdapterVersion, _Mapping]]] = ..., live: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    challenge: ChallengeTally
+    def __init__(self, versions: _Optional[_Iterable[_Union[AdapterVersion, _Mapping]]] = ..., live: _Optional[_Mapping[str, str]] = ..., challenge: _Optional[_Union[ChallengeTally, _Mapping]] = ...) -> None: ...
 
 class RankTier(_message.Message):
     __slots__ = ("completion_ids",)
@@ -299,7 +339,7 @@ class DemonstrationRecord(_message.Message):
     def __init__(self, cursor: _Optional[int] = ..., demonstration_id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class AdapterHeader(_message.Message):
-    __slots__ = ("name", "base_model", "sha256", "size", "metrics", "promote")
+    __slots__ = ("name", "base_model", "sha256", "size", "metrics", "promote", "challenger")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -313,13 +353,15 @@ class AdapterHeader(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGER_FIELD_NUMBER: _ClassVar[int]
     name: str
     base_model: str
     sha256: str
     size: int
     metrics: _containers.ScalarMap[str, float]
     promote: bool
-    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., promote: _Optional[bool] = ...) -> None: ...
+    challenger: bool
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., promote: _Optional[bool] = ..., challenger: _Optional[bool] = ...) -> None: ...
 
 class AdapterChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -342,6 +384,14 @@ class RollbackRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ("version", "stop")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    stop: bool
+    def __init__(self, version: _Optional[int] = ..., stop: _Optional[bool] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()

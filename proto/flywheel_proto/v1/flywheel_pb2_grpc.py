@@ -423,6 +423,11 @@ class LearnerStub:
                 request_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AdapterVersion.FromString,
                 _registered_method=True)
+        self.Challenge = channel.unary_unary(
+                '/flywheel.v1.Learner/Challenge',
+                request_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ChallengeTally.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/flywheel.v1.Learner/GetServerInfo',
                 request_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ServerInfoRequest.SerializeToString,
@@ -469,6 +474,12 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Challenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -507,6 +518,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.RollbackRequest.FromString,
                     response_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AdapterVersion.SerializeToString,
+            ),
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ChallengeRequest.FromString,
+                    response_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ChallengeTally.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -676,6 +692,33 @@ class Learner:
             '/flywheel.v1.Learner/Rollback',
             flywheel__proto_dot_v1_dot_flywheel__pb2.RollbackRequest.SerializeToString,
             flywheel__proto_dot_v1_dot_flywheel__pb2.AdapterVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.Learner/Challenge',
+            flywheel__proto_dot_v1_dot_flywheel__pb2.ChallengeRequest.SerializeToString,
+            flywheel__proto_dot_v1_dot_flywheel__pb2.ChallengeTally.FromString,
             options,
             channel_credentials,
             insecure,

@@ -140,3 +140,36 @@ class PromotionRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     rolled_back: Mapped[bool] = mapped_column(Boolean)
     at: Mapped[float] = mapped_column(Double)
+
+
+class ChallengeRow(Base):
+    """A champion / challenger comparison of two policy versions; at most one runs at a time."""
+
+    __tablename__ = "challenges"
+    __table_args__ = (
+        CheckConstraint("outcome IN ('running', 'promoted', 'retired', 'stopped')", name="outcome"),
+        Index(
+            "uq_challenges_running",
+            "outcome",
+            unique=True,
+            sqlite_where=text("outcome = 'running'"),
+            postgresql_where=text("outcome = 'running'"),
+        ),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    challenger: Mapped[int] = mapped_column(Integer)  # policy version
+    champion: Mapped[int] = mapped_column(Integer)  # policy version; 0 = the base model
+    outcome: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[float] = mapped_column(Double)
+    ended_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class ChallengePromptRow(Base):
+    """Prompts whose candidates were a blind champion / challenger mix: their rankings count."""
+
+    __tablename__ = "challenge_prompts"
+
+    prompt_id: Mapped[str] = mapped_column(ID, ForeignKey("prompts.id"), primary_key=True)
+    challenge: Mapped[int] = mapped_column(Integer, ForeignKey("challenges.seq"), index=True)

@@ -25,6 +25,8 @@ from flywheel_server.domain import (
     ADAPTER_NAMES,
     AdapterState,
     AdapterVersion,
+    Challenge,
+    ChallengeOutcome,
     CompletionRecord,
     Demonstration,
     DemonstrationExport,
@@ -43,6 +45,8 @@ from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
 from flywheel_server.store.schema import (
     AdapterVersionRow,
     Base,
+    ChallengePromptRow,
+    ChallengeRow,
     CompletionRow,
     DemonstrationRow,
     PromotionRow,
@@ -55,6 +59,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 BUSY_TIMEOUT_MS = 10_000
 MAX_KEY_CHARS = 256  # matches schema.KEY
 ADAPTER_STATES: tuple[str, ...] = get_args(AdapterState)
+CHALLENGE_ENDINGS: tuple[str, ...] = tuple(o for o in get_args(ChallengeOutcome) if o != "running")
+RankedPolicies = tuple[tuple[str, int], ...]  # (policy id, tier) of each ranked completion
 _COUNTED: tuple[type[Base], ...] = (
     PromptRow,
     CompletionRow,
@@ -120,6 +126,11 @@ class Store:
                 s.add_all(_prompt_row(prompt) for prompt, _ in generations)
                 s.flush()  # the prompt rows must exist before their completions reference them
                 s.add_all(_completion_row(c) for _, completions in generations for c in completions)
+                s.add_all(
+                    ChallengePromptRow(prompt_id=prompt.id, challenge=prompt.challenge)
+                    for prompt, _ in generations
+                    if prompt.challenge is not None
+                )
         except IntegrityError as e:
             ids = ", ".join(prompt.id for prompt, _ in generations)
             raise Conflict(
@@ -367,15 +378,8 @@ class Store:
 
     def promote(self, name: str, version: int) -> AdapterVersion:
         """Make `version` the live one (the previous live one retires) and push it on the history."""
-        with self._write(AdapterVersionRow, PromotionRow) as s:
-            row = _adapter_row(s, name, version)
-            if row.state == "refused":
-                raise Conflict(f"{name}-v{version} was refused and cannot be promoted")
-            if row.state == "live":
-                return _adapter_version(row)
-            _make_live(s, name, version)
-            s.add(PromotionRow(name=name, version=version, rolled_back=False, at=now()))
-            return _adapter_version(row)
+        with self._write(AdapterVersionRow, PromotionRow, ChallengeRow) as s:
+            return _promote(s, name, version)
 
     def rollback(self, name: str, *, allow_empty: bool = True) -> AdapterVersion | None:
         """Pop the latest promotion of `name` and make the one before it live again.
@@ -383,7 +387,7 @@ class Store:
         Popping the only promotion leaves no version live (None): for the policy that means
         the bare base model serves again. With allow_empty=False that is refused instead.
         """
-        with self._write(AdapterVersionRow, PromotionRow) as s:
+        with self._write(AdapterVersionRow, PromotionRow, ChallengeRow) as s:
             stack = s.scalars(
                 select(PromotionRow)
                 .where(PromotionRow.name == name, PromotionRow.rolled_back.is_(False))
@@ -397,6 +401,7 @@ class Store:
                     raise Conflict(f"no earlier live version of {name} to roll back to")
                 stack[0].rolled_back = True
                 _retire_live(s, name)
+                _follow_live(s, name, 0)
                 return None
             latest, previous = stack
             target = _adapter_row(s, name, previous.version)
@@ -406,7 +411,91 @@ class Store:
                 )
             latest.rolled_back = True
             _make_live(s, name, target.version)
+            _follow_live(s, name, target.version)
             return _adapter_version(target)
+
+    # --- champion / challenger --------------------------------------------------------------
+
+    def start_challenge(self, challenger: int) -> Challenge:
+        """Challenge the live policy (the champion; 0 = the base model) with a ready version.
+
+        A running challenge ends "stopped" first: at most one runs.
+        """
+        with self._write(AdapterVersionRow, ChallengeRow) as s:
+            row = _adapter_row(s, "policy", challenger)
+            if row.state != "ready":
+                raise Conflict(
+                    f"policy-v{challenger} is {row.state}; only a ready version can be a challenger",
+                    field="version",
+                )
+            live = s.scalar(
+                select(AdapterVersionRow.version).where(
+                    AdapterVersionRow.name == "policy", AdapterVersionRow.state == "live"
+                )
+            )
+            running = _running_challenge(s)
+            if running is not None:
+                _end(running, "stopped")
+                s.flush()  # the partial unique index allows one running challenge at any instant
+            challenge = ChallengeRow(
+                challenger=challenger, champion=live or 0, outcome="running", started_at=now()
+            )
+            s.add(challenge)
+            s.flush()
+            return _challenge(challenge)
+
+    def running_challenge(self) -> Challenge | None:
+        with self._read() as s:
+            row = _running_challenge(s)
+            return None if row is None else _challenge(row)
+
+    def latest_challenge(self) -> Challenge | None:
+        """The running challenge, else the one that began last."""
+        with self._read() as s:
+            row = s.scalars(select(ChallengeRow).order_by(ChallengeRow.seq.desc()).limit(1)).first()
+            return None if row is None else _challenge(row)
+
+    def challenge_rankings(self, challenge: Challenge) -> list[RankedPolicies]:
+        """The rankings of the challenge's blind comparisons, oldest first; for one that ended,
+        those stored until it ended (so its final tally stays as it was decided)."""
+        query = (
+            select(RankingRow.id, RankingItemRow.tier, CompletionRow.policy)
+            .join(ChallengePromptRow, ChallengePromptRow.prompt_id == RankingRow.prompt_id)
+            .join(RankingItemRow, RankingItemRow.ranking_id == RankingRow.id)
+            .join(CompletionRow, CompletionRow.id == RankingItemRow.completion_id)
+            .where(ChallengePromptRow.challenge == challenge.seq)
+            .order_by(RankingRow.seq, RankingItemRow.tier, CompletionRow.index)
+        )
+        if challenge.ended_at is not None:
+            query = query.where(RankingRow.created_at <= challenge.ended_at)
+        rankings: dict[str, list[tuple[str, int]]] = {}
+        with self._read() as s:
+            for ranking_id, tier, policy in s.execute(query):
+                rankings.setdefault(ranking_id, []).append((policy, tier))
+        return [tuple(items) for items in rankings.values()]
+
+    def end_challenge(self, seq: int, outcome: str) -> Challenge | None:
+        """End a running challenge: "promoted" makes the challenger live (as promote() does),
+        "retired" retires it, "stopped" leaves it ready. None when it no longer runs (another
+        replica, or a promotion by hand, ended it first)."""
+        if outcome not in CHALLENGE_ENDINGS:
+            raise InvalidRequest(
+                f"outcome must be one of {list(CHALLENGE_ENDINGS)}, got {outcome!r}",
+                field="outcome",
+            )
+        with self._write(AdapterVersionRow, PromotionRow, ChallengeRow) as s:
+            row = s.get(ChallengeRow, seq)
+            if row is None or row.outcome != "running":
+                return None
+            _end(row, outcome)
+            if outcome == "promoted":
+                _promote(s, "policy", row.challenger)
+            elif outcome == "retired":
+                version = _adapter_row(s, "policy", row.challenger)
+                if version.state == "ready":
+                    version.state = "retired"
+            s.flush()
+            return _challenge(row)
 
     # --- transactions -----------------------------------------------------------------------
 
@@ -553,6 +642,47 @@ def _adapter_row(s: Session, name: str, version: int) -> AdapterVersionRow:
             f"no adapter version {name}-v{version}; known versions of {name}: {list(known) or 'none'}"
         )
     return row
+
+
+def _challenge(row: ChallengeRow) -> Challenge:
+    return Challenge(
+        seq=row.seq,
+        challenger=row.challenger,
+        champion=row.champion,
+        outcome=cast(ChallengeOutcome, row.outcome),
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+    )
+
+
+def _running_challenge(s: Session) -> ChallengeRow | None:
+    return s.scalars(select(ChallengeRow).where(ChallengeRow.outcome == "running")).first()
+
+
+def _end(row: ChallengeRow, outcome: str) -> None:
+    row.outcome = outcome
+    row.ended_at = now()
+
+
+def _follow_live(s: Session, name: str, live: int) -> None:
+    """The live policy moved to `live`: a running challenge of another champion is over."""
+    if name != "policy":
+        return
+    running = _running_challenge(s)
+    if running is not None and live != running.champion:
+        _end(running, "promoted" if live == running.challenger else "stopped")
+
+
+def _promote(s: Session, name: str, version: int) -> AdapterVersion:
+    row = _adapter_row(s, name, version)
+    if row.state == "refused":
+        raise Conflict(f"{name}-v{version} was refused and cannot be promoted")
+    if row.state == "live":
+        return _adapter_version(row)
+    _make_live(s, name, version)
+    s.add(PromotionRow(name=name, version=version, rolled_back=False, at=now()))
+    _follow_live(s, name, version)
+    return _adapter_version(row)
 
 
 def _retire_live(s: Session, name: str) -> None:
