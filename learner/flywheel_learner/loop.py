@@ -262,6 +262,7 @@ class Learner:
         self.base_model = self._check_base()
         self.imported = self._read_imports()
         self._started = time.time()
+        self._sha256: dict[Path, str] = {}  # adapter dirs are never rewritten once saved
 
     def close(self) -> None:
         if self._owns_client:
@@ -546,7 +547,9 @@ class Learner:
         if not live or not live[0].sha256:
             return None
         for directory in sorted((self.work_dir / "adapters").glob("policy-r*")):
-            if archive_sha256(directory) == live[0].sha256:
+            if directory not in self._sha256:
+                self._sha256[directory] = archive_sha256(directory)
+            if self._sha256[directory] == live[0].sha256:
                 return directory
         log.warning(kv("live_policy_unknown", version=live_id,
                        effect="the gate compares the candidate with chance only"))  # fmt: skip

@@ -241,10 +241,9 @@ def held_out_score(
             tokenizer, rankings[start : start + config.batch_rankings], config.max_length
         )
         rewards = score_batch(model, head, batch).cpu()
-        pairs = _pair_count(batch)
+        pairs, ranked = _pair_counts(batch)
         if not pairs:
             continue
-        ranked = _ranked_groups(batch)
         correct += pairwise_accuracy(rewards, batch.tiers, batch.group) * pairs
         loss += float(ranking_loss(rewards, batch.tiers, batch.group)) * ranked
         total += pairs
@@ -265,15 +264,11 @@ def evaluate(
     return held_out_score(model, head, tokenizer, rankings, config).accuracy
 
 
-def _ranked_groups(batch: Batch) -> int:
-    """Groups (rankings) of the batch holding at least one ordered pair."""
-    return len({int(g) for g, t in zip(batch.group, batch.tiers, strict=True)
-                if bool(((batch.group == g) & (batch.tiers > t)).any())})  # fmt: skip
-
-
-def _pair_count(batch: Batch) -> int:
+def _pair_counts(batch: Batch) -> tuple[int, int]:
+    """(ordered pairs, groups holding at least one) of a batch; ties within a tier are no pair."""
     same = batch.group[:, None] == batch.group[None, :]
-    return int((same & (batch.tiers[:, None] < batch.tiers[None, :])).sum())
+    pairs = same & (batch.tiers[:, None] < batch.tiers[None, :])  # (N, N)
+    return int(pairs.sum()), int(batch.group[pairs.any(dim=1)].unique().numel())
 
 
 def fit_reward_model(

@@ -131,9 +131,8 @@ def refit(
     held-out pairs there is nothing to compare on and the warm start is kept.
     """
     fits: dict[str, tuple[Path, HeldOutScore, float, int, float]] = {}
-    for start, init in (("warm", prior), ("fresh", None)):
-        if start == "warm" and prior is None:
-            continue
+    starts = [("warm", prior)] if prior is not None else []
+    for start, init in [*starts, ("fresh", None)]:
         base, tokenizer = modeling.load_base(base_dir)
         fit = fit_reward_model(
             base, tokenizer, train, config, init=init, held_out=held, progress=progress
