@@ -41,9 +41,10 @@ test: install vllm-env
 	$(PY) -m pytest -q $(ARGS)
 
 lint: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layers.py
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy server/flywheel_server learner/flywheel_learner clients/python/flywheel_client
+	$(VENV)/bin/mypy model/flywheel_model server/flywheel_server learner/flywheel_learner demo/flywheel_demo clients/python/flywheel_client clients/python/flywheel_cli
 
 proto: install
 	$(PY) scripts/gen_proto.py

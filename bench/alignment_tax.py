@@ -9,7 +9,7 @@ gives each gamma's reward gain and rise in pretraining NLL (InstructGPT section 
     .venv/bin/python bench/alignment_tax.py --demo-dir DEMO_BUILD --seeds 1,2,3 --gammas 0,1
 
 `--corpus` picks the "pretraining" text, both the ptx term's and the NLL's:
-- documents (the learner's demo default, `ppo.demo_pretraining_texts`): instructions alone, the
+- documents (the demo default, `flywheel_demo.task.pretraining_texts`): instructions alone, the
   plain text the demo build mixes into its SFT;
 - answers (the learner's demo default before issue 15): the task's correct answers;
   a policy that gets more answers right raises their likelihood, so PPO lowers this NLL too;
@@ -32,20 +32,13 @@ from typing import Any
 
 import torch
 
-from flywheel_learner import demo_task
-from flywheel_learner.demo_model import chat_prompt, ensure_demo_model
-from flywheel_learner.ppo import (
-    PPOConfig,
-    PPOStats,
-    PtxBatch,
-    PtxText,
-    SharedBaseModels,
-    demo_pretraining_texts,
-    make_optimizer,
-    ppo_step,
-    ptx_batches,
-    sample_responses,
-)
+from flywheel_demo import task as demo_task
+from flywheel_demo.model import chat_prompt, ensure_demo_model
+from flywheel_demo.task import pretraining_texts
+from flywheel_learner.ppo import PPOStats, ppo_step, sample_responses
+from flywheel_learner.ppo_config import PPOConfig
+from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer
+from flywheel_learner.ptx_data import PtxBatch, PtxText, ptx_batches
 
 
 def demo_dirs(demo_dir: Path | None) -> tuple[Path, Path]:
@@ -86,7 +79,7 @@ def corpus_texts(
 ) -> list[PtxText]:
     """n texts or (context, text) pairs of the chosen pretraining corpus (module docstring)."""
     if corpus == "documents":
-        return demo_pretraining_texts(rng, n)
+        return pretraining_texts(rng, n)
     if corpus == "answers":
         examples = [demo_task.sample_example(rng) for _ in range(n)]
         return [(chat_prompt(tok, e.instruction), e.answer) for e in examples]

@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flywheel_learner.demo_model import build_random_model  # noqa: E402
-from flywheel_learner.modeling import load_base  # noqa: E402
+from flywheel_demo.model import build_random_model  # noqa: E402
+from flywheel_model.loading import load_base  # noqa: E402
 from flywheel_server.llama_decoder import LlamaDecoder  # noqa: E402
 
 

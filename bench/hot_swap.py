@@ -25,10 +25,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import ServerProcess, make_adapter  # noqa: E402
 from flywheel_client import FlywheelClient  # noqa: E402
-from flywheel_learner import modeling  # noqa: E402
-from flywheel_learner.demo_model import build_random_model  # noqa: E402
-from tests.support import ServerProcess, make_adapter  # noqa: E402
+from flywheel_demo.model import build_random_model  # noqa: E402
+from flywheel_model import loading  # noqa: E402
 
 PROMPT = "<|bos|><|user|>\nreverse: flywheel\n<|assistant|>\n"
 
@@ -85,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = build_random_model(root / "model", hidden=128, layers=4, heads=4)
-        base = modeling.base_fingerprint(model_dir)
+        base = loading.base_fingerprint(model_dir)
         adapters = [
             make_adapter(model_dir, root / f"adapter-{i}", seed=i) for i in range(args.swaps)
         ]

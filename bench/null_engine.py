@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import torch
 
-from flywheel_client.cli import main
+from flywheel_cli.main import main
 from flywheel_server import engine
 
 
 class NullDecoder:
-    """The decoder protocol (`flywheel_server.batch.Decoder`) at no cost: fixed logits."""
+    """The decoder protocol (`flywheel_server.decoding.Decoder`) at no cost: fixed logits."""
 
     def __init__(self, vocab: int, token: int) -> None:
         self.logits = torch.zeros(vocab)

@@ -24,19 +24,13 @@ from typing import Any
 import torch
 from alignment_tax import correct, demo_dirs, instructions
 
-from flywheel_learner import modeling
-from flywheel_learner.demo_model import chat_prompt
-from flywheel_learner.ppo import (
-    POLICY,
-    PPOConfig,
-    SharedBaseModels,
-    demo_pretraining_texts,
-    make_optimizer,
-    ppo_step,
-    ptx_batches,
-    sample_responses,
-    save_policy,
-)
+from flywheel_demo.model import chat_prompt
+from flywheel_demo.task import pretraining_texts
+from flywheel_learner.ppo import ppo_step, sample_responses
+from flywheel_learner.ppo_config import PPOConfig
+from flywheel_learner.ppo_models import POLICY, SharedBaseModels, make_optimizer, save_policy
+from flywheel_learner.ptx_data import ptx_batches
+from flywheel_model import adapters
 
 
 def oracle(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -79,7 +73,7 @@ def rebuilt(
     with tempfile.TemporaryDirectory() as tmp:
         save_policy(models, tmp, model_dir)
         fresh = build(model_dir, reward_dir, config, reward)
-        modeling.load_adapter_weights(fresh.peft, tmp, POLICY)
+        adapters.load_adapter_weights(fresh.peft, tmp, POLICY)
     return fresh
 
 
@@ -114,7 +108,7 @@ def main() -> None:
     tok = models.tokenizer
     held_out = [chat_prompt(tok, i) for i in instructions(random.Random(1234), 256)]
     rng = random.Random(args.seed)
-    ptx = ptx_batches(tok, demo_pretraining_texts(rng, 4096), config.ptx_batch,
+    ptx = ptx_batches(tok, pretraining_texts(rng, 4096), config.ptx_batch,
                       config.ptx_max_length, rng)  # fmt: skip
     optimizer, kl_ctl = make_optimizer(models, config), config.kl_controller()
     curve = [{"step": 0, "seconds": 0.0, "accuracy": accuracy(models, held_out)}]

@@ -4,7 +4,8 @@ For each preference, on a fresh data directory: `flywheel up` (the demo model; i
 copied from --demo-cache when one is given, which equals building it again: the build is
 deterministic and cached by its config's hash), then a scripted labeler ranks 4 chat
 completions per prompt through the HTTP API (`/v1/compare`, `/v1/feedback`) at no more than
---rate rankings per second, until --rankings rankings or --minutes minutes. The learner runs
+--rate rankings per second (a comparison with nothing to rank, all candidates tied, waits a
+quarter of that gap), until --rankings rankings or --minutes minutes. The learner runs
 beside the server throughout, as `make up` runs it. Then blind pairs on fresh prompts: the
 live policy against the initial one (policy-v0), one completion each, judged by the same
 preference, ties counted half.
@@ -38,8 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flywheel_client import HttpClient  # noqa: E402
-from flywheel_client.labelers import (  # noqa: E402
+from flywheel_cli.labelers import (  # noqa: E402
     Labeler,
     LabelStats,
     Preference,
@@ -47,6 +47,7 @@ from flywheel_client.labelers import (  # noqa: E402
     preference_from_spec,
     prompt_text,
 )
+from flywheel_client import HttpClient  # noqa: E402
 
 PAIR_SEED = 777  # prompts the labelers never saw (they draw from seed 0 onwards)
 
@@ -71,15 +72,29 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def throttled(prompts: Iterator[list[dict[str, str]]], rate: float) -> Iterator[object]:
-    """The prompts, no faster than `rate` per second."""
-    gap, due = 1.0 / rate, time.monotonic()
-    for prompt in prompts:
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        due = max(due, time.monotonic()) + gap
-        yield prompt
+class Pace:
+    """Prompts for the labeler at no more than `rate` rankings per second: a submitted ranking
+    waits 1/rate before the next prompt; a comparison skipped because all its candidates tie
+    (nothing to rank) waits 1/(4 rate), as a person moves on from one quickly."""
+
+    def __init__(self, rate: float) -> None:
+        self.gap, self.skip_gap = 1.0 / rate, 0.25 / rate
+        self.due = time.monotonic()
+        self.submitted = 0
+
+    def prompts(self, prompts: Iterator[list[dict[str, str]]]) -> Iterator[object]:
+        for prompt in prompts:
+            delay = self.due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.due = time.monotonic() + self.skip_gap
+            yield prompt
+
+    def on_result(self, stats: LabelStats) -> None:
+        """`Labeler.run`'s callback: after a ranking went in, the next waits the full gap."""
+        if stats.submitted > self.submitted:
+            self.submitted = stats.submitted
+            self.due += self.gap - self.skip_gap
 
 
 def start_server(data_dir: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
@@ -156,8 +171,10 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, object]:
             total = LabelStats()
             while time.monotonic() < deadline and total.submitted < args.rankings:
                 left = min(deadline - time.monotonic(), 60.0)
-                stats = labeler.run(throttled(demo_prompts(seed=int(time.time())), args.rate),
-                                    count=args.rankings - total.submitted, seconds=left)  # fmt: skip
+                pace = Pace(args.rate)
+                stats = labeler.run(pace.prompts(demo_prompts(seed=int(time.time()))),
+                                    count=args.rankings - total.submitted, seconds=left,
+                                    on_result=pace.on_result)  # fmt: skip
                 total = _sum(total, stats)
                 print(f"  {spec}: {total.submitted} rankings, {total.errors} errors, "
                       f"live {client.versions().live['policy']}", flush=True)  # fmt: skip

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from flywheel_learner import demo_task, modeling
-from flywheel_learner.demo_model import chat_prompt
+from flywheel_demo import task as demo_task
+from flywheel_demo.model import chat_prompt
 from flywheel_learner.reward import RewardConfig, evaluate, fit_reward_model
+from flywheel_model import adapters, loading
 
 
 def pairs(tokenizer, seed: int, n: int) -> list[tuple[str, str, list[list[str]]]]:
@@ -47,14 +48,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.demo_dir / "model"
-    _, tokenizer = modeling.load_base(model_dir)
+    _, tokenizer = loading.load_base(model_dir)
     train = [(p, r) for _, p, r in pairs(tokenizer, 1, args.pairs)]
     held = pairs(tokenizer, 2, args.eval)
     results = []
     for steps in (int(s) for s in args.steps.split(",")):
         config = RewardConfig(steps=steps, batch_rankings=args.batch, lr=args.lr,
                               held_out=0.0, warmup=max(1, steps // 20))  # fmt: skip
-        base, _ = modeling.load_base(model_dir)
+        base, _ = loading.load_base(model_dir)
         started = time.perf_counter()
         fit = fit_reward_model(base, tokenizer, train, config, init=args.warm_from)
         seconds = time.perf_counter() - started
@@ -70,8 +71,8 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.save:
-            modeling.save_adapter(fit.model, fit.adapter_name, args.save, head=fit.head,
-                                  base_model=modeling.base_fingerprint(model_dir))  # fmt: skip
+            adapters.save_adapter(fit.model, fit.adapter_name, args.save, head=fit.head,
+                                  base_model=loading.base_fingerprint(model_dir))  # fmt: skip
     print("\n| steps | pairs seen | warm | s | train loss | held-out acc | "
           + " | ".join(demo_task.TASKS) + " |")  # fmt: skip
     print("|" + "---|" * (6 + len(demo_task.TASKS)))

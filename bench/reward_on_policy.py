@@ -20,10 +20,14 @@ from typing import Any
 import torch
 from alignment_tax import correct, demo_dirs, instructions
 
-from flywheel_learner import demo_task, modeling
-from flywheel_learner.demo_model import chat_prompt
-from flywheel_learner.ppo import PPOConfig, SharedBaseModels, sample_responses
-from flywheel_learner.reward import RankingText, RewardConfig, evaluate, fit_reward_model
+from flywheel_demo import task as demo_task
+from flywheel_demo.model import chat_prompt
+from flywheel_learner.ppo import sample_responses
+from flywheel_learner.ppo_config import PPOConfig
+from flywheel_learner.ppo_models import SharedBaseModels
+from flywheel_learner.reward import RewardConfig, evaluate, fit_reward_model
+from flywheel_model import loading, scoring
+from flywheel_model.scoring import RankingText
 
 
 def policy_rankings(models: SharedBaseModels, seed: int, n: int, k: int = 4) -> list[RankingText]:
@@ -46,7 +50,7 @@ def policy_rankings(models: SharedBaseModels, seed: int, n: int, k: int = 4) -> 
 
 def per_task(
     model: torch.nn.Module,
-    head: modeling.ScoreHead,
+    head: scoring.ScoreHead,
     tokenizer: Any,
     rankings: list[RankingText],
     config: RewardConfig,
@@ -76,10 +80,10 @@ def main() -> None:
     test = policy_rankings(models, seed=2, n=args.test)
     print(f"{len(train)} + {len(test)} rankings sampled in {time.perf_counter() - started:.0f} s")
     config = RewardConfig(held_out=0.0, steps=args.steps, lr=args.lr, warmup=5)
-    head = modeling.ScoreHead.load(reward_dir, models.peft.config.hidden_size)
+    head = scoring.ScoreHead.load(reward_dir, models.peft.config.hidden_size)
     models.peft.set_adapter("reward")  # the build's reward adapter, as loaded for PPO
     before = per_task(models.peft, head, models.tokenizer, test, config)
-    base, tokenizer = modeling.load_base(model_dir)
+    base, tokenizer = loading.load_base(model_dir)
     fit = fit_reward_model(base, tokenizer, train, config, init=reward_dir, progress=False)
     after = per_task(fit.model, fit.head, tokenizer, test, config)
     print(

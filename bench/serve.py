@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from sse_client import HTTPStatusError, SSEConnection  # noqa: E402  # bench/ is on sys.path
 
-from flywheel_learner.demo_model import build_random_model  # noqa: E402
-from tests.support import FLYWHEEL, ServerProcess  # noqa: E402
+from bench.harness import FLYWHEEL, ServerProcess  # noqa: E402
+from flywheel_demo.model import build_random_model  # noqa: E402
 
 PROMPT = "<|bos|><|user|>\nreverse: flywheel\n<|assistant|>\n"
 T = TypeVar("T")
@@ -89,7 +89,7 @@ def baselines(
     model_dir: Path, max_tokens: int, device: str, static_batch: int = 32
 ) -> dict[str, float]:
     """tok/s of plain `generate`: batch 1 one after another, and one static batch."""
-    from flywheel_learner.modeling import load_base
+    from flywheel_model.loading import load_base
 
     model, tokenizer = load_base(model_dir, device=device)
     ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
@@ -129,7 +129,8 @@ async def engine_load(
 ) -> float:
     """tok/s of the engine alone, in-process (no HTTP, no store): where the server's time goes."""
     from flywheel_server.domain import Sampling
-    from flywheel_server.engine import EngineRequest, TorchEngine
+    from flywheel_server.engine import TorchEngine
+    from flywheel_server.engine_api import EngineRequest
 
     engine = TorchEngine(model_dir, device=device, max_pending=4 * clients + 4, max_batch=64)
     request = EngineRequest(
@@ -330,7 +331,7 @@ def vllm_direct_levels(
 
 
 def parameters(model_dir: Path) -> int:
-    from flywheel_learner.modeling import load_base
+    from flywheel_model.loading import load_base
 
     return sum(p.numel() for p in load_base(model_dir)[0].parameters())
 

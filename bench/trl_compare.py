@@ -77,8 +77,9 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def prepare(s: dict) -> None:
-    from flywheel_learner import demo_task, modeling
-    from flywheel_learner.demo_model import build_random_model, chat_prompt
+    from flywheel_demo import task as demo_task
+    from flywheel_demo.model import build_random_model, chat_prompt
+    from flywheel_model import loading, scoring
 
     WORK.mkdir(parents=True, exist_ok=True)
     model_dir = WORK / "model"
@@ -86,7 +87,7 @@ def prepare(s: dict) -> None:
         model_dir, hidden=s["hidden"], layers=s["layers"], heads=4,
         intermediate=2 * s["hidden"], seed=s["seed"],
     )  # fmt: skip
-    _, tok = modeling.load_base(model_dir)
+    _, tok = loading.load_base(model_dir)
     rng = random.Random(s["seed"])
     rankings = demo_rankings(rng, s["rankings_per_step"] * s["reward_steps"], s["k"])
     # TRL's RewardTrainer takes pairs: every ranking becomes its C(K, 2) (better, worse) pairs.
@@ -95,8 +96,8 @@ def prepare(s: dict) -> None:
         for p, ranked in rankings
         for better, worse in itertools.combinations(ranked, 2)
     ]
-    better = modeling.reward_tokens(tok, [(p, b) for p, b, _ in pairs], s["max_length"])
-    worse = modeling.reward_tokens(tok, [(p, w) for p, _, w in pairs], s["max_length"])
+    better = scoring.reward_tokens(tok, [(p, b) for p, b, _ in pairs], s["max_length"])
+    worse = scoring.reward_tokens(tok, [(p, w) for p, _, w in pairs], s["max_length"])
     ids = [(b, w) for (b, _), (w, _) in zip(better, worse, strict=True)]
     prompts = [
         chat_prompt(tok, demo_task.sample_example(rng).instruction)
@@ -128,7 +129,7 @@ def demo_rankings(rng: random.Random, n: int, k: int) -> list[tuple[str, list[st
     """n rankings of k distinct completions, best first: K = 2 is demo_task's preference pairs;
     for K > 2 the correct answer leads, then k - 1 distinct wrong answers in the order drawn (a
     stand-in for a labeler's strict order: the speed comparison does not depend on it)."""
-    from flywheel_learner import demo_task
+    from flywheel_demo import task as demo_task
 
     if k == 2:
         return [(p, [c, r]) for p, c, r in demo_task.preference_pairs(rng, n)]
@@ -159,11 +160,13 @@ def pair_rewards(r: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def run_ours(s: dict) -> dict:
-    from flywheel_learner import modeling
     from flywheel_learner.losses import ranking_loss
-    from flywheel_learner.ppo import PPOConfig, SharedBaseModels, make_optimizer, ppo_step
+    from flywheel_learner.ppo import ppo_step
+    from flywheel_learner.ppo_config import PPOConfig
     from flywheel_learner.ppo_math import policy_loss, value_loss
+    from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer
     from flywheel_learner.reward import RewardConfig, fit_reward_model
+    from flywheel_model import adapters, loading
 
     inputs = json.loads((WORK / "inputs.json").read_text())
     t = torch.load(WORK / "tensors.pt")
@@ -180,7 +183,7 @@ def run_ours(s: dict) -> dict:
     # libraries before its own: a process imports it once, not once per refit.
     import peft  # noqa: F401
 
-    base, tok = modeling.load_base(WORK / "model")
+    base, tok = loading.load_base(WORK / "model")
     rankings = [(p, [[c] for c in ranked]) for p, ranked in inputs["rankings"]]
     cfg = RewardConfig(
         steps=s["reward_steps"], lr=s["reward_lr"], r=s["lora_r"], alpha=s["lora_alpha"],
@@ -196,7 +199,7 @@ def run_ours(s: dict) -> dict:
     out["reward_loop_pairs_per_s"] = s["reward_steps"] * s["pairs_per_step"] / fit.seconds
     out["reward_final_loss"] = fit.train_loss  # mean of the last 10 steps
     reward_dir = WORK / "reward-adapter"
-    modeling.save_adapter(fit.model, fit.adapter_name, reward_dir, head=fit.head)
+    adapters.save_adapter(fit.model, fit.adapter_name, reward_dir, head=fit.head)
 
     # PPO loss on fixed tensors
     m = t["mask"]

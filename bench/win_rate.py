@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flywheel_cli.labelers import demo_prompts, preference_from_spec, prompt_text  # noqa: E402
 from flywheel_client import FlywheelClient  # noqa: E402
-from flywheel_client.labelers import demo_prompts, preference_from_spec, prompt_text  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flywheel_learner.demo_model import build_tiny_model
+    from flywheel_demo.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -59,7 +59,7 @@ def torch_server(
 @pytest.fixture(scope="session")
 def vllm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama whose heads vLLM's CPU attention takes (head size 32 and up; tiny's is 16)."""
-    from flywheel_learner.demo_model import build_random_model
+    from flywheel_demo.model import build_random_model
 
     return build_random_model(
         tmp_path_factory.mktemp("models") / "tiny-vllm", hidden=64, layers=2, heads=2,
@@ -83,7 +83,7 @@ def _server_with_reward(
 ) -> Iterator[ServerProcess]:
     """A server with a reward model published and live."""
     from flywheel_client import FlywheelClient
-    from flywheel_learner import modeling
+    from flywheel_model import loading
 
     proc = ServerProcess(
         model, tmp_path_factory.mktemp("server"), args=args, start_timeout_s=VLLM_START_S
@@ -94,7 +94,7 @@ def _server_with_reward(
             client.publish_adapter(
                 make_adapter(model, adapters / "reward", reward=True),
                 name="reward",
-                base_model=modeling.base_fingerprint(model),
+                base_model=loading.base_fingerprint(model),
                 promote=True,
             )
         yield proc

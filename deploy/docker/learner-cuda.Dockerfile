@@ -25,6 +25,8 @@ WORKDIR /src
 # Only what the wheel needs (no .venv, no runtime data; the repo has no .dockerignore).
 COPY pyproject.toml constraints.txt README.md /src/
 COPY proto /src/proto
+COPY model /src/model
+COPY demo /src/demo
 COPY server /src/server
 COPY learner /src/learner
 COPY clients/python /src/clients/python

@@ -57,6 +57,9 @@ class LearnerState:
     # policy that went live: the next round trains against / continues from them.
     reward_dir: str = ""
     policy_dir: str = ""
+    # Where the adaptive KL controller left beta (0: not started): every round resumes it, as
+    # each round also resumes the live policy, whose KL to the reference it carries.
+    kl_beta: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> LearnerState:

@@ -4,9 +4,9 @@ Pure: metrics and thresholds in, (passed, reasons) out. Every failed check says 
 missed which bound, so a refused version's log line explains itself.
 
 The reward gain is measured by the reward model PPO optimised, which the candidate may have
-learned to exploit. So the gate also asks held-out human rankings (`agreement`): the candidate
-must order them the labelers' way more often than chance, and no less often than the live
-policy does.
+learned to exploit. So the gate also asks the judge (`judge`), fitted on held-out human
+rankings that reward model never saw: it must score the candidate's answers no lower than the
+live policy's.
 """
 
 from __future__ import annotations
@@ -18,67 +18,76 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class GateThresholds:
     """min_reward_gain: candidate minus live mean reward-model score on held-out prompts.
-    max_kl: mean per-sequence KL(candidate || reference) in nats on those prompts.
+    max_kl: mean per-sequence KL(candidate || reference) in nats on those prompts. 20 nats over
+        16-token answers: what `longer` needed on the demo to lengthen greedy answers (its
+        candidates at 20-22 nats did so for 97-100% of prompts, at 6.5 for 35%), with the
+        pretraining loss no higher than the base's. The pretraining-loss check and the judge
+        guard what a looser bound lets through.
     max_ptx_rise: allowed rise of the pretraining NLL (nats/token) over the base's.
-    min_human_agreement: the candidate's agreement with held-out human pairs must exceed this
-        (0.5: chance, which is where the reference policy sits).
-    max_agreement_drop: how far the candidate's agreement may fall below the live policy's
-        on the same pairs (0: never below).
+    min_judge_gain: candidate minus live mean score of the judge (`judge`: a reward model
+        fitted on the held-out rankings only) over their sampled and greedy answers.
     """
 
     min_reward_gain: float = 0.0
-    max_kl: float = 10.0
+    min_greedy_reward_gain: float = 0.0
+    max_kl: float = 20.0
     max_ptx_rise: float = 0.1
-    min_human_agreement: float = 0.5
-    max_agreement_drop: float = 0.0
+    min_judge_gain: float = 0.0
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.min_reward_gain):
-            raise ValueError(f"min_reward_gain must be finite, got {self.min_reward_gain}")
+        for name in ("min_reward_gain", "min_greedy_reward_gain", "min_judge_gain"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if not self.max_kl >= 0:
             raise ValueError(f"max_kl must be >= 0 nats, got {self.max_kl}")
         if not self.max_ptx_rise >= 0:
             raise ValueError(f"max_ptx_rise must be >= 0 nats/token, got {self.max_ptx_rise}")
-        if not 0.0 <= self.min_human_agreement < 1.0:
-            raise ValueError(
-                f"min_human_agreement must be in [0, 1), got {self.min_human_agreement}"
-            )
-        if not 0.0 <= self.max_agreement_drop <= 1.0:
-            raise ValueError(f"max_agreement_drop must be in [0, 1], got {self.max_agreement_drop}")
 
 
 @dataclass(frozen=True)
 class EvalMetrics:
     candidate_reward: float
     live_reward: float
+    candidate_greedy_reward: float
+    live_greedy_reward: float
     kl_to_reference: float
-    candidate_ptx_loss: float
-    base_ptx_loss: float
-    # Agreement with held-out human pairs (agreement.human_agreement); NaN when none.
-    human_agreement: float = float("nan")
-    live_human_agreement: float = float("nan")
-    human_pairs: int = 0
+    # None when the learner has no pretraining corpus: then nothing to check.
+    candidate_ptx_loss: float | None
+    base_ptx_loss: float | None
+    # The judge's mean score of the candidate's answers minus the live policy's; NaN when no
+    # validated judge scored them.
+    judge_gain: float = float("nan")
 
     @property
     def reward_gain(self) -> float:
         return self.candidate_reward - self.live_reward
 
     @property
-    def ptx_rise(self) -> float:
+    def greedy_reward_gain(self) -> float:
+        return self.candidate_greedy_reward - self.live_greedy_reward
+
+    @property
+    def ptx_rise(self) -> float | None:
+        if self.candidate_ptx_loss is None or self.base_ptx_loss is None:
+            return None
         return self.candidate_ptx_loss - self.base_ptx_loss
 
     def as_dict(self) -> dict[str, float]:
+        """Every measured value (the pretraining ones only when measured)."""
+        ptx: dict[str, float] = {}
+        candidate, base = self.candidate_ptx_loss, self.base_ptx_loss
+        if candidate is not None and base is not None:
+            ptx = {"ptx_loss": candidate, "base_ptx_loss": base, "ptx_rise": candidate - base}
         return {
             "candidate_reward": self.candidate_reward,
             "live_reward": self.live_reward,
             "reward_gain": self.reward_gain,
+            "candidate_greedy_reward": self.candidate_greedy_reward,
+            "live_greedy_reward": self.live_greedy_reward,
+            "greedy_reward_gain": self.greedy_reward_gain,
             "kl_to_reference": self.kl_to_reference,
-            "ptx_loss": self.candidate_ptx_loss,
-            "base_ptx_loss": self.base_ptx_loss,
-            "ptx_rise": self.ptx_rise,
-            "human_agreement": self.human_agreement,
-            "live_human_agreement": self.live_human_agreement,
-            "human_pairs": float(self.human_pairs),
+            **ptx,
+            "judge_gain": self.judge_gain,
         }
 
 
@@ -91,11 +100,17 @@ def gate(metrics: EvalMetrics, thresholds: GateThresholds) -> tuple[bool, list[s
             f"reward gain {gain:.4g} over the live policy is below the minimum "
             f"{thresholds.min_reward_gain:.4g}"
         )
+    greedy = metrics.greedy_reward_gain
+    if not greedy >= thresholds.min_greedy_reward_gain:
+        reasons.append(
+            f"reward gain of the greedy answers {greedy:.4g} over the live policy's is below "
+            f"the minimum {thresholds.min_greedy_reward_gain:.4g}"
+        )
     if not kl <= thresholds.max_kl:
         reasons.append(
             f"KL to the reference {kl:.4g} nats exceeds the maximum {thresholds.max_kl:.4g}"
         )
-    if not rise <= thresholds.max_ptx_rise:
+    if rise is not None and not rise <= thresholds.max_ptx_rise:
         reasons.append(
             f"pretraining loss rose by {rise:.4g} nats/token, more than the allowed "
             f"{thresholds.max_ptx_rise:.4g}"
@@ -105,18 +120,14 @@ def gate(metrics: EvalMetrics, thresholds: GateThresholds) -> tuple[bool, list[s
 
 
 def _human_reasons(metrics: EvalMetrics, thresholds: GateThresholds) -> list[str]:
-    """A candidate with no held-out human pairs to check is refused: unknown is not safe."""
-    ours, live = metrics.human_agreement, metrics.live_human_agreement
-    if not metrics.human_pairs:
-        return ["no held-out human rankings to check the candidate against"]
-    reasons = []
-    if not ours > thresholds.min_human_agreement:
-        reasons.append(
-            f"agreement with {metrics.human_pairs} held-out human pairs {ours:.3f} is not above "
-            f"{thresholds.min_human_agreement:.3f}"
-        )
-    if live == live and not ours >= live - thresholds.max_agreement_drop:
-        reasons.append(
-            f"agreement with held-out human pairs {ours:.3f} is below the live policy's {live:.3f}"
-        )
-    return reasons
+    """A candidate no validated judge scored is refused: unknown is not safe."""
+    gain = metrics.judge_gain
+    if gain != gain:
+        return ["no validated judge (a reward model fitted on the held-out rankings) scored it"]
+    if not gain >= thresholds.min_judge_gain:
+        return [
+            f"the judge, fitted on held-out rankings the reward model never saw, scores its "
+            f"answers {gain:.4g} against the live policy's, below the minimum "
+            f"{thresholds.min_judge_gain:.4g}"
+        ]
+    return []

@@ -4,7 +4,7 @@
 
 One round reads top to bottom in `Learner.run_round`:
 sync -> refit_reward -> train_policy -> evaluate -> gate -> publish. The learner talks to the
-server only through the gRPC contract (ARCHITECTURE.md): it exports rankings and prompts past
+server only through the gRPC contract (docs/architecture.md): it exports rankings and prompts past
 its checkpointed cursors, and uploads adapters. Everything it needs to resume lives in
 `work_dir` (see `checkpoint`, `feedback_log`, `publishing`).
 """
@@ -18,48 +18,37 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from flywheel_client import FlywheelClient
-from flywheel_learner import feedback_log, modeling
+from flywheel_learner import feedback_log
 from flywheel_learner import metrics as learner_metrics
-from flywheel_learner.agreement import human_agreement
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
-from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
-from flywheel_learner.ppo import (
-    POLICY,
-    PPOConfig,
-    PtxText,
-    SharedBaseModels,
-    demo_pretraining_texts,
-    make_optimizer,
-    ppo_step,
-    ptx_batches,
-    read_pretraining_texts,
-    sample_responses,
-    save_policy,
-)
+from flywheel_learner.config import LearnerConfig
+from flywheel_learner.gate import EvalMetrics, gate
+from flywheel_learner.judge import fit_judge
+from flywheel_learner.ppo import ppo_step, sample_responses
 from flywheel_learner.ppo_math import kl_k1, ptx_loss
+from flywheel_learner.ppo_models import POLICY, SharedBaseModels, make_optimizer, save_policy
 from flywheel_learner.preference_data import read_preferences
+from flywheel_learner.ptx_data import ptx_batches, read_pretraining_texts
 from flywheel_learner.publishing import archive_sha256, publish, recover
-from flywheel_learner.reward import HeldOutScore, RankingText, RewardConfig
+from flywheel_learner.reward import HeldOutScore
 from flywheel_learner.reward_refit import (
     IdentifiedRanking,
-    Validation,
     refit,
     score_saved,
     split_rankings,
 )
+from flywheel_model import adapters, loading
+from flywheel_model.scoring import RankingText
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from flywheel_client import types as t
-    from flywheel_learner.ppo import PtxBatch
+    from flywheel_learner.ptx_data import PtxBatch
 
 log = logging.getLogger("flywheel.learner")
 
@@ -70,105 +59,7 @@ class LearnerError(Exception):
     """A problem the operator must fix (wrong model, unreadable data); the message says how."""
 
 
-@dataclass(frozen=True)
-class LearnerConfig:
-    """Everything `flywheel learn` runs with; `flywheel learn --help` maps onto it.
-
-    server, api_key: gRPC target and an admin-scope key (None when auth is off).
-    model_dir: the base the server serves, loaded again locally; its fingerprint must equal
-        the server's `base_model`, or every adapter would be refused.
-    work_dir: checkpoints, the exported feedback and every adapter this learner wrote.
-    min_new_rankings, interval_s: wake when this many rankings arrived since the last round,
-        or when interval_s passed and at least one did. poll_s: how often to look.
-    max_rounds: stop after this many rounds (None = run until stopped).
-    ppo_steps_per_round: `ppo_step` calls per round (each one rollout of ppo.rollout_batch).
-    eval_prompts: held-out prompts the candidate and the live policy are compared on.
-    gate: what a candidate must achieve to go live.
-    rm_min_accuracy, rm_min_held_out_pairs: what a reward model must show on the held-out
-        rankings (`reward_refit.Validation`) to be promoted, to train a policy and to judge
-        one. With no such model a round ends after the refit and publishes no policy.
-    rm_held_out_window: the newest this many held-out rankings are the ones measured.
-    pretraining: a .txt/.jsonl corpus for the ptx term; None = the demo task's answers.
-    reward_init: a saved reward model the first refit warm-starts from (the demo's initial
-        one under `flywheel up`); later refits start from the last promoted refit. Either is
-        only a prior: every refit also fits from scratch and keeps the better
-        (`reward_refit`), and the log reports reward_init's accuracy on the same rankings.
-    import_preferences: JSONL preference files (`preference_data`) added to every refit.
-    challenger: publish a candidate that passes the gate as the server's challenger, to be
-        promoted or retired by live labelers' blind comparisons, instead of promoting it.
-    threads: torch CPU threads (0 = one per core). `flywheel up` gives the learner the cores
-        its server does not use.
-    """
-
-    server: str
-    model_dir: Path
-    work_dir: Path
-    api_key: str | None = None
-    min_new_rankings: int = 16
-    interval_s: float = 120.0
-    poll_s: float = 5.0
-    max_rounds: int | None = None
-    # The budget grows with the data (8 passes, up to 400 steps) and stops early on the
-    # held-out loss, after a fresh head is probed on the frozen features. The old cap of 100
-    # steps warm-started from the demo's reward model never overruled it: after 2,000 rankings
-    # of another preference its accuracy was 0.33 (issue 15). On 500 live `incorrect` rankings
-    # the probe takes held-out accuracy from 0.62 to 0.92, warm or fresh.
-    reward: RewardConfig = field(
-        default_factory=lambda: RewardConfig(
-            steps=400, max_epochs=8.0, eval_every=25, patience=3, held_out=0.2, probe_steps=200
-        )
-    )
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    ppo_steps_per_round: int = 20
-    # 16 prompts, one sample each, refused two good rounds in a row on noise (reward gain -0.12
-    # and -0.04); 128 cost about a second more.
-    eval_prompts: int = 128
-    gate: GateThresholds = field(default_factory=GateThresholds)
-    rm_min_accuracy: float = 0.6
-    rm_min_held_out_pairs: int = 50
-    rm_held_out_window: int = 400
-    pretraining: Path | None = None
-    reward_init: Path | None = None
-    import_preferences: tuple[Path, ...] = ()
-    challenger: bool = False
-    seed: int = 0
-    timeout_s: float = 120.0
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.server:
-            raise ValueError("server must be a gRPC address such as 127.0.0.1:50051")
-        if not (Path(self.model_dir) / "config.json").is_file():
-            raise ValueError(
-                f"model_dir {self.model_dir} is not a Hugging Face model directory (no "
-                "config.json); pass the directory the server serves"
-            )
-        if self.min_new_rankings < 1:
-            raise ValueError(f"min_new_rankings must be >= 1, got {self.min_new_rankings}")
-        for name in ("interval_s", "poll_s", "timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.max_rounds is not None and self.max_rounds < 1:
-            raise ValueError(f"max_rounds must be >= 1 or None (forever), got {self.max_rounds}")
-        if self.ppo_steps_per_round < 1:
-            raise ValueError(f"ppo_steps_per_round must be >= 1, got {self.ppo_steps_per_round}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = one per core), got {self.threads}")
-        if self.eval_prompts < 1:
-            raise ValueError(f"eval_prompts must be >= 1, got {self.eval_prompts}")
-        Validation(self.rm_min_accuracy, self.rm_min_held_out_pairs)  # raises when out of range
-        if self.rm_held_out_window < 1:
-            raise ValueError(f"rm_held_out_window must be >= 1, got {self.rm_held_out_window}")
-        for path in (*self.import_preferences, *([self.pretraining] if self.pretraining else [])):
-            if not Path(path).is_file():
-                raise ValueError(f"{path} does not exist or is not a file")
-        if self.reward_init is not None:
-            modeling.read_adapter_config(self.reward_init)  # a clear error if it is no adapter
-
-    @property
-    def validation(self) -> Validation:
-        return Validation(self.rm_min_accuracy, self.rm_min_held_out_pairs)
-
+JUDGE = "judge"  # the judge's adapter name beside the PPO models
 
 # -- pure helpers --------------------------------------------------------------------------------
 
@@ -213,11 +104,13 @@ class Progress:
             return
         from tqdm.auto import tqdm
 
-        with tqdm(total=total, desc=desc, leave=False) as self._bar:
-            for step in range(total):
-                yield step
-                self._bar.update(1)
-        self._bar = None
+        try:
+            with tqdm(total=total, desc=desc, leave=False) as self._bar:
+                for step in range(total):
+                    yield step
+                    self._bar.update(1)
+        finally:  # also when the caller stops early
+            self._bar = None
 
     def step(self, event: str, **fields: Any) -> None:
         if self._bar is not None:
@@ -261,6 +154,10 @@ class Learner:
         self.state = load_state(self.work_dir)
         self.base_model = self._check_base()
         self.imported = self._read_imports()
+        self.pretraining = read_pretraining_texts(config.pretraining) if config.pretraining else []
+        if not self.pretraining:
+            log.warning(kv("no_pretraining_corpus", effect="PPO runs without the ptx term and "
+                           "the gate does not check the pretraining loss; pass --pretraining"))  # fmt: skip
         self._started = time.time()
         self._sha256: dict[Path, str] = {}  # adapter dirs are never rewritten once saved
 
@@ -269,7 +166,7 @@ class Learner:
             self.client.close()
 
     def _check_base(self) -> str:
-        fingerprint = modeling.base_fingerprint(self.config.model_dir)
+        fingerprint = loading.base_fingerprint(self.config.model_dir)
         info = self.client.server_info()
         if info.base_model != fingerprint:
             raise LearnerError(
@@ -333,8 +230,14 @@ class Learner:
             learner_metrics.rounds_skipped.inc()
             self.finish_round(number)
             return False
+        judge_dir, why = self.fit_judge(number, train, held)
+        if judge_dir is None:
+            log.warning(kv("round_skipped", round=number, reason=why))
+            learner_metrics.rounds_skipped.inc()
+            self.finish_round(number)
+            return False
         models = self.train_policy(reward_dir, number)
-        metrics = self.evaluate(models, held)
+        metrics = self.evaluate(models, judge_dir)
         passed, reasons = gate(metrics, self.config.gate)
         live = self.publish_policy(models, metrics, passed, reasons, number)
         self.finish_round(number)
@@ -420,6 +323,24 @@ class Learner:
             return None, f"{why}; nor is the last validated one ({previous}): {problem}"
         return Path(previous), ""
 
+    def fit_judge(
+        self, number: int, train: Sequence[RankingText], held: Sequence[RankingText]
+    ) -> tuple[Path | None, str]:
+        """A fresh reward model on the held-out rankings, validated on the newest training
+        ones (`judge`): (its directory, "") or (None, why it cannot judge)."""
+        fit = fit_judge(
+            self.config.model_dir, held, train, self.config.reward,
+            self.work_dir / "adapters" / f"judge-r{number:04d}",
+            window=self.config.rm_held_out_window, base_model=self.base_model,
+            progress=self.progress.tty,
+        )  # fmt: skip
+        problem = self.config.validation.problem(fit.score)
+        log.info(kv("judge_fit", round=number, rankings=len(held), accuracy=fit.score.accuracy,
+                    pairs=fit.score.pairs, validated=problem is None, seconds=fit.seconds))  # fmt: skip
+        if problem is not None:
+            return None, f"no judge to check a policy with: {problem}"
+        return fit.directory, ""
+
     def train_policy(self, reward_dir: Path, number: int) -> SharedBaseModels:
         """`ppo_steps_per_round` PPO-ptx steps on prompts drawn from the logged prompts."""
         ppo = self.config.ppo
@@ -427,14 +348,13 @@ class Learner:
         models = SharedBaseModels.build(self.config.model_dir, reward_dir, ppo)
         self._continue_from_live(models)
         optimizer = make_optimizer(models, ppo)
-        kl_ctl = ppo.kl_controller()
+        kl_ctl = ppo.kl_controller(self.state.kl_beta or None)
         rng = random.Random(self.config.seed + number)
-        train, _ = split_prompts(feedback_log.read_prompts(self.work_dir))
-        prompts = train or demo_prompts(models.tokenizer, rng, 64)
+        train, held = self.prompts()
+        prompts = train or held
         ptx = (
-            ptx_batches(models.tokenizer, self.pretraining_texts(models.tokenizer, rng),
-                        ppo.ptx_batch, ppo.ptx_max_length, rng)
-            if ppo.gamma_ptx > 0 else None
+            ptx_batches(models.tokenizer, self.pretraining, ppo.ptx_batch, ppo.ptx_max_length, rng)
+            if ppo.gamma_ptx > 0 and self.pretraining else None
         )  # fmt: skip
         for step in self.progress.steps(self.config.ppo_steps_per_round, f"ppo r{number}"):
             batch = rng.choices(prompts, k=ppo.prompts_per_step)
@@ -447,35 +367,45 @@ class Learner:
             self.progress.step(
                 "ppo_step", round=number, step=step + 1, reward=stats.reward_mean,
                 kl=stats.kl_mean, ptx=stats.ptx_loss, policy_loss=stats.policy_loss,
-                seconds=stats.seconds,
+                seconds=stats.seconds, beta=stats.beta,
             )  # fmt: skip
+            if stats.kl_mean > self.config.stop_kl:
+                log.info(kv("ppo_stopped", round=number, step=step + 1, kl=stats.kl_mean,
+                            kl_stop=self.config.stop_kl))  # fmt: skip
+                break
+        self.state = self.state.replace(kl_beta=kl_ctl.beta)
+        save_state(self.work_dir, self.state)
         return models
 
-    def evaluate(self, models: SharedBaseModels, held: Sequence[RankingText]) -> EvalMetrics:
-        """Candidate vs live on held-out prompts, scored by the same reward model, and both
-        against held-out human rankings (`agreement`)."""
+    def evaluate(self, models: SharedBaseModels, judge_dir: Path) -> EvalMetrics:
+        """Candidate vs live on held-out prompts, sampled and greedy: scored by the reward
+        model PPO optimised, and by the judge fitted on the held-out rankings (`judge`)."""
         ppo = self.config.ppo
-        rng = random.Random(self.config.seed)
-        _, held_prompts = split_prompts(feedback_log.read_prompts(self.work_dir))
-        prompts = (held_prompts or demo_prompts(models.tokenizer, rng, self.config.eval_prompts))[
-            : self.config.eval_prompts
-        ]
+        train, held_prompts = self.prompts()
+        prompts = (held_prompts or train)[: self.config.eval_prompts]
         torch.manual_seed(self.config.seed)
         samples = sample_responses(models, prompts)
         with torch.no_grad():
             logp = models.policy_logprobs(samples.ids, samples.attention, samples.start)
             ref = models.reference_logprobs(samples.ids, samples.attention, samples.start)
         kl = float((kl_k1(logp, ref) * samples.mask).sum(dim=1).mean())
-        candidate = float(models.rewards(samples.prompts, samples.responses).mean())
         live_texts = [self._live_response(p) for p in prompts]
-        live = float(models.rewards(prompts, live_texts).mean())
-        texts = self.pretraining_texts(models.tokenizer, random.Random(self.config.seed + 1))
-        batch = next(ptx_batches(models.tokenizer, texts, ppo.ptx_batch, ppo.ptx_max_length,
-                                 random.Random(self.config.seed + 2)))  # fmt: skip
-        candidate_ptx, base_ptx = pretraining_losses(models, batch)
-        humans = human_agreement(models, held, self._live_adapter())
-        metrics = EvalMetrics(candidate, live, kl, candidate_ptx, base_ptx, humans.candidate,
-                              humans.live, humans.pairs)  # fmt: skip
+        greedy = sample_responses(models, prompts, greedy=True).responses
+        live_greedy = [self._live_response(p, temperature=0.0) for p in prompts]
+        answers = {"candidate": samples.responses, "live": live_texts,
+                   "candidate_greedy": greedy, "live_greedy": live_greedy}  # fmt: skip
+        reward = {k: float(models.rewards(prompts, v).mean()) for k, v in answers.items()}
+        models.add_scorer(JUDGE, judge_dir)
+        judged = {k: float(models.rewards(prompts, v, JUDGE).mean()) for k, v in answers.items()}
+        judge_gain = (judged["candidate"] - judged["live"]
+                      + judged["candidate_greedy"] - judged["live_greedy"]) / 2  # fmt: skip
+        candidate_ptx = base_ptx = None
+        if self.pretraining:
+            batch = next(ptx_batches(models.tokenizer, self.pretraining, ppo.ptx_batch,
+                                     ppo.ptx_max_length, random.Random(self.config.seed + 2)))  # fmt: skip
+            candidate_ptx, base_ptx = pretraining_losses(models, batch)
+        metrics = EvalMetrics(reward["candidate"], reward["live"], reward["candidate_greedy"],
+                              reward["live_greedy"], kl, candidate_ptx, base_ptx, judge_gain)  # fmt: skip
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
 
@@ -531,10 +461,12 @@ class Learner:
         )
         return version
 
-    def _live_response(self, prompt: str) -> str:
+    def _live_response(self, prompt: str, temperature: float | None = None) -> str:
         ppo = self.config.ppo
         generation = self.client.generate(
-            prompt, max_tokens=ppo.max_new_tokens, temperature=ppo.temperature
+            prompt,
+            max_tokens=ppo.max_new_tokens,
+            temperature=ppo.temperature if temperature is None else temperature,
         )
         return generation.completions[0].text
 
@@ -561,25 +493,16 @@ class Learner:
         live = self._live_adapter()
         if not isinstance(live, Path):
             return
-        if not modeling.load_adapter_weights(models.peft, live, POLICY):
+        if not adapters.load_adapter_weights(models.peft, live, POLICY):
             log.info(kv("policy_fresh", reason="live policy adapter has another LoRA shape"))
             return
         log.info(kv("policy_continued", directory=str(live)))
 
-    def pretraining_texts(
-        self, tokenizer: PreTrainedTokenizerBase, rng: random.Random
-    ) -> list[PtxText]:
-        if self.config.pretraining is not None:
-            return read_pretraining_texts(self.config.pretraining)
-        return demo_pretraining_texts(rng, 256)
-
-
-def demo_prompts(tokenizer: PreTrainedTokenizerBase, rng: random.Random, n: int) -> list[str]:
-    """Demo-task instructions rendered as the server renders a chat: the fallback prompts."""
-    from flywheel_learner.demo_model import chat_prompt
-    from flywheel_learner.demo_task import sample_example
-
-    return [chat_prompt(tokenizer, sample_example(rng).instruction) for _ in range(n)]
+    def prompts(self) -> tuple[list[str], list[str]]:
+        """(train, eval) prompts: those the server logged, or, where it logged none (only
+        imported rankings so far), the rankings' own."""
+        logged = feedback_log.read_prompts(self.work_dir)
+        return split_prompts(logged or [(r.ranking_id, r.prompt) for r in self.rankings()])
 
 
 @torch.no_grad()

@@ -11,11 +11,11 @@ prompt K times. Here a ranking is one row, `prompt | completion 1 | ... | comple
 so every completion's hidden states equal those of `prompt + completion` forwarded alone, and
 the prompt is forwarded once. The shared part is the longest common prefix of the completions'
 token ids, up to where the first response starts, so a tokeniser that merges across the prompt's
-end costs sharing, never correctness. The reward is `modeling.score`'s: head on the last token,
+end costs sharing, never correctness. The reward is `scoring.score`'s: head on the last token,
 plus the weighted mean log-likelihood of the response tokens, computed on those tokens only.
 
 This layout needs a forward that takes positions and a per-row attention mask: the lean forward
-(`lean_forward`). `fit_reward_model` uses it when the model has one, and one row per completion
+(`flywheel_model.llama`). `fit_reward_model` uses it when the model has one, and one row per completion
 otherwise.
 """
 
@@ -26,11 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from flywheel_learner import lean_forward, modeling
-from flywheel_learner.sft import right_pad
-
-# One ranking, tokenised: (token ids, first response token, tier) per completion, best tier 0.
-EncodedRanking = list[tuple[list[int], int, int]]
+from flywheel_model import llama, scoring
+from flywheel_model.scoring import EncodedRanking, right_pad
 
 
 class SharedBatch(NamedTuple):
@@ -108,17 +105,17 @@ def collate(encoded: Sequence[EncodedRanking], pad_id: int) -> SharedBatch:
 
 def score(
     model: torch.nn.Module,
-    weights: lean_forward.Weights,
-    head: modeling.ScoreHead,
+    weights: llama.Weights,
+    head: scoring.ScoreHead,
     batch: SharedBatch,
 ) -> torch.Tensor:
-    """Rewards of a batch's completions, as `modeling.score` gives them one row each. -> (N,)
+    """Rewards of a batch's completions, as `scoring.score` gives them one row each. -> (N,)
 
-    weights: `lean_forward.read(model)`, read by the caller once per fit."""
+    weights: `llama.read(model)`, read by the caller once per fit."""
     device = head.linear.weight.device
     b = SharedBatch(*(t.to(device) for t in batch))
-    hidden = lean_forward.final_hidden(weights, b.input_ids, b.positions, b.mask)
+    hidden = llama.final_hidden(weights, b.input_ids, b.positions, b.mask)
     states = hidden[b.predictors[:, 0], b.predictors[:, 1]]  # (M, H)
-    logp = modeling.token_logprobs(model, states, b.input_ids[b.targets[:, 0], b.targets[:, 1]])
+    logp = scoring.token_logprobs(model, states, b.input_ids[b.targets[:, 0], b.targets[:, 1]])
     loglik = logp.new_zeros(len(b.counts)).index_add(0, b.owner, logp) / b.counts
     return head(hidden[b.last[:, 0], b.last[:, 1]]) + head.likelihood * loglik

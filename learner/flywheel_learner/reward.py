@@ -14,23 +14,31 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flywheel_learner import distributed, lean_forward, modeling, prompt_sharing
+from flywheel_learner import distributed, prompt_sharing
 from flywheel_learner.losses import pairwise_accuracy, ranking_loss
-from flywheel_learner.prompt_sharing import EncodedRanking
-from flywheel_learner.sft import right_pad, warmup_cosine
+from flywheel_learner.sft import warmup_cosine
+from flywheel_model import adapters, llama, scoring
+from flywheel_model.scoring import (
+    Batch,
+    RankingText,
+    collate_rankings,
+    encode_rankings,
+    make_batch,
+    padding_id,
+    score_batch,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
 # (prompt_text, tiers of completion texts, best first; texts within a tier are tied)
-RankingText = tuple[str, Sequence[Sequence[str]]]
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class RewardConfig:
 
 class RewardFit(NamedTuple):
     model: PeftModel  # the base with the reward adapter added (and active)
-    head: modeling.ScoreHead
+    head: scoring.ScoreHead
     adapter_name: str
     train_loss: float  # mean over the last few steps
     held_out_accuracy: float  # NaN when nothing was held out
@@ -134,54 +142,12 @@ class HeldOutScore(NamedTuple):
     pairs: int  # ordered pairs measured (ties within a tier are not pairs)
 
 
-class Batch(NamedTuple):
-    input_ids: torch.Tensor  # (N, T), right-padded
-    attention_mask: torch.Tensor  # (N, T)
-    starts: torch.Tensor  # (N,) index of each row's first response token
-    tiers: torch.Tensor  # (N,)
-    group: torch.Tensor  # (N,)
-
-
 def _validate(rankings: Sequence[RankingText]) -> None:
     for i, (_, tiers) in enumerate(rankings):
         if sum(1 for tier in tiers if tier) < 2:
             raise ValueError(
                 f"ranking {i} must hold at least two non-empty tiers to give a pair, got {tiers!r}"
             )
-
-
-def encode_rankings(
-    tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
-) -> list[EncodedRanking]:
-    """Tokenise rankings, all their completions in one batch."""
-    texts = [(prompt, c) for prompt, ranked in rankings for tier in ranked for c in tier]
-    tokens = iter(modeling.reward_tokens(tokenizer, texts, max_length))
-    return [
-        [(*next(tokens), tier) for tier, completions in enumerate(ranked) for _ in completions]
-        for _, ranked in rankings
-    ]
-
-
-def make_batch(
-    tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
-) -> Batch:
-    """Flatten rankings into one row per completion, tagged with its tier and group."""
-    return collate_rankings(encode_rankings(tokenizer, rankings, max_length), _pad_id(tokenizer))
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else tokenizer.eos_token_id
-
-
-def collate_rankings(encoded: Sequence[EncodedRanking], pad_id: int) -> Batch:
-    """Right-padded rows of already tokenised rankings, tagged with tier and group."""
-    rows = [row for ranking in encoded for row in ranking]
-    group = [g for g, ranking in enumerate(encoded) for _ in ranking]
-    input_ids, attention = right_pad([ids for ids, _, _ in rows], pad_id)
-    starts = torch.tensor([start for _, start, _ in rows])
-    tiers = torch.tensor([tier for _, _, tier in rows])
-    return Batch(input_ids, attention, starts, tiers, torch.tensor(group))
 
 
 def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str) -> PeftModel:
@@ -204,17 +170,6 @@ def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str
     return get_peft_model(model, lora, adapter_name=adapter_name)
 
 
-def score_batch(
-    model: nn.Module, head: modeling.ScoreHead, batch: Batch, **model_kwargs: Any
-) -> torch.Tensor:
-    """Rewards of a batch's rows, on the head's device. -> (N,)"""
-    device = head.linear.weight.device
-    ids, attention, starts = (
-        t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.starts)
-    )
-    return modeling.score(model, head, ids, attention, starts, **model_kwargs)
-
-
 def split_held_out(
     rankings: Sequence[RankingText], share: float, seed: int
 ) -> tuple[list[RankingText], list[RankingText]]:
@@ -228,7 +183,7 @@ def split_held_out(
 @torch.no_grad()
 def held_out_score(
     model: nn.Module,
-    head: modeling.ScoreHead,
+    head: scoring.ScoreHead,
     tokenizer: PreTrainedTokenizerBase,
     rankings: Sequence[RankingText],
     config: RewardConfig,
@@ -255,7 +210,7 @@ def held_out_score(
 
 def evaluate(
     model: nn.Module,
-    head: modeling.ScoreHead,
+    head: scoring.ScoreHead,
     tokenizer: PreTrainedTokenizerBase,
     rankings: Sequence[RankingText],
     config: RewardConfig,
@@ -285,7 +240,7 @@ def fit_reward_model(
     """Add a reward adapter + score head to `model` and fit them on K-way `rankings`.
 
     `model` is modified in place (peft injects the LoRA layers); the returned peft model wraps
-    it. Save with `modeling.save_adapter(fit.model, fit.adapter_name, dir, head=fit.head, ...)`.
+    it. Save with `adapters.save_adapter(fit.model, fit.adapter_name, dir, head=fit.head, ...)`.
     init: a saved reward model to warm-start from (adapter and head), used when its LoRA
     shape matches `config`; otherwise the adapter starts fresh (`RewardFit.warm_start`).
     held_out: the rankings to measure (and stop early) on; None holds out a random
@@ -299,10 +254,10 @@ def fit_reward_model(
     torch.manual_seed(config.seed)
     peft_model = add_reward_adapter(model, config, adapter_name)
     device = next(peft_model.parameters()).device
-    head = modeling.ScoreHead(peft_model.config.hidden_size).to(device)
+    head = scoring.ScoreHead(peft_model.config.hidden_size).to(device)
     warm = False
-    if init is not None and modeling.load_adapter_weights(peft_model, init, adapter_name):
-        saved = modeling.ScoreHead.load(Path(init), peft_model.config.hidden_size)
+    if init is not None and adapters.load_adapter_weights(peft_model, init, adapter_name):
+        saved = scoring.ScoreHead.load(Path(init), peft_model.config.hidden_size)
         head.load_state_dict(saved.state_dict())
         warm = True
     if config.probe_steps:
@@ -315,15 +270,15 @@ def fit_reward_model(
         optimizer, lambda s: warmup_cosine(s, warmup, steps)
     )
     encoded = encode_rankings(tokenizer, train, config.max_length)  # once, not per step
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     rng = random.Random(config.seed)  # the same draws on every rank: one global batch
     rank, size = distributed.world()
     stopper = _EarlyStop(params, config.patience) if config.eval_every and held else None
     losses: list[float] = []
     start = time.perf_counter()
     try:  # one row per ranking, its prompt forwarded once (prompt_sharing), where it can
-        weights: lean_forward.Weights | None = lean_forward.read(peft_model)
-    except lean_forward.Unsupported:
+        weights: llama.Weights | None = llama.read(peft_model)
+    except llama.Unsupported:
         weights = None
     bar = tqdm(range(steps), desc="reward", disable=not progress or rank > 0, leave=False)
     for step in bar:
@@ -379,9 +334,9 @@ def ranking_features(
                            config.max_length)  # fmt: skip
         device = next(model.parameters()).device
         ids, attention, starts = (t.to(device) for t in batch[:3])
-        hidden = modeling.final_hidden(model, ids, attention)
-        states.append(modeling.last_token_features(hidden, attention).float().cpu())
-        logliks.append(modeling.response_loglik(model, hidden, ids, attention, starts).cpu())
+        hidden = scoring.final_hidden(model, ids, attention)
+        states.append(scoring.last_token_features(hidden, attention).float().cpu())
+        logliks.append(scoring.response_loglik(model, hidden, ids, attention, starts).cpu())
         tiers.append(batch.tiers)
         groups.append(batch.group + start)
     empty = torch.zeros(0, dtype=torch.long)
@@ -394,11 +349,11 @@ def probe_head(
     tokenizer: PreTrainedTokenizerBase,
     rankings: Sequence[RankingText],
     config: RewardConfig,
-) -> modeling.ScoreHead:
+) -> scoring.ScoreHead:
     """A fresh score head fitted alone, full batch, on `model`'s frozen features (on CPU)."""
     states, logliks, meta = ranking_features(model, tokenizer, rankings, config)
     torch.manual_seed(config.seed)
-    head = modeling.ScoreHead(states.shape[1], likelihood=0.0)
+    head = scoring.ScoreHead(states.shape[1], likelihood=0.0)
     optimizer = torch.optim.Adam(head.parameters(), lr=config.probe_lr)
     for _ in range(config.probe_steps):
         rewards = head(states) + head.likelihood * logliks  # (N,)
@@ -438,7 +393,7 @@ class _EarlyStop:
 @torch.no_grad()
 def score_texts(
     model: nn.Module,
-    head: modeling.ScoreHead,
+    head: scoring.ScoreHead,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[tuple[str, str]],
     max_length: int,
@@ -455,7 +410,7 @@ def score_texts(
 @torch.no_grad()
 def normalise_head_bias(
     model: nn.Module,
-    head: modeling.ScoreHead,
+    head: scoring.ScoreHead,
     tokenizer: PreTrainedTokenizerBase,
     demonstrations: Sequence[tuple[str, str]],
     *,
@@ -477,7 +432,7 @@ def normalise_head_bias(
 @torch.no_grad()
 def normalise_head_scale(
     model: nn.Module,
-    head: modeling.ScoreHead,
+    head: scoring.ScoreHead,
     tokenizer: PreTrainedTokenizerBase,
     responses: Sequence[tuple[str, str]],
     *,

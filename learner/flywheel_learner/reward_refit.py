@@ -20,16 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from flywheel_learner import modeling
 from flywheel_learner.reward import (
     HeldOutScore,
-    RankingText,
     RewardConfig,
     fit_reward_model,
     held_out_score,
     normalise_head_bias,
     normalise_head_scale,
 )
+from flywheel_model import adapters, loading, scoring
+from flywheel_model.scoring import RankingText
 
 SCALE_SAMPLE = 1024  # the newest ranked responses the reward scale is measured on
 
@@ -107,10 +107,10 @@ def score_saved(
     """A saved reward model's score on `held` (its own LoRA shape, whatever `config` says)."""
     from peft import PeftModel
 
-    base, tokenizer = modeling.load_base(base_dir)
+    base, tokenizer = loading.load_base(base_dir)
     model = PeftModel.from_pretrained(base, str(reward_dir), adapter_name="reward")
     model.eval()
-    head = modeling.ScoreHead.load(Path(reward_dir), model.config.hidden_size)
+    head = scoring.ScoreHead.load(Path(reward_dir), model.config.hidden_size)
     return held_out_score(model, head, tokenizer, held, config)
 
 
@@ -133,7 +133,7 @@ def refit(
     fits: dict[str, tuple[Path, HeldOutScore, float, int, float]] = {}
     starts = [("warm", prior)] if prior is not None else []
     for start, init in [*starts, ("fresh", None)]:
-        base, tokenizer = modeling.load_base(base_dir)
+        base, tokenizer = loading.load_base(base_dir)
         fit = fit_reward_model(
             base, tokenizer, train, config, init=init, held_out=held, progress=progress
         )
@@ -144,7 +144,7 @@ def refit(
                              max_length=config.max_length)  # fmt: skip
         best = [(prompt, tiers[0][0]) for prompt, tiers in train if tiers and tiers[0]]
         normalise_head_bias(fit.model, fit.head, tokenizer, best, max_length=config.max_length)
-        directory = modeling.save_adapter(
+        directory = adapters.save_adapter(
             fit.model, fit.adapter_name, out_dir.with_name(f"{out_dir.name}-{start}"),
             head=fit.head, base_model=base_model,
         )  # fmt: skip

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flywheel_learner.losses import masked_token_nll
+from flywheel_model.scoring import right_pad
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -85,15 +86,6 @@ def encode_pair(
     response_ids = response_ids[: max_length - 1]  # keep at least one token of context
     prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length) :]
     return Encoded([*prompt_ids, *response_ids], len(prompt_ids))
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer rows right-padded with `pad_id` to the longest: the rows and the mask of what is
-    not padding, each (B, T). Built as lists, one tensor each: a copy per row costs more."""
-    width = max(len(ids) for ids in rows)
-    padded = [[*ids, *[pad_id] * (width - len(ids))] for ids in rows]
-    attention = [[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]
-    return torch.tensor(padded, dtype=torch.long), torch.tensor(attention, dtype=torch.long)
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, ...]:

@@ -45,14 +45,11 @@ class Runtime:
     addresses: dict[str, str] = field(default_factory=dict)
 
 
-def resolve_model(config: ServerConfig, *, progress: bool = True) -> tuple[Path, Path | None]:
-    """The model directory to serve and, for the demo, its initial reward adapter."""
-    if config.model is not None:
-        return config.model, None
-    from flywheel_learner.demo_model import ensure_demo_model
-
-    demo = ensure_demo_model(config.data_dir, progress=progress)
-    return demo.model_dir, demo.reward_dir
+def model_dir(config: ServerConfig) -> Path:
+    """The model directory to serve (the command line builds the demo's when none is given)."""
+    if config.model is None:
+        raise SystemExit("no model to serve: pass --model DIR (a Hugging Face causal-LM directory)")
+    return config.model
 
 
 def check_exposure(config: ServerConfig, auth: Authenticator) -> None:
@@ -77,14 +74,14 @@ async def serve(
     auth = Authenticator.load(config.api_keys_file, os.environ)
     check_exposure(config, auth)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, seed_reward = await asyncio.to_thread(resolve_model, config)
+    model = model_dir(config)
     engine_threads, learner_threads = config.thread_split(os.cpu_count() or 1, up)
     if engine_threads:
         torch.set_num_threads(engine_threads)
     store = await asyncio.to_thread(Store.open, config.database_url)
-    engine = await open_engine(config, model_dir)
+    engine = await open_engine(config, model)
     service = FlywheelService(engine, store, config)
-    await service.start(seed_reward=seed_reward)
+    await service.adapters.start(seed_reward=config.reward)
     runtime = Runtime(service, auth)
     bento_service.install(runtime)
 
@@ -121,11 +118,7 @@ async def serve(
         flush=True,
     )
 
-    learner = (
-        start_learner(config, auth, grpc_port, model_dir, learner_threads, seed_reward)
-        if up
-        else None
-    )
+    learner = start_learner(config, auth, grpc_port, model, learner_threads) if up else None
     follower = (
         asyncio.create_task(follow_store(service, config.sync_interval))
         if config.sync_interval
@@ -154,9 +147,8 @@ def start_learner(
     config: ServerConfig,
     auth: Authenticator,
     grpc_port: int,
-    model_dir: Path,
+    model: Path,
     threads: int,
-    reward_init: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """`flywheel learn` against this server, as a child process logging to a file."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
@@ -168,11 +160,13 @@ def start_learner(
         env["FLYWHEEL_API_KEY"] = admin[0]
     elif auth.enabled:
         log.warning("no admin-scope API key configured: the learner cannot export or publish")
-    command = [sys.executable, "-m", "flywheel_client.cli", "learn", "--server",
-               f"{host}:{grpc_port}", "--model", str(model_dir), "--work-dir", str(work_dir),
+    command = [sys.executable, "-m", "flywheel_cli", "learn", "--server",
+               f"{host}:{grpc_port}", "--model", str(model), "--work-dir", str(work_dir),
                "--threads", str(threads)]  # fmt: skip
-    if reward_init is not None:  # the demo's initial reward model: the first refit starts there
-        command += ["--reward-init", str(reward_init)]
+    if config.reward is not None:  # the first refit starts there
+        command += ["--reward-init", str(config.reward)]
+    if config.pretraining is not None:
+        command += ["--pretraining", str(config.pretraining)]
     if config.backend == "vllm":  # vLLM applies LoRA matrices only, not a policy's own norm
         command += ["--final-norm-lr", "0"]
     log_path = work_dir / "learner.log"
@@ -198,7 +192,7 @@ async def follow_store(service: FlywheelService, interval: int) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await service.sync()
+            await service.adapters.sync()
         except Exception:  # a failed poll must not stop serving; the next one retries
             log.exception("sync with the store failed")
 

@@ -1,33 +1,13 @@
-"""Which engine generates (`--backend`), and the interface the service needs from it."""
+"""Which engine generates (`--backend`): the torch engine, or vLLM in front of it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
 
 from flywheel_server.config import ServerConfig
-from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine, resolve_device
-
-
-class Engine(Protocol):
-    model_dir: Path
-    device: str
-    base_model: str
-    max_positions: int
-
-    def encode(self, text: str) -> list[int]: ...
-    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
-    def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]: ...
-    async def score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]: ...
-    async def load_adapter(self, adapter_id: str, path: str | Path, *, reward: bool) -> None: ...
-    async def unload_adapter(self, adapter_id: str) -> None: ...
-    @property
-    def adapters(self) -> list[str]: ...
-    @property
-    def load(self) -> dict[str, int]: ...
-    def close(self) -> None: ...
+from flywheel_server.engine import TorchEngine, resolve_device
+from flywheel_server.engine_api import Engine
 
 
 async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:

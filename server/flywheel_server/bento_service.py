@@ -47,7 +47,9 @@ class Flywheel:
 def _sample_gauges() -> None:
     if runtime := _runtime.get("current"):
         service = runtime.service
-        metrics.sample(service.engine.load, service.registry.live(), service.last_challenge)
+        metrics.sample(
+            service.engine.load, service.registry.live(), service.adapters.last_challenge
+        )
 
 
 Flywheel.add_asgi_middleware(metrics.RefreshOnScrape, refresh=_sample_gauges)  # type: ignore[attr-defined]

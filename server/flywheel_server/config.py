@@ -28,6 +28,15 @@ class ServerConfig:
         "Hugging Face causal-LM directory to serve; the built-in demo model when omitted "
         "(built once under --data-dir, no download)"
     )
+    reward: Path | None = _opt(
+        "a reward adapter (PEFT LoRA and score head) served as the first live reward model "
+        "while the store has none; under `flywheel up` the learner's first refit also starts "
+        "from it (the demo's initial reward model when --model is omitted)"
+    )
+    pretraining: Path | None = _opt(
+        "under `flywheel up`: the learner's pretraining corpus (.txt or .jsonl) for its ptx "
+        "term and gate (the demo's documents when --model is omitted)"
+    )
     data_dir: Path = _opt(
         "directory for the store, adapters and the demo model", default=Path(".flywheel")
     )
@@ -162,6 +171,10 @@ class ServerConfig:
             raise ValueError(f"vllm_url must start with http:// or https://, got {self.vllm_url!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.reward is not None and not Path(self.reward).is_dir():
+            raise ValueError(f"reward must be an adapter directory, got {self.reward}")
+        if self.pretraining is not None and not Path(self.pretraining).is_file():
+            raise ValueError(f"pretraining must be a .txt or .jsonl file, got {self.pretraining}")
 
     def thread_split(self, cores: int, up: bool) -> tuple[int, int]:
         """(engine threads, learner threads) on a machine with `cores` cores; 0 = torch's own

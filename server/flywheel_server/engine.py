@@ -30,36 +30,26 @@ from typing import Any, TypeVar
 
 import torch
 
-import flywheel_learner.modeling as modeling
-from flywheel_learner.reward import make_batch, score_batch
-from flywheel_server.batch import Decoder, GenericDecoder, Row
-from flywheel_server.domain import Sampling
+from flywheel_model import adapters, loading, scoring
+from flywheel_model.adapters import AdapterSpec
+from flywheel_model.scoring import make_batch, score_batch
+from flywheel_server.decoding import Decoder, GenericDecoder, Row
+from flywheel_server.engine_api import (
+    SMOKE_PROMPT,
+    SMOKE_TOKENS,
+    EngineRequest,
+    TokenEvent,
+    check_admission,
+    read_spec,
+)
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Conflict, Overloaded
 from flywheel_server.llama_decoder import LlamaDecoder, unsupported_reason
 from flywheel_server.sampling import sample
 
 log = logging.getLogger(__name__)
 
-SMOKE_PROMPT = "Hello"
-SMOKE_TOKENS = 4
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    prompt_ids: tuple[int, ...]
-    n: int
-    sampling: Sampling
-    adapter: str | None  # loaded adapter id, or None for the bare base model
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    index: int
-    delta: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
 
 
 Delivery = list[TokenEvent | None] | BaseException
@@ -105,16 +95,6 @@ def merge_events(events: list[TokenEvent]) -> list[TokenEvent]:
     return list(merged.values())
 
 
-def check_admission(closed: bool, admitted: int, max_pending: int) -> None:
-    """Refuse a request at once (429 / RESOURCE_EXHAUSTED) rather than queue without bound."""
-    if closed:
-        raise Overloaded("the engine is shutting down")
-    if admitted >= max_pending:
-        raise Overloaded(
-            f"the server is at capacity ({max_pending} requests admitted); retry later"
-        )
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,12 +116,12 @@ class TorchEngine:
         decoder: "auto" (the lean decoder where the model allows it) or "generic"."""
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        self.base_model = modeling.base_fingerprint(self.model_dir)
-        self.model, self.tokenizer = modeling.load_base(self.model_dir, device=self.device)
+        self.base_model = loading.base_fingerprint(self.model_dir)
+        self.model, self.tokenizer = loading.load_base(self.model_dir, device=self.device)
         self.hidden_size: int = self.model.config.hidden_size
         self.max_positions: int = getattr(self.model.config, "max_position_embeddings", 2048)
         self.peft: Any = None  # peft.PeftModel once the first adapter is loaded
-        self.heads: dict[str, modeling.ScoreHead] = {}
+        self.heads: dict[str, scoring.ScoreHead] = {}
         self.final_norms: dict[str, torch.Tensor] = {}  # policies that train their own
         self.max_pending = max_pending  # requests admitted (running or waiting) at once
         self.max_batch = max_batch  # rows decoded together
@@ -464,12 +444,12 @@ class TorchEngine:
         return score_batch(self._net, self.heads[adapter], batch, **use).float().cpu().tolist()
 
     def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
-        config = check_adapter_files(adapter_id, path, self.base_model)
+        spec = read_spec(adapter_id, path, self.base_model)
         try:
             head = (
-                modeling.ScoreHead.load(path, self.hidden_size).to(self.device) if reward else None
+                scoring.ScoreHead.load(path, self.hidden_size).to(self.device) if reward else None
             )
-            self._attach(adapter_id, path, config)
+            self._attach(adapter_id, spec)
         except Exception as e:
             raise AdapterRefused(f"adapter {adapter_id} could not be loaded: {e}") from e
         try:
@@ -487,16 +467,16 @@ class TorchEngine:
                 raise
             raise AdapterRefused(f"adapter {adapter_id} failed its smoke check: {e}") from e
 
-    def _attach(self, adapter_id: str, path: Path, config: dict[str, Any]) -> None:
+    def _attach(self, adapter_id: str, spec: AdapterSpec) -> None:
         """Give peft the adapter's LoRA matrices; keep its own final norm, if any, apart.
-        `config` is the adapter's PEFT config, as `check_adapter_files` read it.
 
         peft cannot mix adapters that swap the norm in one batch, and only the lean decoder
         applies a final norm per row, so the norm never reaches peft."""
         if adapter_id in self.adapters:
             return  # idempotent: versions are immutable, never reloaded in place
+        path = spec.path
         with tempfile.TemporaryDirectory() as tmp:
-            norm = split_final_norm(adapter_id, path, config, Path(tmp) / "lora")
+            norm = split_final_norm(spec, Path(tmp) / "lora")
             if norm is not None:
                 if not isinstance(self._decoder, LlamaDecoder):
                     raise AdapterRefused(
@@ -531,14 +511,14 @@ class TorchEngine:
             raise
 
     @torch.inference_mode()
-    def _smoke_check(self, adapter_id: str, head: modeling.ScoreHead | None) -> None:
+    def _smoke_check(self, adapter_id: str, head: scoring.ScoreHead | None) -> None:
         ids = torch.tensor(
             [self.encode(SMOKE_PROMPT) or [self.tokenizer.eos_token_id]], device=self.device
         )
         use = self._adapter_names([adapter_id])
         if head is not None:
             starts = torch.tensor([ids.shape[1] - 1], device=self.device)  # the last token
-            values = modeling.score(self._net, head, ids, torch.ones_like(ids), starts, **use)
+            values = scoring.score(self._net, head, ids, torch.ones_like(ids), starts, **use)
             if not torch.isfinite(values).all():
                 raise AdapterRefused(f"adapter {adapter_id} gives non-finite rewards")
             return
@@ -572,44 +552,23 @@ class TorchEngine:
             self._decoder.read_adapters(self.peft, self.final_norms)
 
 
-def split_final_norm(
-    adapter_id: str, path: Path, config: dict[str, Any], into: Path
-) -> torch.Tensor | None:
+def split_final_norm(spec: AdapterSpec, into: Path) -> torch.Tensor | None:
     """The final norm's weight of an adapter that trains its own (PEFT `modules_to_save`
-    ["model.norm"], as `ppo.PPOConfig.final_norm_lr` does), with a LoRA-only copy of the adapter
-    written to `into`. None, writing nothing, when it trains no whole module; AdapterRefused when
-    it trains another."""
+    ["model.norm"], as the learner's `final_norm_lr` does), with a LoRA-only copy of the adapter
+    written to `into`. None, writing nothing, when it trains no whole module."""
     from safetensors.torch import load_file, save_file
 
-    whole = config.get("modules_to_save") or []
-    if not whole:
+    if not spec.final_norm:
         return None
-    weights = load_file(str(path / modeling.ADAPTER_WEIGHTS))
-    norm = weights.pop(f"base_model.model.{modeling.FINAL_NORM}.weight", None)
-    if whole != [modeling.FINAL_NORM] or norm is None:
-        raise AdapterRefused(
-            f"adapter {adapter_id} trains whole modules {whole}; the server serves LoRA "
-            f"matrices and the policy's own final norm ({modeling.FINAL_NORM}) only"
-        )
+    weights = load_file(str(spec.path / adapters.ADAPTER_WEIGHTS))
+    norm = weights.pop(f"base_model.model.{adapters.FINAL_NORM}.weight", None)
+    if norm is None:
+        raise AdapterRefused(f"adapter {spec.path.name} names {adapters.FINAL_NORM} but holds none")
     into.mkdir(parents=True)
-    (into / modeling.ADAPTER_CONFIG).write_text(json.dumps({**config, "modules_to_save": None}))
-    save_file(weights, str(into / modeling.ADAPTER_WEIGHTS))
+    config = {**spec.config, "modules_to_save": None}
+    (into / adapters.ADAPTER_CONFIG).write_text(json.dumps(config))
+    save_file(weights, str(into / adapters.ADAPTER_WEIGHTS))
     return norm
-
-
-def check_adapter_files(adapter_id: str, path: Path, base_model: str) -> dict[str, Any]:
-    """The adapter's PEFT config, once its files are readable and it was trained on base_model."""
-    try:
-        config = modeling.read_adapter_config(path)
-        trained_on = modeling.read_adapter_meta(path).get("base_model")
-    except ValueError as e:
-        raise AdapterRefused(str(e)) from e
-    if trained_on and trained_on != base_model:
-        raise AdapterRefused(
-            f"adapter {adapter_id} was trained on base model {trained_on}; "
-            f"this server serves {base_model}"
-        )
-    return config
 
 
 def strip_lora_layers(model: torch.nn.Module) -> None:

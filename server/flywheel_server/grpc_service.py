@@ -24,7 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from flywheel_proto.v1 import flywheel_pb2 as pb
 from flywheel_server import domain, errors, metrics
 from flywheel_server.auth import Authenticator
-from flywheel_server.service import FlywheelService, PromptInput, PublishHeader
+from flywheel_server.generation import PromptInput
+from flywheel_server.lifecycle import PublishHeader
+from flywheel_server.service import FlywheelService
 from flywheel_server.validation import RawSampling
 
 log = logging.getLogger(__name__)
@@ -270,7 +272,7 @@ class Servicer:
         self, request: pb.ListVersionsRequest, context: Any
     ) -> pb.ListVersionsResponse:
         versions, live = self.service.versions(request.name)
-        status = await self.service.challenge_status(request.name)
+        status = await self.service.adapters.challenge_status(request.name)
         return pb.ListVersionsResponse(
             versions=[version_pb(v) for v in versions],
             live=live,
@@ -365,16 +367,16 @@ class Servicer:
                     )
                 yield chunk.data
 
-        return version_pb(await self.service.publish(header, data()))
+        return version_pb(await self.service.adapters.publish(header, data()))
 
     async def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.AdapterVersion:
-        return version_pb(await self.service.promote(request.name, request.version))
+        return version_pb(await self.service.adapters.promote(request.name, request.version))
 
     async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.AdapterVersion:
-        return version_pb(await self.service.rollback(request.name))
+        return version_pb(await self.service.adapters.rollback(request.name))
 
     async def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeTally:
-        status = await self.service.challenge(request.version or None, stop=request.stop)
+        status = await self.service.adapters.challenge(request.version or None, stop=request.stop)
         return challenge_pb(status)
 
     async def GetServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfo:

@@ -20,13 +20,8 @@ from starlette.routing import Route
 
 from flywheel_server import errors, metrics
 from flywheel_server.domain import AdapterVersion, ChallengeStatus
-from flywheel_server.service import (
-    FlywheelService,
-    Generation,
-    GenerationStream,
-    PromptInput,
-    StreamEvent,
-)
+from flywheel_server.generation import Generation, GenerationStream, PromptInput, StreamEvent
+from flywheel_server.service import FlywheelService
 from flywheel_server.validation import RawSampling
 
 STATUS: list[tuple[type[errors.FlywheelError], int, str]] = [
@@ -261,7 +256,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
     async def policies(service: FlywheelService, request: Request) -> Response:
         name = request.query_params.get("name", "")
         versions, live = service.versions(name)
-        status = await service.challenge_status(name)
+        status = await service.adapters.challenge_status(name)
         return JSONResponse(
             {
                 "live": live,
@@ -328,15 +323,17 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
 
     @route("admin", PromoteBody)
     async def promote(service: FlywheelService, b: PromoteBody) -> Response:
-        return JSONResponse(version_json(await service.promote(b.name, b.version)))
+        return JSONResponse(version_json(await service.adapters.promote(b.name, b.version)))
 
     @route("admin", RollbackBody)
     async def rollback(service: FlywheelService, b: RollbackBody) -> Response:
-        return JSONResponse(version_json(await service.rollback(b.name)))
+        return JSONResponse(version_json(await service.adapters.rollback(b.name)))
 
     @route("admin", ChallengeBody)
     async def challenge(service: FlywheelService, b: ChallengeBody) -> Response:
-        return JSONResponse(challenge_json(await service.challenge(b.version, stop=b.stop)))
+        return JSONResponse(
+            challenge_json(await service.adapters.challenge(b.version, stop=b.stop))
+        )
 
     return Starlette(
         routes=[

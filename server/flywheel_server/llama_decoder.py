@@ -12,7 +12,8 @@ slot of a preallocated cache:
 - each row names its LoRA adapter: rows on the same adapter share one pair of low-rank matmuls;
   an adapter may also bring its own final norm weights, applied to its rows only.
 
-The forward pass itself is the pure function `llama_forward.forward`.
+The forward pass itself is `flywheel_model.llama.decode`, on the layer loop the learner's
+training forward also runs.
 It serves Llama, Mistral (without a sliding window) and Qwen2 models; `unsupported_reason` says
 why another model falls back to the generic decoder. Its logits match transformers' (tested).
 """
@@ -24,14 +25,15 @@ from typing import Any
 
 import torch
 
-from flywheel_learner.lean_forward import (
+from flywheel_model.llama import (
     PROJECTIONS,
+    DecodeShape,
+    DecodeWeights,
     config_problem,
+    decode,
     lora_problem,
     projection,
 )
-from flywheel_server import llama_forward
-from flywheel_server.llama_forward import Shape, Weights
 
 MIN_ROWS, MIN_LENGTH = 8, 64  # the cache's first size; it doubles when it must
 
@@ -54,7 +56,7 @@ class LlamaDecoder:
     def __init__(self, model: Any) -> None:
         config, inner = model.config, model.model
         attention = inner.layers[0].self_attn
-        self.shape = Shape(
+        self.shape = DecodeShape(
             heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads,
             head_dim=attention.head_dim,
@@ -64,7 +66,7 @@ class LlamaDecoder:
         self.max_length: int = config.max_position_embeddings
         self.embed = inner.embed_tokens.weight
         linears = [projection(layer, name) for layer in inner.layers for name in PROJECTIONS]
-        self.weights = Weights(
+        self.weights = DecodeWeights(
             embed=self.embed,
             norm=inner.norm.weight,
             lm_head=model.lm_head.weight,
@@ -279,7 +281,7 @@ class LlamaDecoder:
         adapters: Sequence[str | None],
     ) -> torch.Tensor:
         lora, group_rows = self._adapters(adapters)
-        return llama_forward.forward(
+        return decode(
             ids,
             positions,
             slots,

@@ -1,13 +1,18 @@
 """Which adapter versions are loaded, and which one each alias ("policy", "reward") points to.
 
 Versions are addressed by id ("policy-v3"). "policy-v0" is the bare base model: always there,
-live until a policy adapter is promoted. The registry only resolves names; loading is the
-engine's job and persistence the store's.
+live until a policy adapter is promoted. The registry resolves names and counts the requests
+running on each version (`acquire` on admission, `release` at the end), so a retired version is
+unloaded when its count reaches zero (`idle`), not by polling. Loading is the engine's job and
+persistence the store's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import replace
 
 from flywheel_server.domain import ADAPTER_NAMES, AdapterVersion
@@ -33,6 +38,37 @@ class AdapterRegistry:
         self.base = AdapterVersion("policy", 0, "ready", "", "", base_model)
         self._loaded: dict[str, AdapterVersion] = {}
         self._live: dict[str, str] = {}
+        self._users: Counter[str] = Counter()  # requests running on each version
+        self._idle: dict[str, asyncio.Event] = {}  # set when a version's count reaches zero
+
+    # -- requests running on a version ----------------------------------------------------
+
+    def acquire(self, adapter_ids: Iterable[str | None]) -> None:
+        """A request admitted on these versions (None: the base, never unloaded)."""
+        for adapter_id in adapter_ids:
+            if adapter_id is not None:
+                self._users[adapter_id] += 1
+
+    def release(self, adapter_ids: Iterable[str | None]) -> None:
+        """That request finished (or failed, or was dropped)."""
+        for adapter_id in adapter_ids:
+            if adapter_id is None:
+                continue
+            self._users[adapter_id] -= 1
+            if self._users[adapter_id] <= 0:
+                del self._users[adapter_id]
+                if adapter_id in self._idle:
+                    self._idle.pop(adapter_id).set()
+
+    def in_use(self, adapter_id: str) -> int:
+        return self._users[adapter_id]
+
+    async def idle(self, adapter_id: str) -> None:
+        """Return once no request runs on the version."""
+        if self._users[adapter_id]:
+            await self._idle.setdefault(adapter_id, asyncio.Event()).wait()
+
+    # -- versions and aliases -------------------------------------------------------------
 
     def add(self, version: AdapterVersion) -> None:
         self._loaded[version.id] = version

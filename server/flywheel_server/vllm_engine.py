@@ -20,15 +20,15 @@ from typing import Any
 import httpx
 import torch
 
-import flywheel_learner.modeling as modeling
-from flywheel_server.engine import (
+from flywheel_model import adapters
+from flywheel_server.engine import TorchEngine
+from flywheel_server.engine_api import (
     SMOKE_PROMPT,
     SMOKE_TOKENS,
     EngineRequest,
     TokenEvent,
-    TorchEngine,
-    check_adapter_files,
     check_admission,
+    read_spec,
 )
 from flywheel_server.errors import (
     AdapterNotFound,
@@ -134,12 +134,11 @@ class VllmEngine:
         if adapter_id in self._policies:
             return  # versions are immutable: never reloaded in place
         path = Path(path)
-        whole = check_adapter_files(adapter_id, path, self.base_model).get("modules_to_save")
-        if whole:
+        if read_spec(adapter_id, path, self.base_model).final_norm:
             raise AdapterRefused(
-                f"adapter {adapter_id} also trains whole modules {list(whole)}, which vLLM does "
-                "not apply to a LoRA adapter; train the policy without them to serve it with "
-                "vLLM (flywheel learn --final-norm-lr 0)"
+                f"adapter {adapter_id} also trains its own final norm, which vLLM does not "
+                "apply to a LoRA adapter; train the policy without it to serve it with vLLM "
+                "(flywheel learn --final-norm-lr 0)"
             )
         check_finite_weights(adapter_id, path)  # vLLM's own checks cover rank and targets
         response = await self._post(
@@ -289,7 +288,7 @@ def token_events(chunk: dict[str, Any], tokens: list[int]) -> list[TokenEvent]:
 def check_finite_weights(adapter_id: str, path: Path) -> None:
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / modeling.ADAPTER_WEIGHTS))
+    weights = load_file(str(path / adapters.ADAPTER_WEIGHTS))
     if not all(torch.isfinite(w).all() for w in weights.values()):
         raise AdapterRefused(f"adapter {adapter_id} has non-finite weights")
 

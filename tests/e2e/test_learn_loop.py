@@ -7,19 +7,23 @@ training settings; it leaves the live policy and reward model as it found them.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from flywheel_cli.labelers import Labeler, demo_prompts, preference_from_spec
 from flywheel_client import FlywheelClient
-from flywheel_client.labelers import Labeler, demo_prompts, preference_from_spec
+from flywheel_demo.task import pretraining_texts
+from flywheel_learner import loop
 from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
+from flywheel_learner.config import LearnerConfig
 from flywheel_learner.gate import GateThresholds
-from flywheel_learner.loop import Learner, LearnerConfig, Progress
-from flywheel_learner.ppo import PPOConfig
+from flywheel_learner.loop import Learner, Progress
+from flywheel_learner.ppo_config import PPOConfig
 from flywheel_learner.publishing import archive_sha256
 from flywheel_learner.reward import RewardConfig
 from tests.support import ServerProcess
@@ -41,7 +45,11 @@ def client(server: ServerProcess) -> Iterator[FlywheelClient]:
 
 
 def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerConfig:
+    corpus = work_dir / "pretraining.txt"  # the demo's kind of documents, for the ptx term
+    work_dir.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("\n".join(pretraining_texts(random.Random(0), 64)))
     return LearnerConfig(
+        pretraining=corpus,
         server=server.grpc,
         model_dir=model,
         work_dir=work_dir,
@@ -57,16 +65,19 @@ def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerCo
             reward_max_length=64,
             lora_r=4,
             lora_alpha=8,
+            beta=0.05,
+            adaptive_kl=True,
+            kl_horizon=16,
         ),
         ppo_steps_per_round=2,
         eval_prompts=4,
         # Wide open: this test checks the plumbing of promotion, not learning.
         gate=GateThresholds(
             min_reward_gain=-1e9,
+            min_greedy_reward_gain=-1e9,
             max_kl=1e9,
             max_ptx_rise=1e9,
-            min_human_agreement=0.0,
-            max_agreement_drop=1.0,
+            min_judge_gain=-1e9,
         ),
         rm_min_accuracy=0.0,
         rm_min_held_out_pairs=1,
@@ -112,12 +123,13 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
     assert {"held_out_accuracy", "train_loss", "rankings", "validated", "fresh_accuracy"} <= set(
         reward[0].metrics
     )
-    assert {"reward_gain", "kl_to_reference", "ptx_rise", "gate_passed", "human_agreement",
-            "live_human_agreement"} <= set(policy[0].metrics)  # fmt: skip
+    assert {"reward_gain", "greedy_reward_gain", "kl_to_reference", "ptx_rise", "gate_passed",
+            "judge_gain"} <= set(policy[0].metrics)  # fmt: skip
     assert policy[0].metrics["gate_passed"] == 1.0
     assert versions.live["policy"] == policy[0].id
     state = load_state(tmp_path)
     assert state.round == 1 and state.pending is None and state.rankings_cursor > 0
+    assert state.kl_beta > 0 and state.kl_beta != 0.05  # the controller moved it; kept for next
     sample = learner_metrics.REGISTRY.get_sample_value
     assert sample("flywheel_learner_rounds_total") == 1
     assert sample("flywheel_learner_versions_total", {"kind": "policy", "outcome": "promoted"}) == 1
@@ -146,7 +158,11 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
 
 
 def test_a_candidate_the_gate_refuses_is_uploaded_but_not_live(
-    server: ServerProcess, tiny_model: Path, client: FlywheelClient, tmp_path: Path
+    server: ServerProcess,
+    tiny_model: Path,
+    client: FlywheelClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     label(client, "e2e-gate", seed=8)
     live = client.versions().live["policy"]
@@ -154,10 +170,16 @@ def test_a_candidate_the_gate_refuses_is_uploaded_but_not_live(
     outcome = {"kind": "policy", "outcome": "refused"}
     refused = sample("flywheel_learner_versions_total", outcome) or 0.0
     closed = GateThresholds(min_reward_gain=1e9)  # no candidate can gain this much
-    assert (
-        one_round(dataclasses.replace(tiny_config(server, tiny_model, tmp_path), gate=closed))
-        is False
+    steps = sample("flywheel_learner_ppo_steps_total") or 0.0
+    # The second rollout reads past kl_stop: the round's PPO ends there, 2 steps of 4.
+    kls = iter([0.5, 99.0, 0.5, 0.5])
+    real_step = loop.ppo_step
+    monkeypatch.setattr(loop, "ppo_step", lambda *a: real_step(*a)._replace(kl_mean=next(kls)))
+    config = dataclasses.replace(
+        tiny_config(server, tiny_model, tmp_path), gate=closed, ppo_steps_per_round=4
     )
+    assert one_round(config) is False
+    assert sample("flywheel_learner_ppo_steps_total") - steps == 2
     versions = client.versions()
     assert versions.live["policy"] == live  # still the last good adapter
     newest = max((v for v in versions.versions if v.name == "policy"), key=lambda v: v.version)

@@ -16,21 +16,13 @@ from pathlib import Path
 
 import torch
 
+from flywheel_demo.model import chat_prompt
+from flywheel_demo.task import pretraining_texts, sample_example
 from flywheel_learner import distributed
-from flywheel_learner.demo_model import chat_prompt
-from flywheel_learner.demo_task import sample_example
-from flywheel_learner.ppo import (
-    PPOConfig,
-    SharedBaseModels,
-    demo_pretraining_texts,
-    make_optimizer,
-    optimise,
-    ppo_step,
-    ptx_batches,
-    sample_responses,
-    score_rollout,
-    sequence_kl,
-)
+from flywheel_learner.ppo import optimise, ppo_step, sample_responses, score_rollout, sequence_kl
+from flywheel_learner.ppo_config import PPOConfig
+from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer
+from flywheel_learner.ptx_data import ptx_batches
 
 CONFIG = PPOConfig(
     rollout_batch=8, minibatches=2, micro_batches=2, epochs=2, ptx_batch=6, max_new_tokens=6
@@ -53,7 +45,7 @@ def main() -> None:
     optimizer = make_optimizer(models, CONFIG)
     rng = random.Random(0)
     prompts = [chat_prompt(models.tokenizer, sample_example(rng).instruction) for _ in range(8)]
-    texts = demo_pretraining_texts(rng, 12)
+    texts = pretraining_texts(rng, 12)
     ptx = next(ptx_batches(models.tokenizer, texts, CONFIG.ptx_batch, 48, random.Random(0)))
 
     torch.manual_seed(1)

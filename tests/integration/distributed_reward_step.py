@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from flywheel_learner import distributed, modeling
-from flywheel_learner.demo_task import preference_pairs
+from flywheel_demo.task import preference_pairs
+from flywheel_learner import distributed
 from flywheel_learner.reward import RewardConfig, fit_reward_model
+from flywheel_model import loading
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
     distributed.init_from_env()
     rank, _ = distributed.world()
     torch.set_num_threads(1)
-    model, tokenizer = modeling.load_base(model_dir)
+    model, tokenizer = loading.load_base(model_dir)
     rankings = [(p, ((c,), (r,))) for p, c, r in preference_pairs(random.Random(0), 48)]
     config = RewardConfig(steps=3, warmup=1, batch_rankings=8, r=4, alpha=8, held_out=0.1, seed=0)
     fit = fit_reward_model(model, tokenizer, rankings, config, progress=False)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flywheel_client import Conflict, FlywheelClient, InvalidArgument
-from flywheel_learner import modeling
+from flywheel_model import adapters, loading
 from tests.support import make_adapter
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ def greedy(client: FlywheelClient, policy: str) -> str:
 
 @pytest.mark.both_backends
 def test_publish_pin_promote_rollback(server, tmp_path):
-    base = modeling.base_fingerprint(server.model)
+    base = loading.base_fingerprint(server.model)
     with FlywheelClient(server.grpc) as client:
         live_before = client.versions().live["policy"]  # the base, or what other tests promoted
         base_text = greedy(client, "policy")
@@ -52,7 +52,7 @@ def test_publish_pin_promote_rollback(server, tmp_path):
 
 @pytest.mark.both_backends
 def test_refused_adapters_store_nothing_live(server, tmp_path):
-    base = modeling.base_fingerprint(server.model)
+    base = loading.base_fingerprint(server.model)
     with FlywheelClient(server.grpc) as client:
         live_before = client.versions().live
         with pytest.raises(Conflict, match="base model"):
@@ -66,10 +66,10 @@ def test_refused_adapters_store_nothing_live(server, tmp_path):
         from safetensors.torch import load_file, save_file
 
         bad = make_adapter(server.model, tmp_path / "nan", seed=2)
-        weights = load_file(str(bad / modeling.ADAPTER_WEIGHTS))
+        weights = load_file(str(bad / adapters.ADAPTER_WEIGHTS))
         save_file(
             {k: v.fill_(float("nan")) for k, v in weights.items()},
-            str(bad / modeling.ADAPTER_WEIGHTS),
+            str(bad / adapters.ADAPTER_WEIGHTS),
         )
         with pytest.raises(Conflict, match="non-finite"):
             client.publish_adapter(bad, name="policy", base_model=base, promote=True)

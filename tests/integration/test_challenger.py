@@ -23,7 +23,7 @@ from flywheel_client import (
     HttpClient,
     InvalidArgument,
 )
-from flywheel_learner import modeling
+from flywheel_model import loading
 from flywheel_server.challenge import wilson_interval
 from tests.support import ServerProcess, make_adapter
 
@@ -84,7 +84,7 @@ def publish(
     version = client.publish_adapter(
         make_adapter(server.model, tmp_path / f"adapter-{seed}", seed=seed, scale=20.0),
         name="policy",
-        base_model=modeling.base_fingerprint(server.model),
+        base_model=loading.base_fingerprint(server.model),
         **flags,
     )
     assert version.state == ("live" if flags.get("promote") else "ready")
@@ -231,7 +231,7 @@ def test_ties_count_half_and_only_blind_comparisons_count(arena, tmp_path):
 
 
 def test_bad_challenges_are_refused(arena, tmp_path):
-    base = modeling.base_fingerprint(arena.model)
+    base = loading.base_fingerprint(arena.model)
     with FlywheelClient(arena.grpc) as client:
         adapter = make_adapter(arena.model, tmp_path / "a", seed=7)
         with pytest.raises(InvalidArgument, match="promote or challenger, not both"):

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
+from flywheel_cli import main as cli
 from flywheel_client import (
     AsyncFlywheelClient,
     Conflict,
@@ -29,7 +30,6 @@ from flywheel_client import (
     NotFound,
     Overloaded,
     Unavailable,
-    cli,
 )
 from flywheel_proto.v1 import flywheel_pb2 as pb
 from flywheel_proto.v1 import flywheel_pb2_grpc as pb_grpc

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from flywheel_client import FlywheelClient
-from flywheel_learner import modeling
+from flywheel_model import loading
 from tests.support import make_adapter
 
 # Marked tests run against the torch engine and against vLLM (tests/conftest.py).
@@ -33,7 +33,7 @@ async def stream_versions(client: httpx.AsyncClient, url: str) -> set[str]:
 
 
 def test_promotions_under_streaming_load(server, tmp_path):
-    base = modeling.base_fingerprint(server.model)
+    base = loading.base_fingerprint(server.model)
     adapters = [make_adapter(server.model, tmp_path / f"a{i}", seed=10 + i) for i in range(SWAPS)]
 
     async def scenario() -> tuple[list[set[str]], list[str]]:

@@ -50,7 +50,7 @@ def live_versions(server: ServerProcess) -> dict[str, int]:
 
 
 def test_traffic_moves_every_series(server, grpc_client, tiny_model, tmp_path):
-    from flywheel_learner import modeling
+    from flywheel_model import loading
 
     before = parse(scrape(server))
     # Series that exist from start-up (the fixture published and promoted a reward model).
@@ -126,7 +126,7 @@ def test_traffic_moves_every_series(server, grpc_client, tiny_model, tmp_path):
     published = grpc_client.publish_adapter(
         make_adapter(tiny_model, tmp_path / "reward", reward=True, seed=7),
         name="reward",
-        base_model=modeling.base_fingerprint(tiny_model),
+        base_model=loading.base_fingerprint(tiny_model),
         promote=True,
     )
     swapped = parse(scrape(server))

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from flywheel_client import FlywheelClient
-from flywheel_learner import modeling
+from flywheel_model import loading
 from tests.support import ServerProcess, make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -56,7 +56,7 @@ def test_two_replicas_act_as_one(tiny_model, tmp_path, database):
             version = on_a.publish_adapter(
                 adapter,
                 name="policy",
-                base_model=modeling.base_fingerprint(tiny_model),
+                base_model=loading.base_fingerprint(tiny_model),
                 promote=True,
             )
             for _ in range(150):

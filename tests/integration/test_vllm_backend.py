@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from flywheel_client import Conflict, FlywheelClient
-from flywheel_learner import modeling
+from flywheel_model import loading
 from tests.support import ServerProcess, make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -28,7 +28,7 @@ def vllm_adapters(url: str) -> set[str]:
 
 def test_versions_live_in_vllm_under_their_own_names(vllm_server, tmp_path):
     url = vllm_url(vllm_server)
-    base = modeling.base_fingerprint(vllm_server.model)
+    base = loading.base_fingerprint(vllm_server.model)
     with FlywheelClient(vllm_server.grpc) as client:
         published = []
         for i in range(4):  # more than the live version and the 2 retired ones kept
@@ -61,7 +61,7 @@ def test_a_sidecar_given_by_url(vllm_server, tmp_path):
 
 
 def test_vllm_own_refusal_is_passed_on(vllm_server, tmp_path):
-    base = modeling.base_fingerprint(vllm_server.model)
+    base = loading.base_fingerprint(vllm_server.model)
     too_big = make_adapter(vllm_server.model, tmp_path / "r128", r=128)  # flywheel starts vLLM
     with FlywheelClient(vllm_server.grpc) as client:  # with --max-lora-rank 64
         live_before = client.versions().live

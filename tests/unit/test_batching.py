@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from flywheel_server.domain import Sampling
-from flywheel_server.engine import EngineRequest, TorchEngine
+from flywheel_server.engine import TorchEngine
+from flywheel_server.engine_api import EngineRequest
 from tests.support import make_adapter
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -18,7 +19,7 @@ PROMPTS = ["reverse: abc", "add: 12 + 7", "sort: dcba", "capitalise: flywheel"]
 @pytest.fixture(scope="module", params=["auto", "generic"])
 def engine(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """On both decoders: the lean Llama one (auto, for this model) and transformers' forward."""
-    from flywheel_learner.demo_model import build_tiny_model
+    from flywheel_demo.model import build_tiny_model
 
     root = tmp_path_factory.mktemp("batching")
     model = build_tiny_model(root / "tiny", seed=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel_client import cli
+from flywheel_cli import main as cli
 
 pytestmark = pytest.mark.unit
 
@@ -78,7 +78,7 @@ def test_bad_usage_exits_2_with_a_message(
 
 
 def test_learn_defaults_to_the_ppo_configs_final_norm_lr() -> None:
-    from flywheel_learner.ppo import PPOConfig
+    from flywheel_learner.ppo_config import PPOConfig
 
     args = cli.build_parser({}).parse_args(["learn", "--model", "m"])
     assert args.final_norm_lr == PPOConfig.final_norm_lr
@@ -121,7 +121,8 @@ def fake_app(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, dict]]:
 
 
 def test_serve_builds_the_config_and_runs_the_app(fake_app: list, tmp_path: Path) -> None:
-    argv = ["serve", "--data-dir", str(tmp_path), "--http-port", "3100", "--grpc-port", "50100"]
+    argv = ["serve", "--model", str(tmp_path), "--data-dir", str(tmp_path), "--http-port", "3100",
+            "--grpc-port", "50100"]  # fmt: skip
     assert run(argv) == 0
     [(config, kwargs)] = fake_app
     assert (config.data_dir, config.http_port, config.grpc_port) == (tmp_path, 3100, 50100)
@@ -129,10 +130,31 @@ def test_serve_builds_the_config_and_runs_the_app(fake_app: list, tmp_path: Path
 
 
 def test_up_runs_the_app_with_the_learner(fake_app: list) -> None:
-    assert run(["up", "--max-n", "8"]) == 0
+    assert run(["up", "--model", "m", "--max-n", "8"]) == 0
     [(config, kwargs)] = fake_app
     assert config.max_n == 8
     assert kwargs == {"up": True}
+
+
+def test_without_a_model_the_demo_is_built_and_served_with_its_reward_and_corpus(
+    fake_app: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flywheel_demo import model as demo
+
+    built = demo.DemoModel(tmp_path / "model", tmp_path / "reward-init", tmp_path / "p.txt", {})
+    for directory in ("model", "reward-init", "mine"):
+        (tmp_path / directory).mkdir()
+    (tmp_path / "p.txt").write_text("a a\n")
+    monkeypatch.setattr(demo, "ensure_demo_model", lambda data_dir, progress: built)
+    assert run(["up", "--data-dir", str(tmp_path)]) == 0
+    assert run(["up", "--data-dir", str(tmp_path), "--reward", str(tmp_path / "mine")]) == 0
+    (first, _), (second, _) = fake_app
+    assert (first.model, first.reward, first.pretraining) == built[:3]
+    assert (second.model, second.reward, second.pretraining) == (
+        built.model_dir,
+        tmp_path / "mine",
+        built.pretraining,
+    )
 
 
 def test_serve_with_an_invalid_config_exits_2(

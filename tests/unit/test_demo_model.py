@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flywheel_learner import modeling
-from flywheel_learner.demo_model import (
+from flywheel_demo.model import (
     BUILD_INFO,
     DemoModelConfig,
     build_tiny_model,
@@ -13,7 +12,8 @@ from flywheel_learner.demo_model import (
     ensure_demo_model,
     policy_accuracy,
 )
-from flywheel_learner.demo_task import Example
+from flywheel_demo.task import Example
+from flywheel_model import adapters, loading
 
 pytestmark = pytest.mark.unit
 
@@ -37,7 +37,7 @@ SMALL = DemoModelConfig(
 
 def test_tiny_model_is_a_local_hf_directory(tmp_path: Path) -> None:
     directory = build_tiny_model(tmp_path / "tiny")
-    model, tokenizer = modeling.load_base(directory)
+    model, tokenizer = loading.load_base(directory)
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.eos_token_id == tokenizer.eos_token_id
     assert any(directory.glob("*.safetensors"))
@@ -62,7 +62,7 @@ def test_config_hash_changes_with_the_config() -> None:
 
 
 def test_policy_accuracy_scores_each_task(tmp_path: Path) -> None:
-    model, tokenizer = modeling.load_base(build_tiny_model(tmp_path / "tiny"))
+    model, tokenizer = loading.load_base(build_tiny_model(tmp_path / "tiny"))
     examples = [Example("add", "add: 1 + 2", "3"), Example("reverse", "reverse: abc", "cba")]
     scores = policy_accuracy(model, tokenizer, examples)
     assert set(scores) == {"all", "add", "reverse"}
@@ -76,8 +76,8 @@ def test_ensure_builds_once_then_reuses_the_cache(tmp_path: Path) -> None:
     assert info == demo.info
     assert set(info["policy_accuracy"]) >= {"all"}
     assert 0.0 <= info["reward_held_out_accuracy"] <= 1.0
-    assert info["tokens"]["eos"] == modeling.load_base(demo.model_dir)[1].eos_token_id
-    assert modeling.read_adapter_meta(demo.reward_dir)["base_model"] == modeling.base_fingerprint(
+    assert info["tokens"]["eos"] == loading.load_base(demo.model_dir)[1].eos_token_id
+    assert adapters.read_adapter_meta(demo.reward_dir)["base_model"] == loading.base_fingerprint(
         demo.model_dir
     )
     assert [p.name for p in (tmp_path / "models").iterdir()] == [demo.model_dir.parent.name]

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from flywheel_learner import demo_task
-from flywheel_learner.demo_task import Example, check, demonstrations, preference_pairs
+from flywheel_demo import task as demo_task
+from flywheel_demo.task import Example, check, demonstrations, preference_pairs
 
 pytestmark = pytest.mark.unit
 

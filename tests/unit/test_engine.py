@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from flywheel_server.domain import Sampling
-from flywheel_server.engine import EngineRequest, TokenEvent, TorchEngine, merge_events
+from flywheel_server.engine import TorchEngine, merge_events
+from flywheel_server.engine_api import EngineRequest, TokenEvent
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
 from tests.support import make_adapter
 
@@ -32,7 +33,7 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flywheel_learner.demo_model import build_tiny_model
+    from flywheel_demo.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("engine-model") / "tiny", seed=0)
 
@@ -79,9 +80,9 @@ def copy_adapter(adapter_dir: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def base_greedy(model_dir: Path, engine: TorchEngine) -> tuple[list[int], str]:
     """Greedy completion of PROMPT by transformers' own generate loop: the oracle for the engine."""
-    from flywheel_learner import modeling
+    from flywheel_model import loading
 
-    model, tokenizer = modeling.load_base(model_dir)
+    model, tokenizer = loading.load_base(model_dir)
     ids = torch.tensor([engine.encode(PROMPT)])
     with torch.no_grad():
         out = model.generate(
@@ -316,7 +317,7 @@ async def test_an_adapter_for_another_base_model_is_refused(
     with pytest.raises(AdapterRefused) as info:
         await fresh_engine.load_adapter("policy-v2", other, reward=False)
     assert info.value.message == (
-        f"adapter policy-v2 was trained on base model other; this server serves {fresh_engine.base_model}"
+        f"adapter policy-v2 was trained on base model other, not on {fresh_engine.base_model}"
     )
     assert fresh_engine.adapters == []
 

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from flywheel_client import cli
-from flywheel_client.errors import Conflict, InvalidArgument, NotFound, Overloaded
-from flywheel_client.labelers import (
+from flywheel_cli import main as cli
+from flywheel_cli.labelers import (
     Contains,
     Correct,
     Incorrect,
@@ -25,6 +24,7 @@ from flywheel_client.labelers import (
     prompt_text,
     tiers_by_key,
 )
+from flywheel_client.errors import Conflict, InvalidArgument, NotFound, Overloaded
 from flywheel_client.ranking import as_tiers
 from flywheel_client.types import Comparison, Completion, RankingReceipt
 
@@ -349,7 +349,7 @@ def test_simulate_reports_an_unreachable_server(capsys: pytest.CaptureFixture[st
 def test_labelers_import_without_torch() -> None:
     code = (
         "import sys, itertools\n"
-        "from flywheel_client.labelers import demo_prompts, preference_from_spec\n"
+        "from flywheel_cli.labelers import demo_prompts, preference_from_spec\n"
         "m = next(demo_prompts(0))[0]['content']\n"
         "preference_from_spec('correct').key(m, 'x')\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flywheel_learner import lean_forward, modeling
+from flywheel_model import adapters, llama, scoring
 from tests.support import LLAMA_SHAPES, TINY_VOCAB, tiny_causal_lm
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 VOCAB = TINY_VOCAB
-PROJECTIONS = list(lean_forward.PROJECTIONS)
+PROJECTIONS = list(llama.PROJECTIONS)
 tiny = tiny_causal_lm
 
 
@@ -53,10 +53,10 @@ def oracle(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tor
 def assert_same(model: torch.nn.Module, atol: float = 1e-5) -> None:
     """Lean states and LoRA gradients equal transformers' at every real token."""
     ids, mask = batch()
-    weights = lean_forward.read(model)  # raises if the lean forward cannot run this model
+    weights = llama.read(model)  # raises if the lean forward cannot run this model
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     real = mask.bool()
-    got, want = lean_forward.final_hidden(weights, ids)[real], oracle(model, ids, mask)[real]
+    got, want = llama.final_hidden(weights, ids)[real], oracle(model, ids, mask)[real]
     torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
     if params:
         probe = torch.randn_like(want)
@@ -87,7 +87,7 @@ def test_the_active_adapter_is_the_one_computed_and_its_own_final_norm_is_used()
 
     peft = with_lora(tiny(), "reward")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS,
-                        modules_to_save=[modeling.FINAL_NORM])  # fmt: skip
+                        modules_to_save=[adapters.FINAL_NORM])  # fmt: skip
     peft.add_adapter("policy", config)
     randomise(peft)
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_lora_dropout_draws_as_peft_does() -> None:
     peft = with_lora(tiny(), lora_dropout=0.5).train()
     ids, mask = batch()
     torch.manual_seed(7)
-    got = lean_forward.final_hidden(lean_forward.read(peft), ids)
+    got = llama.final_hidden(llama.read(peft), ids)
     torch.manual_seed(7)
     want = oracle(peft, ids, mask)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-4)
@@ -110,15 +110,15 @@ def test_lora_dropout_draws_as_peft_does() -> None:
 def test_shared_prompt_rows_match_each_sequence_alone() -> None:
     """One row `p | a | b` with positions and a mask equals `p + a` and `p + b` alone."""
     peft = with_lora(tiny())
-    weights = lean_forward.read(peft)
+    weights = llama.read(peft)
     p, a, b = [5, 6, 7], [8, 9], [10, 11, 12]
     row = torch.tensor([p + a + b])
     positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5]])
     seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
     mask = torch.ones(8, 8).tril().bool() & ((seg[None] == 0) | (seg[None] == seg[:, None]))
-    got = lean_forward.final_hidden(weights, row, positions, mask[None])[0]
-    alone_a = lean_forward.final_hidden(weights, torch.tensor([p + a]))[0]
-    alone_b = lean_forward.final_hidden(weights, torch.tensor([p + b]))[0]
+    got = llama.final_hidden(weights, row, positions, mask[None])[0]
+    alone_a = llama.final_hidden(weights, torch.tensor([p + a]))[0]
+    alone_b = llama.final_hidden(weights, torch.tensor([p + b]))[0]
     torch.testing.assert_close(got[:5], alone_a, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[5:], alone_b[3:], atol=1e-5, rtol=1e-4)
 
@@ -127,24 +127,24 @@ def test_what_it_cannot_run_is_refused_and_score_falls_back_to_transformers() ->
     from peft import LoraConfig
 
     dora = with_lora(tiny(), use_dora=True)
-    with pytest.raises(lean_forward.Unsupported, match="LoRA variant"):
-        lean_forward.read(dora)
+    with pytest.raises(llama.Unsupported, match="LoRA variant"):
+        llama.read(dora)
     two = with_lora(tiny())
     two.add_adapter("other", LoraConfig(r=4, target_modules=PROJECTIONS))
     two.base_model.set_adapter(["reward", "other"])
-    with pytest.raises(lean_forward.Unsupported, match="2 adapters are active"):
-        lean_forward.read(two)
+    with pytest.raises(llama.Unsupported, match="2 adapters are active"):
+        llama.read(two)
     merged = with_lora(tiny())
     merged.merge_adapter()
-    with pytest.raises(lean_forward.Unsupported, match="merged"):
-        lean_forward.read(merged)
-    with pytest.raises(lean_forward.Unsupported, match="sliding-window"):
-        lean_forward.read(tiny("mistral", sliding_window=4))
-    # modeling.final_hidden serves them all through transformers' forward instead.
+    with pytest.raises(llama.Unsupported, match="merged"):
+        llama.read(merged)
+    with pytest.raises(llama.Unsupported, match="sliding-window"):
+        llama.read(tiny("mistral", sliding_window=4))
+    # scoring.final_hidden serves them all through transformers' forward instead.
     ids, mask = batch()
     with torch.no_grad():
         for model in (dora, two, merged):
-            got = modeling.final_hidden(model, ids, mask)
+            got = scoring.final_hidden(model, ids, mask)
             torch.testing.assert_close(got, oracle(model, ids, mask))
 
 
@@ -154,7 +154,7 @@ def test_left_padded_rows_take_transformers_forward() -> None:
     ids, right = batch()
     left = right.flip(1)  # the same lengths, padding first
     with torch.no_grad():
-        got = modeling.final_hidden(peft, ids, left)
+        got = scoring.final_hidden(peft, ids, left)
         torch.testing.assert_close(got[left.bool()], oracle(peft, ids, left)[left.bool()])
-        lean = lean_forward.final_hidden(lean_forward.read(peft), ids)
+        lean = llama.final_hidden(llama.read(peft), ids)
     assert not torch.allclose(lean[left.bool()], got[left.bool()], atol=1e-3)

@@ -19,8 +19,10 @@ from flywheel_learner.checkpoint import (
     load_state,
     save_state,
 )
+from flywheel_learner.config import LEARNER_PPO, LearnerConfig
 from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
 from flywheel_learner.loop import held_out, kv, should_wake
+from flywheel_learner.ppo_config import PPOConfig
 from flywheel_learner.publishing import archive_sha256, publish, recover
 
 pytestmark = pytest.mark.unit
@@ -30,8 +32,10 @@ pytestmark = pytest.mark.unit
 THRESHOLDS = GateThresholds(min_reward_gain=0.1, max_kl=5.0, max_ptx_rise=0.2)
 
 
-def metrics(gain: float = 0.5, kl: float = 1.0, rise: float = 0.0) -> EvalMetrics:
-    return EvalMetrics(1.0 + gain, 1.0, kl, 2.0 + rise, 2.0, 0.7, 0.6, 100)
+def metrics(
+    gain: float = 0.5, kl: float = 1.0, rise: float = 0.0, greedy: float = 0.5
+) -> EvalMetrics:
+    return EvalMetrics(1.0 + gain, 1.0, 1.0 + greedy, 1.0, kl, 2.0 + rise, 2.0, 0.1)
 
 
 def test_gate_passes_a_safe_improvement() -> None:
@@ -45,6 +49,8 @@ def test_gate_passes_a_safe_improvement() -> None:
         (metrics(kl=5.5), "KL"),
         (metrics(rise=0.3), "pretraining loss"),
         (metrics(gain=math.nan), "reward gain"),
+        (metrics(greedy=-0.01), "greedy answers"),
+        (metrics(greedy=math.nan), "greedy answers"),
         (metrics(kl=math.nan), "KL"),
     ],
 )
@@ -54,9 +60,10 @@ def test_gate_names_each_failed_check(m: EvalMetrics, word: str) -> None:
 
 
 def test_gate_lists_every_failure_and_bounds_are_inclusive() -> None:
-    passed, reasons = gate(metrics(gain=-1.0, kl=9.0, rise=1.0), THRESHOLDS)
-    assert not passed and len(reasons) == 3
-    assert gate(EvalMetrics(1.5, 1.0, 5.0, 2.5, 2.0, 0.6, 0.6, 9), GateThresholds(0.5, 5.0, 0.5))[0]
+    passed, reasons = gate(metrics(gain=-1.0, kl=9.0, rise=1.0, greedy=-1.0), THRESHOLDS)
+    assert not passed and len(reasons) == 4
+    at_bounds = EvalMetrics(1.5, 1.0, 1.25, 1.0, 5.0, 2.5, 2.0, 0.0)
+    assert gate(at_bounds, GateThresholds(0.5, 0.25, 5.0, 0.5))[0]
 
 
 def test_gate_thresholds_are_validated() -> None:
@@ -64,9 +71,36 @@ def test_gate_thresholds_are_validated() -> None:
         GateThresholds(max_kl=-1.0)
 
 
+def test_the_learner_aims_its_kl_below_the_gates_bound(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    config = LearnerConfig(server="127.0.0.1:1", model_dir=tmp_path, work_dir=tmp_path / "w")
+    assert config.ppo.adaptive_kl and config.ppo.kl_target < config.gate.max_kl
+    with pytest.raises(ValueError, match=r"kl_target .* must be below the gate's max_kl"):
+        LearnerConfig(
+            server="127.0.0.1:1",
+            model_dir=tmp_path,
+            work_dir=tmp_path / "w",
+            ppo=LEARNER_PPO,
+            gate=GateThresholds(max_kl=LEARNER_PPO.kl_target),
+            kl_stop=1.0,
+        )
+    with pytest.raises(ValueError, match=r"kl_stop .* at most the gate's max_kl"):
+        LearnerConfig(
+            server="127.0.0.1:1", model_dir=tmp_path, work_dir=tmp_path / "w", kl_stop=21.0
+        )
+
+
+def test_an_adaptive_kl_controller_resumes_from_a_saved_beta() -> None:
+    adaptive = PPOConfig(beta=0.1, adaptive_kl=True)
+    assert adaptive.kl_controller().beta == 0.1
+    assert adaptive.kl_controller(0.37).beta == 0.37
+    assert PPOConfig(beta=0.1).kl_controller(0.37).beta == 0.1  # a fixed beta stays fixed
+
+
 def test_metrics_dict_has_derived_values() -> None:
     d = metrics(gain=0.5, rise=0.25).as_dict()
     assert d["reward_gain"] == pytest.approx(0.5) and d["ptx_rise"] == pytest.approx(0.25)
+    assert d["greedy_reward_gain"] == pytest.approx(0.5)
 
 
 def test_should_wake() -> None:
@@ -290,14 +324,33 @@ def test_recovery_without_pending_does_nothing(tmp_path: Path) -> None:
 def test_learn_cli_rejects_a_missing_model_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flywheel_client.cli import main
+    from flywheel_cli.main import main
 
     assert main(["learn", "--model", str(tmp_path / "nope"), "--server", "127.0.0.1:1"]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
 
 
+def test_learn_cli_aims_at_half_the_kl_bound_and_refuses_a_target_beyond_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from flywheel_cli.main import main
+    from flywheel_learner import loop
+
+    (tmp_path / "config.json").write_text("{}")
+    argv = ["learn", "--model", str(tmp_path), "--server", "127.0.0.1:1", "--max-kl", "8"]
+    assert main([*argv, "--kl-target", "9"]) == 2
+    assert "must be below the gate's max_kl (8.0)" in capsys.readouterr().err
+    seen: list[LearnerConfig] = []
+    monkeypatch.setattr(loop, "run", lambda config: seen.append(config) or 0)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    assert main(argv) == 0
+    assert seen[0].ppo.kl_target == 4.0 and seen[0].stop_kl == pytest.approx(6.4)
+
+
 def test_learn_cli_help_explains_the_loop(capsys: pytest.CaptureFixture[str]) -> None:
-    from flywheel_client.cli import main
+    from flywheel_cli.main import main
 
     with pytest.raises(SystemExit):
         main(["learn", "--help"])

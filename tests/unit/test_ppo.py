@@ -8,24 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flywheel_learner import modeling
-from flywheel_learner.demo_model import build_tiny_model, chat_prompt
-from flywheel_learner.ppo import (
-    PPOConfig,
-    PtxBatch,
-    Rollout,
-    SharedBaseModels,
-    collect_rollout,
-    demo_pretraining_texts,
-    make_optimizer,
-    optimise,
-    ppo_step,
-    ptx_batches,
-    read_pretraining_texts,
-    response_mask,
-    save_policy,
-)
+from flywheel_demo.model import build_tiny_model, chat_prompt
+from flywheel_demo.task import pretraining_texts
+from flywheel_learner.ppo import Rollout, collect_rollout, optimise, ppo_step, response_mask
+from flywheel_learner.ppo_config import PPOConfig
+from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer, save_policy
+from flywheel_learner.ptx_data import PtxBatch, ptx_batches, read_pretraining_texts
 from flywheel_learner.reward import RewardConfig, add_reward_adapter
+from flywheel_model import adapters, loading, scoring
 
 pytestmark = pytest.mark.unit
 
@@ -59,17 +49,17 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reward_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random (non-zero) reward LoRA + head in modeling.save_adapter's format."""
-    model, _ = modeling.load_base(base_dir)
+    """A random (non-zero) reward LoRA + head in adapters.save_adapter's format."""
+    model, _ = loading.load_base(base_dir)
     torch.manual_seed(1)
     peft_model = add_reward_adapter(model, RewardConfig(r=4, alpha=8), "reward")
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    head = modeling.ScoreHead(model.config.hidden_size)
+    head = scoring.ScoreHead(model.config.hidden_size)
     out = tmp_path_factory.mktemp("rm") / "reward"
-    return modeling.save_adapter(
-        peft_model, "reward", out, head=head, base_model=modeling.base_fingerprint(base_dir)
+    return adapters.save_adapter(
+        peft_model, "reward", out, head=head, base_model=loading.base_fingerprint(base_dir)
     )
 
 
@@ -83,7 +73,7 @@ def prompts(models: SharedBaseModels) -> list[str]:
 
 def ptx_batch(models: SharedBaseModels) -> PtxBatch:
     rng = random.Random(0)
-    return next(ptx_batches(models.tokenizer, demo_pretraining_texts(rng, 8), 4, 32, rng))
+    return next(ptx_batches(models.tokenizer, pretraining_texts(rng, 8), 4, 32, rng))
 
 
 def snapshot(models: SharedBaseModels) -> dict[str, torch.Tensor]:
@@ -114,7 +104,7 @@ def test_one_copy_of_the_base_weights_shared_by_every_role(
     base_dir: Path, reward_dir: Path
 ) -> None:
     models = build(base_dir, reward_dir)
-    plain, _ = modeling.load_base(base_dir)
+    plain, _ = loading.load_base(base_dir)
     own = ("lora_", "modules_to_save.")  # adapters' weights, not the base's
     base = {n: p for n, p in models.peft.named_parameters() if not any(o in n for o in own)}
     # one base parameter per parameter of the plain model: no second copy for policy or value
@@ -137,7 +127,7 @@ def test_reference_logprobs_are_the_base_models_own(base_dir: Path, reward_dir: 
     models = build(base_dir, reward_dir)
     torch.manual_seed(0)
     rollout = collect_rollout(models, prompts(models), CONFIG, CONFIG.beta)
-    plain, _ = modeling.load_base(base_dir)
+    plain, _ = loading.load_base(base_dir)
     positions = (rollout.attention.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = plain(
@@ -312,10 +302,10 @@ def test_saved_policy_loads_with_plain_peft(
     models = build(base_dir, reward_dir)
     run_step(models, CONFIG, ptx_batch(models))
     out = save_policy(models, tmp_path / "policy", base_dir)
-    assert json.loads((out / modeling.FLYWHEEL_META).read_text()) == {
-        "base_model": modeling.base_fingerprint(base_dir)
+    assert json.loads((out / adapters.FLYWHEEL_META).read_text()) == {
+        "base_model": loading.base_fingerprint(base_dir)
     }
-    plain, _ = modeling.load_base(base_dir)
+    plain, _ = loading.load_base(base_dir)
     loaded = PeftModel.from_pretrained(plain, str(out))
     ids = models.tokenizer(prompts(models), padding=True, return_tensors="pt")["input_ids"][:, -6:]
     attention = torch.ones_like(ids)
@@ -350,9 +340,9 @@ def test_pretraining_texts_from_txt_and_jsonl(tmp_path: Path) -> None:
 
 
 def test_ptx_batches_are_right_padded_and_end_with_eos(base_dir: Path) -> None:
-    _, tokenizer = modeling.load_base(base_dir)
+    _, tokenizer = loading.load_base(base_dir)
     rng = random.Random(0)
-    batches = ptx_batches(tokenizer, demo_pretraining_texts(rng, 5), 4, 64, rng)
+    batches = ptx_batches(tokenizer, pretraining_texts(rng, 5), 4, 64, rng)
     seen = [next(batches) for _ in range(3)]  # 12 rows from 5 texts: reshuffled passes
     for batch in seen:
         lengths = batch.attention_mask.sum(dim=1)
@@ -363,7 +353,7 @@ def test_ptx_batches_are_right_padded_and_end_with_eos(base_dir: Path) -> None:
 
 
 def test_ptx_scores_whole_documents_but_only_the_continuation_of_pairs(base_dir: Path) -> None:
-    _, tokenizer = modeling.load_base(base_dir)
+    _, tokenizer = loading.load_base(base_dir)
     rng = random.Random(0)
     context = len(tokenizer("add: 1 + 2\n", add_special_tokens=False)["input_ids"])
     pair = next(ptx_batches(tokenizer, [("add: 1 + 2\n", "3")], 1, 64, rng))

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flywheel_learner import lean_forward, modeling, prompt_sharing, reward
-from flywheel_learner.demo_model import build_tiny_model
+from flywheel_demo.model import build_tiny_model
+from flywheel_learner import prompt_sharing, reward
 from flywheel_learner.losses import ranking_loss
+from flywheel_model import llama, loading, scoring
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -35,14 +36,14 @@ def test_the_shared_prefix_stops_where_the_first_response_starts() -> None:
 
 @pytest.mark.parametrize("max_length", [64, 6])  # 6 cuts prompts from the left, unequally
 def test_rewards_and_gradients_equal_one_row_per_completion(tiny_dir: Path, max_length) -> None:
-    model, tok = modeling.load_base(tiny_dir)
+    model, tok = loading.load_base(tiny_dir)
     config = reward.RewardConfig(r=4, alpha=8)
     peft = reward.add_reward_adapter(model, config, "reward")
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    head = modeling.ScoreHead(peft.config.hidden_size, likelihood=0.7)
+    head = scoring.ScoreHead(peft.config.hidden_size, likelihood=0.7)
     encoded = reward.encode_rankings(tok, RANKINGS, max_length)
     flat = reward.collate_rankings(encoded, tok.pad_token_id)
     shared = prompt_sharing.collate(encoded, tok.pad_token_id)
@@ -50,7 +51,7 @@ def test_rewards_and_gradients_equal_one_row_per_completion(tiny_dir: Path, max_
     assert shared.tiers.tolist() == flat.tiers.tolist()
     assert shared.group.tolist() == flat.group.tolist()
     params = [p for p in peft.parameters() if p.requires_grad] + list(head.parameters())
-    got = prompt_sharing.score(peft, lean_forward.read(peft), head, shared)
+    got = prompt_sharing.score(peft, llama.read(peft), head, shared)
     want = reward.score_batch(peft, head, flat)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     g_got = torch.autograd.grad(ranking_loss(got, shared.tiers, shared.group), params)
@@ -65,15 +66,15 @@ def test_the_fit_shares_prompts_and_learns_as_without(tiny_dir: Path, monkeypatc
     calls = []
     shared_score = prompt_sharing.score
     monkeypatch.setattr(prompt_sharing, "score", lambda *a: calls.append(1) or shared_score(*a))
-    model, tok = modeling.load_base(tiny_dir)
+    model, tok = loading.load_base(tiny_dir)
     with_sharing = reward.fit_reward_model(model, tok, data, config, progress=False)
     assert len(calls) == config.steps
 
     def refuse(model: object) -> None:
-        raise lean_forward.Unsupported("not here")
+        raise llama.Unsupported("not here")
 
-    monkeypatch.setattr(lean_forward, "read", refuse)
-    model, tok = modeling.load_base(tiny_dir)
+    monkeypatch.setattr(llama, "read", refuse)
+    model, tok = loading.load_base(tiny_dir)
     without = reward.fit_reward_model(model, tok, data, config, progress=False)
     assert len(calls) == config.steps  # this fit took one row per completion
     assert with_sharing.train_loss == pytest.approx(without.train_loss, rel=1e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from flywheel_server.domain import AdapterVersion
@@ -211,3 +213,18 @@ def test_refresh_takes_states_from_the_store_for_loaded_versions() -> None:
     ]
     # The other alias is untouched.
     assert states(r, "reward") == [("reward-v1", "live")]
+
+
+async def test_a_version_is_idle_once_its_last_request_releases_it() -> None:
+    reg = AdapterRegistry("base")
+    reg.acquire(["policy-v1", "policy-v1", None])  # None: the base model, never counted
+    assert reg.in_use("policy-v1") == 2
+    waiting = asyncio.create_task(reg.idle("policy-v1"))
+    reg.release(["policy-v1"])
+    await asyncio.sleep(0)
+    assert not waiting.done()  # one request still runs on it
+    reg.acquire(["policy-v1"])  # a new one joins before the last leaves
+    reg.release(["policy-v1", "policy-v1", None])
+    await asyncio.wait_for(waiting, timeout=1)
+    assert reg.in_use("policy-v1") == 0
+    await asyncio.wait_for(reg.idle("policy-v1"), timeout=1)  # idle already: returns at once

@@ -4,16 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flywheel_learner import modeling
-from flywheel_learner.demo_model import build_tiny_model
+from flywheel_demo.model import build_tiny_model
 from flywheel_learner.reward import (
     RewardConfig,
     fit_reward_model,
-    make_batch,
     normalise_head_bias,
-    score_batch,
     split_held_out,
 )
+from flywheel_model import adapters, loading, scoring
+from flywheel_model.scoring import make_batch, score_batch
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +34,7 @@ def rankings(n: int) -> list[tuple[str, list[list[str]]]]:
 
 @pytest.fixture(scope="module")
 def fit(tiny_dir: Path):
-    model, tokenizer = modeling.load_base(tiny_dir)
+    model, tokenizer = loading.load_base(tiny_dir)
     return fit_reward_model(model, tokenizer, rankings(32), CONFIG, progress=False), tokenizer
 
 
@@ -55,7 +54,7 @@ def test_config_rejects_bad_values(field: str, value: object, message: str) -> N
 
 
 def test_batch_has_one_row_per_completion_with_tiers_and_groups(tiny_dir: Path) -> None:
-    _, tokenizer = modeling.load_base(tiny_dir)
+    _, tokenizer = loading.load_base(tiny_dir)
     batch = make_batch(tokenizer, rankings(2), max_length=64)
     assert batch.tiers.tolist() == [0, 1, 1, 2, 0, 1, 1, 2]
     assert batch.group.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -83,7 +82,7 @@ def test_base_weights_stay_frozen(fit) -> None:
 
 
 def test_rankings_without_a_pair_are_rejected(tiny_dir: Path) -> None:
-    model, tokenizer = modeling.load_base(tiny_dir)
+    model, tokenizer = loading.load_base(tiny_dir)
     with pytest.raises(ValueError, match="ranking 0 must hold at least two non-empty tiers"):
         fit_reward_model(model, tokenizer, [("p", [["a", "b"]])], CONFIG, progress=False)
 
@@ -102,14 +101,14 @@ def test_saved_adapter_loads_with_plain_peft(fit, tiny_dir: Path, tmp_path: Path
     from peft import PeftModel
 
     result, tokenizer = fit
-    out = modeling.save_adapter(
+    out = adapters.save_adapter(
         result.model, "reward", tmp_path / "reward", head=result.head,
-        base_model=modeling.base_fingerprint(tiny_dir),
+        base_model=loading.base_fingerprint(tiny_dir),
     )  # fmt: skip
-    assert modeling.read_adapter_meta(out)["base_model"] == modeling.base_fingerprint(tiny_dir)
-    base, _ = modeling.load_base(tiny_dir)
+    assert adapters.read_adapter_meta(out)["base_model"] == loading.base_fingerprint(tiny_dir)
+    base, _ = loading.load_base(tiny_dir)
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
-    head = modeling.ScoreHead.load(out, base.config.hidden_size)
+    head = scoring.ScoreHead.load(out, base.config.hidden_size)
     batch = make_batch(tokenizer, rankings(2), max_length=64)
     with torch.no_grad():
         fresh = score_batch(loaded, head, batch)
@@ -119,14 +118,14 @@ def test_saved_adapter_loads_with_plain_peft(fit, tiny_dir: Path, tmp_path: Path
 
 def test_warm_start_begins_from_the_saved_model(fit, tiny_dir: Path, tmp_path: Path) -> None:
     result, tokenizer = fit
-    saved = modeling.save_adapter(result.model, "reward", tmp_path / "rm", head=result.head)
+    saved = adapters.save_adapter(result.model, "reward", tmp_path / "rm", head=result.head)
     batch = make_batch(tokenizer, rankings(2), max_length=64)
     # lr ~ 0: the warm-started model scores as the saved one does, a fresh one does not.
     still = RewardConfig(steps=2, lr=1e-12, r=4, alpha=8, batch_rankings=8, warmup=1)
     warm = fit_reward_model(
-        modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), still, init=saved, progress=False
+        loading.load_base(tiny_dir)[0], tokenizer, rankings(8), still, init=saved, progress=False
     )
-    cold = fit_reward_model(modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), still,
+    cold = fit_reward_model(loading.load_base(tiny_dir)[0], tokenizer, rankings(8), still,
                             progress=False)  # fmt: skip
     with torch.no_grad():
         before = score_batch(result.model, result.head, batch)
@@ -139,10 +138,10 @@ def test_warm_start_begins_from_the_saved_model(fit, tiny_dir: Path, tmp_path: P
 
 def test_warm_start_from_another_lora_shape_starts_fresh(fit, tiny_dir: Path, tmp_path: Path):
     result, tokenizer = fit
-    saved = modeling.save_adapter(result.model, "reward", tmp_path / "rm", head=result.head)
+    saved = adapters.save_adapter(result.model, "reward", tmp_path / "rm", head=result.head)
     other = RewardConfig(steps=2, r=8, alpha=8, batch_rankings=8, warmup=1)
     refit = fit_reward_model(
-        modeling.load_base(tiny_dir)[0], tokenizer, rankings(8), other, init=saved, progress=False
+        loading.load_base(tiny_dir)[0], tokenizer, rankings(8), other, init=saved, progress=False
     )
     assert not refit.warm_start
 
@@ -157,14 +156,14 @@ def test_max_epochs_caps_the_steps(max_epochs: float | None, rankings: int, step
 
 
 def test_a_capped_fit_runs_the_capped_steps(tiny_dir: Path) -> None:
-    model, tokenizer = modeling.load_base(tiny_dir)
+    model, tokenizer = loading.load_base(tiny_dir)
     capped = RewardConfig(steps=300, r=4, alpha=8, batch_rankings=4, held_out=0.1, max_epochs=1)
     result = fit_reward_model(model, tokenizer, rankings(10), capped, progress=False)
     assert result.steps == 3  # 9 training rankings (1 held out), 4 per step, one pass
 
 
 def test_the_learners_refit_budget_grows_with_the_data(tiny_dir: Path) -> None:
-    from flywheel_learner.loop import LearnerConfig
+    from flywheel_learner.config import LearnerConfig
 
     config = LearnerConfig(server="127.0.0.1:1", model_dir=tiny_dir, work_dir=Path("w"))
     assert config.reward.max_epochs == 8.0 and config.reward.eval_every > 0

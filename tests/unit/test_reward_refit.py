@@ -1,4 +1,4 @@
-"""Issue 15: a reward refit the rankings can overrule, validation, and the human-anchored gate."""
+"""Issue 15: a reward refit the rankings can overrule, validation, and the judge the gate asks."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flywheel_learner import modeling
-from flywheel_learner.agreement import agreement, ranked_pairs, sequence_logprobs
-from flywheel_learner.demo_model import build_tiny_model
+from flywheel_demo.model import build_tiny_model
 from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
+from flywheel_learner.judge import fit_judge
 from flywheel_learner.reward import (
     HeldOutScore,
     RewardConfig,
@@ -28,6 +27,7 @@ from flywheel_learner.reward_refit import (
     refit,
     split_rankings,
 )
+from flywheel_model import loading, scoring
 
 pytestmark = pytest.mark.unit
 
@@ -56,57 +56,29 @@ def test_validation_needs_enough_pairs_and_accuracy() -> None:
         Validation(min_accuracy=1.5)
 
 
-def test_ranked_pairs_keep_ties_as_ties() -> None:
-    flat = ranked_pairs([("p", [["a"], ["b", "c"], ["d"]])])
-    assert flat.items == [("p", "a"), ("p", "b"), ("p", "c"), ("p", "d")]
-    assert sorted(flat.pairs) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]  # no (1, 2)
+def metrics(gain: float, judge: float) -> EvalMetrics:
+    return EvalMetrics(1.0 + gain, 1.0, 1.0 + gain, 1.0, 1.0, 2.0, 2.0, judge)
 
 
-def test_agreement_counts_ties_half() -> None:
-    scores = torch.tensor([3.0, 1.0, 1.0, 2.0])
-    assert agreement(scores, [(0, 1), (1, 2), (3, 0)]) == pytest.approx((1 + 0.5 + 0) / 3)
-    assert math.isnan(agreement(scores, []))
-
-
-def metrics(gain: float, ours: float, live: float, pairs: int = 200) -> EvalMetrics:
-    return EvalMetrics(1.0 + gain, 1.0, 1.0, 2.0, 2.0, ours, live, pairs)
-
-
-def test_gate_refuses_what_the_reward_model_favours_but_the_labelers_do_not() -> None:
+def test_gate_refuses_what_the_reward_model_favours_but_the_judge_does_not() -> None:
     thresholds = GateThresholds(min_reward_gain=0.1)
-    assert gate(metrics(gain=2.0, ours=0.70, live=0.65), thresholds) == (True, [])
-    passed, reasons = gate(metrics(gain=2.0, ours=0.60, live=0.65), thresholds)
+    assert gate(metrics(gain=2.0, judge=0.3), thresholds) == (True, [])
+    assert gate(metrics(gain=2.0, judge=0.0), thresholds) == (True, [])  # bounds are inclusive
+    passed, reasons = gate(metrics(gain=2.0, judge=-0.2), thresholds)
     assert not passed and reasons == [
-        "agreement with held-out human pairs 0.600 is below the live policy's 0.650"
+        "the judge, fitted on held-out rankings the reward model never saw, scores its answers "
+        "-0.2 against the live policy's, below the minimum 0"
     ]
-    passed, reasons = gate(metrics(gain=2.0, ours=0.45, live=0.5), thresholds)
-    assert not passed and "is not above 0.500" in reasons[0]
-    passed, reasons = gate(metrics(gain=2.0, ours=0.9, live=0.5, pairs=0), thresholds)
-    assert not passed and reasons == ["no held-out human rankings to check the candidate against"]
-    tolerant = GateThresholds(min_reward_gain=0.1, max_agreement_drop=0.1)
-    assert gate(metrics(gain=2.0, ours=0.60, live=0.65), tolerant)[0]
-    unknown_live = metrics(gain=2.0, ours=0.60, live=math.nan)  # only chance to beat
-    assert gate(unknown_live, thresholds)[0]
+    passed, reasons = gate(metrics(gain=2.0, judge=math.nan), thresholds)
+    assert not passed and reasons == [
+        "no validated judge (a reward model fitted on the held-out rankings) scored it"
+    ]
+    assert gate(metrics(gain=2.0, judge=-0.2), GateThresholds(min_judge_gain=-0.5))[0]
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-def test_sequence_logprobs_equal_a_plain_forward(base_dir: Path) -> None:
-    model, tok = modeling.load_base(base_dir)
-    items = [("<|bos|><|user|>\nadd: 1 + 2\n<|assistant|>\n", "3"), ("x", "hello there")]
-    got = sequence_logprobs(model, tok, items, max_length=64, batch_size=1)
-    for (prompt, response), value in zip(items, got, strict=True):
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        r = [*tok(prompt + response, add_special_tokens=False)["input_ids"][len(p) :],
-             tok.eos_token_id]  # fmt: skip
-        ids = torch.tensor([p + r])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
-        want = sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(r))
-        assert float(value) == pytest.approx(want, abs=1e-4)
 
 
 def _rankings(n: int, prefer_long: bool, seed: int) -> list[IdentifiedRanking]:
@@ -128,18 +100,18 @@ def test_a_refit_overrules_a_prior_that_prefers_the_opposite(
     torch.manual_seed(0)
     config = RewardConfig(steps=120, r=4, alpha=8, batch_rankings=16, warmup=0, max_length=48,
                           lr=3e-3, eval_every=20, patience=3)  # fmt: skip
-    fingerprint = modeling.base_fingerprint(base_dir)
+    fingerprint = loading.base_fingerprint(base_dir)
     old_train, old_held = split_rankings(_rankings(300, prefer_long=False, seed=1), 0.2, 400)
     prior = refit(base_dir, old_train, old_held, config, tmp_path / "prior", prior=None,
                   base_model=fingerprint)  # fmt: skip
     assert prior.score.accuracy > 0.9 and prior.start == "fresh"
 
     train, held = split_rankings(_rankings(300, prefer_long=True, seed=2), 0.2, 400)
-    model, tok = modeling.load_base(base_dir)
+    model, tok = loading.load_base(base_dir)
     from peft import PeftModel
 
     loaded = PeftModel.from_pretrained(model, str(prior.directory), adapter_name="reward")
-    head = modeling.ScoreHead.load(prior.directory, model.config.hidden_size)
+    head = scoring.ScoreHead.load(prior.directory, model.config.hidden_size)
     assert held_out_score(loaded, head, tok, held, config).accuracy < 0.1  # the prior disagrees
 
     fit = refit(base_dir, train, held, config, tmp_path / "new", prior=prior.directory,
@@ -153,7 +125,7 @@ def test_a_refit_overrules_a_prior_that_prefers_the_opposite(
 
 def test_a_probed_head_reads_frozen_features_the_labelers_way(base_dir: Path) -> None:
     config = RewardConfig(batch_rankings=16, max_length=48, probe_steps=200)
-    model, tok = modeling.load_base(base_dir)
+    model, tok = loading.load_base(base_dir)
     train, held = split_rankings(_rankings(200, prefer_long=True, seed=3), 0.2, 400)
     head = probe_head(model, tok, train, config)
     assert held_out_score(model, head, tok, held, config).accuracy > 0.9
@@ -162,9 +134,9 @@ def test_a_probed_head_reads_frozen_features_the_labelers_way(base_dir: Path) ->
 
 
 def test_the_reward_scale_is_normalised_and_the_order_kept(base_dir: Path) -> None:
-    model, tok = modeling.load_base(base_dir)
+    model, tok = loading.load_base(base_dir)
     torch.manual_seed(0)
-    head = modeling.ScoreHead(model.config.hidden_size)
+    head = scoring.ScoreHead(model.config.hidden_size)
     head.linear.weight.data.mul_(40.0)  # a ranking loss on separable data grows the scale
     texts = [(f"<|user|>\nsay: {w}\n<|assistant|>\n", w * n) for w in "abcdef" for n in (1, 2, 3)]
     before = score_texts(model, head, tok, texts, 48, 8)
@@ -173,3 +145,21 @@ def test_the_reward_scale_is_normalised_and_the_order_kept(base_dir: Path) -> No
     assert old == pytest.approx(float(before.std()), rel=1e-5)
     assert float(after.std()) == pytest.approx(1.0, rel=1e-4)
     assert torch.equal(after.argsort(), before.argsort())
+
+
+def test_the_judge_learns_the_held_out_rankings_and_is_measured_on_the_others(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    config = RewardConfig(steps=60, r=4, alpha=8, batch_rankings=16, warmup=0, max_length=48,
+                          lr=3e-3, eval_every=20, patience=3)  # fmt: skip
+    held = [r.text for r in _rankings(60, prefer_long=True, seed=4)]
+    same = [r.text for r in _rankings(60, prefer_long=True, seed=5)]
+    opposite = [r.text for r in _rankings(60, prefer_long=False, seed=5)]
+    fingerprint = loading.base_fingerprint(base_dir)
+    agrees = fit_judge(base_dir, held, same, config, tmp_path / "a", window=40,
+                       base_model=fingerprint)  # fmt: skip
+    assert agrees.score.accuracy > 0.9 and agrees.score.pairs == 40  # the newest 40 measured
+    disagrees = fit_judge(base_dir, held, opposite, config, tmp_path / "b", window=40,
+                          base_model=fingerprint)  # fmt: skip
+    assert disagrees.score.accuracy < 0.1  # it learned `held`, not the rankings it is measured on
+    assert (agrees.directory / "score_head.safetensors").is_file()

@@ -6,16 +6,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flywheel_learner import modeling
-from flywheel_learner.demo_model import build_tiny_model
-from flywheel_learner.reward import make_batch, score_batch
+from flywheel_demo.model import build_tiny_model
+from flywheel_model import adapters, loading, scoring
+from flywheel_model.scoring import make_batch, score_batch
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    return modeling.load_base(build_tiny_model(tmp_path_factory.mktemp("tiny")))
+    return loading.load_base(build_tiny_model(tmp_path_factory.mktemp("tiny")))
 
 
 def test_reward_tokens_mark_where_the_response_starts(tiny: tuple) -> None:
@@ -23,7 +23,7 @@ def test_reward_tokens_mark_where_the_response_starts(tiny: tuple) -> None:
     prompt_ids = tok("q: abc\n", add_special_tokens=False)["input_ids"]
 
     def tokens(max_length: int) -> tuple[list[int], int]:
-        (got,) = modeling.reward_tokens(tok, [("q: abc\n", "xyz")], max_length)
+        (got,) = scoring.reward_tokens(tok, [("q: abc\n", "xyz")], max_length)
         return got
 
     ids, start = tokens(256)
@@ -41,9 +41,9 @@ def test_reward_tokens_mark_where_the_response_starts(tiny: tuple) -> None:
 def test_reward_tokens_of_a_list_equal_those_of_each_item_alone(tiny: tuple) -> None:
     _, tok = tiny
     texts = [("q: abc\n", "xyz"), ("question two\n", "a longer answer"), ("q: abc\n", "x")]
-    alone = [modeling.reward_tokens(tok, [t], 8)[0] for t in texts]
-    assert modeling.reward_tokens(tok, texts, 8) == alone
-    assert modeling.reward_tokens(tok, [], 8) == []
+    alone = [scoring.reward_tokens(tok, [t], 8)[0] for t in texts]
+    assert scoring.reward_tokens(tok, texts, 8) == alone
+    assert scoring.reward_tokens(tok, [], 8) == []
 
 
 def test_score_adds_the_weighted_mean_log_likelihood_of_the_response(tiny: tuple) -> None:
@@ -51,7 +51,7 @@ def test_score_adds_the_weighted_mean_log_likelihood_of_the_response(tiny: tuple
     rankings = [("q: abc\n", [["xyz"], ["x"]]), ("question two\n", [["a longer answer"]])]
     batch = make_batch(tok, rankings, max_length=64)  # right-padded rows of unequal length
     torch.manual_seed(0)
-    head = modeling.ScoreHead(model.config.hidden_size, likelihood=0.7)
+    head = scoring.ScoreHead(model.config.hidden_size, likelihood=0.7)
     with torch.no_grad():
         got = score_batch(model, head, batch)
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -77,10 +77,10 @@ def test_head_saves_its_likelihood_weight_and_older_heads_load_without_one(
 ) -> None:
     model, _ = tiny
     hidden = model.config.hidden_size
-    head = modeling.ScoreHead(hidden, likelihood=0.25)
+    head = scoring.ScoreHead(hidden, likelihood=0.25)
     head.save(tmp_path)
-    assert modeling.ScoreHead.load(tmp_path, hidden).likelihood.item() == 0.25
+    assert scoring.ScoreHead.load(tmp_path, hidden).likelihood.item() == 0.25
     # A head saved before the weight existed scores from the last token alone, as it did.
     save_file({k: v.contiguous() for k, v in head.linear.state_dict().items()},
-              str(tmp_path / modeling.SCORE_HEAD))  # fmt: skip
-    assert modeling.ScoreHead.load(tmp_path, hidden).likelihood.item() == 0.0
+              str(tmp_path / adapters.SCORE_HEAD))  # fmt: skip
+    assert scoring.ScoreHead.load(tmp_path, hidden).likelihood.item() == 0.0

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flywheel_learner import modeling
-from flywheel_learner.demo_model import build_tiny_model, chat_prompt
-from flywheel_learner.demo_task import demonstrations
+from flywheel_demo.model import build_tiny_model, chat_prompt
+from flywheel_demo.task import demonstrations
 from flywheel_learner.sft import SFTConfig, collate, encode_pair, response_nll, sft
+from flywheel_model import loading
 
 pytestmark = pytest.mark.unit
 
@@ -19,7 +19,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny(tiny_dir: Path):
-    return modeling.load_base(tiny_dir)
+    return loading.load_base(tiny_dir)
 
 
 @pytest.mark.parametrize(

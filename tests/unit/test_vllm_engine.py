@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flywheel_server.domain import Sampling
-from flywheel_server.engine import EngineRequest, TokenEvent
+from flywheel_server.engine_api import EngineRequest, TokenEvent
 from flywheel_server.errors import AdapterNotFound, InvalidRequest, Overloaded, Unavailable
 from flywheel_server.vllm_engine import (
     _error,

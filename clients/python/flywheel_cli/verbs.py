@@ -1,8 +1,5 @@
-"""The `flywheel` command line: run the server, or talk to one over gRPC.
-
-Environment variables (FLYWHEEL_SERVER, FLYWHEEL_API_KEY) are read here, when the parser is
-built, and nowhere else in the client package.
-"""
+"""The SDK's verbs on the command line: generate, compare, rank, demonstrate, score, policies,
+and simulate (a scripted labeler)."""
 
 from __future__ import annotations
 
@@ -11,89 +8,32 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from flywheel_client.errors import FlywheelError, InvalidArgument, Unauthenticated, Unavailable
-from flywheel_client.grpc_client import DEFAULT_TARGET, FlywheelClient
-from flywheel_client.labelers import Labeler, LabelStats, demo_prompts, preference_from_spec
+from flywheel_cli.args import (
+    UsageError,
+    add_connection,
+    at_least_two,
+    names,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
+from flywheel_cli.labelers import Labeler, LabelStats, demo_prompts, preference_from_spec
+from flywheel_client.errors import InvalidArgument
+from flywheel_client.grpc_client import FlywheelClient
 from flywheel_client.ranking import TIE, parse_tiers
 from flywheel_client.types import Chunk, Completion, SamplingOptions
-from flywheel_server.config import add_arguments, from_arguments
-
-EXIT_SERVER_ERROR = 1
-EXIT_USAGE = 2
 
 
-class UsageError(Exception):
-    """Input the user can fix; exits 2 like argparse's own errors."""
-
-
-# -- argument types ------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _at_least_two(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 to rank, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-# -- parser --------------------------------------------------------------------------------------
-
-
-def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="flywheel",
-        description="Serve a language model, collect rankings of its completions, learn from them.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    for name, up in (("serve", False), ("up", True)):
-        sub = commands.add_parser(
-            name,
-            help=(
-                "run the server and the learner together (the whole loop)"
-                if up
-                else "run the server: OpenAI-compatible HTTP and gRPC over one engine"
-            ),
-            description="Flags left out fall back to FLYWHEEL_<FLAG> variables, then defaults.",
-        )
-        add_arguments(sub)
-        sub.set_defaults(func=_serve, up=up)
-
+def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
+    """The verbs' subcommands, each with the connection flags (and sampling where it samples)."""
     client = argparse.ArgumentParser(add_help=False)
     group = client.add_argument_group("server connection")
-    _add_connection(
+    add_connection(
         group, environ, "API key, sent as 'authorization: Bearer KEY' (default: $FLYWHEEL_API_KEY)"
     )
     group.add_argument(
@@ -109,13 +49,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     group = sampling.add_argument_group("sampling (server defaults when left out)")
     group.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
     group.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, 0 < P <= 1")
-    group.add_argument("--top-k", type=_non_negative_int, metavar="K", help="0 = off")
-    group.add_argument("--max-tokens", type=_positive_int, metavar="M", help="tokens to generate")
+    group.add_argument("--top-k", type=non_negative_int, metavar="K", help="0 = off")
+    group.add_argument("--max-tokens", type=positive_int, metavar="M", help="tokens to generate")
     group.add_argument(
         "--stop", action="append", metavar="S", help="a stop string; repeat for more (at most 4)"
     )
     group.add_argument(
-        "--seed", type=_non_negative_int, help="same seed, prompt and policy: same text"
+        "--seed", type=non_negative_int, help="same seed, prompt and policy: same text"
     )
 
     sub = commands.add_parser(
@@ -125,9 +65,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="Sample completions of PROMPT. Rank them later by their ids with `flywheel rank`.",
     )
     sub.add_argument("prompt", metavar="PROMPT")
-    sub.add_argument(
-        "--n", type=_positive_int, default=1, help="completions to sample (default: 1)"
-    )
+    sub.add_argument("--n", type=positive_int, default=1, help="completions to sample (default: 1)")
     sub.add_argument(
         "--policy", default="", metavar="ID", help="policy version, e.g. policy-v3 (default: live)"
     )
@@ -142,10 +80,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="Sample K candidates for PROMPT, optionally from several policy versions.",
     )
     sub.add_argument("prompt", metavar="PROMPT")
-    sub.add_argument("--k", type=_positive_int, default=4, help="candidates (default: 4)")
+    sub.add_argument("--k", type=positive_int, default=4, help="candidates (default: 4)")
     sub.add_argument(
         "--policies",
-        type=_names,
+        type=names,
         default=[],
         metavar="A,B",
         help="comma-separated versions; candidate i comes from the (i mod count)-th",
@@ -230,14 +168,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             "shorter, longer (by characters), or contains:WORD (responses containing WORD first)"
         ),
     )
+    sub.add_argument("--k", type=at_least_two, default=4, help="candidates per prompt (default: 4)")
     sub.add_argument(
-        "--k", type=_at_least_two, default=4, help="candidates per prompt (default: 4)"
+        "--count", type=non_negative_int, default=100, help="prompts to label (default: 100)"
     )
     sub.add_argument(
-        "--count", type=_non_negative_int, default=100, help="prompts to label (default: 100)"
-    )
-    sub.add_argument(
-        "--seconds", type=_non_negative_float, metavar="S", help="stop after S seconds too"
+        "--seconds", type=non_negative_float, metavar="S", help="stop after S seconds too"
     )
     sub.add_argument(
         "--labeler",
@@ -246,152 +182,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     sub.add_argument(
         "--policies",
-        type=_names,
+        type=names,
         default=[],
         metavar="A,B",
         help="comma-separated versions; candidate i comes from the (i mod count)-th",
     )
     sub.set_defaults(func=_simulate)
-    _add_learn(commands, environ)
-    return parser
-
-
-def _add_learn(commands: Any, environ: Mapping[str, str]) -> None:
-    sub = commands.add_parser(
-        "learn",
-        help="run the continuous learner against a server",
-        description=(
-            "Learn from the server's feedback, round after round: export new rankings and "
-            "prompts, refit the reward model, run PPO-ptx on the logged prompts, compare the "
-            "candidate with the live policy on held-out prompts, and publish it (live only if "
-            "it passes the gate). Wakes on --min-new-rankings new rankings, or every --interval "
-            "seconds when any arrived. Checkpoints live in --work-dir: a killed learner resumes "
-            "there without losing feedback or publishing a version twice. Needs an admin key "
-            "when the server has API keys."
-        ),
-    )
-    sub.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        metavar="PORT",
-        help="serve the learner's Prometheus metrics at 127.0.0.1:PORT/metrics (default: off)",
-    )
-    _add_connection(sub, environ, "admin-scope API key (default: $FLYWHEEL_API_KEY)")
-    sub.add_argument(
-        "--model",
-        required=True,
-        metavar="DIR",
-        help="the base model directory the server serves (loaded again here to train)",
-    )
-    sub.add_argument(
-        "--work-dir",
-        default=".flywheel/learner",
-        metavar="DIR",
-        help="checkpoints, exported feedback and adapters (default: %(default)s)",
-    )
-    sub.add_argument(
-        "--min-new-rankings",
-        type=_positive_int,
-        default=16,
-        metavar="N",
-        help="wake when N rankings arrived since the last round (default: %(default)s)",
-    )
-    sub.add_argument(
-        "--interval",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="also wake after this long if any ranking arrived (default: %(default)s)",
-    )
-    sub.add_argument(
-        "--rounds", type=_positive_int, metavar="N", help="stop after N rounds (default: never)"
-    )
-    sub.add_argument(
-        "--ppo-steps",
-        type=_positive_int,
-        default=20,
-        metavar="N",
-        help="PPO-ptx steps per round (default: %(default)s)",
-    )
-    sub.add_argument(
-        "--rm-min-accuracy",
-        type=float,
-        default=0.6,
-        metavar="A",
-        help="held-out pairwise accuracy a reward model needs before it trains or judges a "
-        "policy; a round without one publishes no policy (default: %(default)s)",
-    )
-    sub.add_argument(
-        "--rm-min-held-out-pairs",
-        type=_positive_int,
-        default=50,
-        metavar="N",
-        help="held-out ranked pairs needed to trust that accuracy (default: %(default)s)",
-    )
-    sub.add_argument(
-        "--challenger",
-        action="store_true",
-        help="publish a candidate that passes the gate as the server's challenger (blind "
-        "comparisons by live labelers promote or retire it) instead of promoting it",
-    )
-    sub.add_argument(
-        "--final-norm-lr",
-        type=_non_negative_float,
-        default=3e-2,
-        metavar="LR",
-        help="learning rate of the policy's own copy of the model's final norm, trained with "
-        "its LoRA and shipped in the adapter: it lets PPO sharpen the policy (default: "
-        "%(default)s). 0 ships LoRA matrices only, which the vLLM backend needs",
-    )
-    sub.add_argument(
-        "--import-preferences",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="JSONL preference files ({prompt, chosen, rejected} or HH-RLHF) added to every "
-        "reward-model refit",
-    )
-    sub.add_argument(
-        "--reward-init",
-        metavar="DIR",
-        help="a saved reward model (adapter + score head) the first refit warm-starts from; "
-        "later refits start from the last promoted one. Every refit also fits from scratch "
-        "and keeps whichever orders the held-out rankings better (default: fresh only)",
-    )
-    sub.add_argument(
-        "--pretraining",
-        metavar="FILE",
-        help="a .txt or .jsonl corpus for the ptx term (default: the demo's pretraining "
-        "documents: words repeated, no task answers)",
-    )
-    sub.add_argument(
-        "--threads",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="torch CPU threads (default: 0, one per core; `flywheel up` passes the cores its "
-        "server leaves free)",
-    )
-    sub.add_argument("--seed", type=_non_negative_int, default=0, help="default: %(default)s")
-    sub.set_defaults(func=_learn)
-
-
-# -- commands ------------------------------------------------------------------------------------
-
-
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        config = from_arguments(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    from flywheel_server.app import run  # heavy (torch, bentoml): only when serving
-
-    if args.up:
-        run(config, up=True)
-    else:
-        run(config)
-    return 0
 
 
 def _client(args: argparse.Namespace) -> FlywheelClient:
@@ -600,70 +396,6 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_connection(group: Any, environ: Mapping[str, str], api_key_help: str) -> None:
-    """--server and --api-key, defaulting to $FLYWHEEL_SERVER and $FLYWHEEL_API_KEY."""
-    group.add_argument(
-        "--server",
-        default=environ.get("FLYWHEEL_SERVER") or DEFAULT_TARGET,
-        metavar="HOST:PORT",
-        help="gRPC address of the server (default: $FLYWHEEL_SERVER or %(default)s)",
-    )
-    group.add_argument(
-        "--api-key",
-        default=environ.get("FLYWHEEL_API_KEY") or None,
-        metavar="KEY",
-        help=api_key_help,
-    )
-
-
-def _learn(args: argparse.Namespace) -> int:
-    import logging
-    import signal
-    from pathlib import Path
-
-    from flywheel_learner.loop import LearnerConfig, LearnerError, run  # torch: only here
-    from flywheel_learner.ppo import PPOConfig
-
-    try:
-        config = LearnerConfig(
-            server=args.server,
-            api_key=args.api_key,
-            model_dir=Path(args.model),
-            work_dir=Path(args.work_dir),
-            min_new_rankings=args.min_new_rankings,
-            interval_s=args.interval,
-            max_rounds=args.rounds,
-            ppo_steps_per_round=args.ppo_steps,
-            rm_min_accuracy=args.rm_min_accuracy,
-            rm_min_held_out_pairs=args.rm_min_held_out_pairs,
-            challenger=args.challenger,
-            ppo=PPOConfig(final_norm_lr=args.final_norm_lr),
-            import_preferences=tuple(Path(p) for p in args.import_preferences),
-            pretraining=Path(args.pretraining) if args.pretraining else None,
-            reward_init=Path(args.reward_init) if args.reward_init else None,
-            seed=args.seed,
-            threads=args.threads,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    logging.basicConfig(level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s %(message)s")
-
-    def _stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # checkpoints are atomic: stopping anywhere is safe
-
-    signal.signal(signal.SIGTERM, _stop)
-    if args.metrics_port:
-        from flywheel_learner import metrics
-
-        metrics.serve(args.metrics_port)
-    try:
-        rounds = run(config)
-    except LearnerError as e:
-        raise UsageError(str(e)) from e
-    print(f"learner: {rounds} round(s) done; state in {config.work_dir}")
-    return 0
-
-
 @contextlib.contextmanager
 def _progress(args: argparse.Namespace) -> Iterator[Callable[[LabelStats], None]]:
     """A tqdm bar on a terminal; nothing when piped or printing JSON."""
@@ -679,41 +411,3 @@ def _progress(args: argparse.Namespace) -> Iterator[Callable[[LabelStats], None]
             bar.set_postfix(submitted=stats.submitted, skipped=stats.skipped, errors=stats.errors)
 
         yield update
-
-
-# -- entry point ---------------------------------------------------------------------------------
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return command(args)
-    except UsageError as e:
-        return _fail(str(e), EXIT_USAGE)
-    except InvalidArgument as e:
-        return _fail(e.message, EXIT_USAGE)
-    except Unauthenticated as e:
-        return _fail(f"{e.message} (pass --api-key or set FLYWHEEL_API_KEY)", EXIT_SERVER_ERROR)
-    except Unavailable as e:
-        server = getattr(args, "server", "?")
-        return _fail(f"cannot reach the server at {server}: {e.message}", EXIT_SERVER_ERROR)
-    except FlywheelError as e:
-        return _fail(e.message, EXIT_SERVER_ERROR)
-    except KeyboardInterrupt:
-        return 130
-    except OSError as e:
-        return _fail(str(e), EXIT_SERVER_ERROR)
-    except Exception as e:
-        if args.func is _serve:
-            raise  # a crashing server's traceback is what its operator needs
-        return _fail(f"{type(e).__name__}: {e}", EXIT_SERVER_ERROR)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -55,7 +55,7 @@ class Correct:
     """
 
     def key(self, prompt: str, response: str) -> float:
-        from flywheel_learner.demo_task import TASKS, check  # stdlib only; keeps torch out
+        from flywheel_demo.task import TASKS, check  # stdlib only; keeps torch out
 
         verdict = check(prompt, response)
         if verdict is None:
@@ -169,7 +169,7 @@ def idempotency_key(labeler: str, prompt_id: str) -> str:
 
 def demo_prompts(seed: int | None = 0, task: str | None = None) -> Iterator[list[dict[str, str]]]:
     """An endless stream of demo-task instructions as one-message chats (None: a fresh seed)."""
-    from flywheel_learner.demo_task import sample_example  # stdlib only; keeps torch out
+    from flywheel_demo.task import sample_example  # stdlib only; keeps torch out
 
     rng = random.Random(seed)
     while True:

@@ -1,73 +1,31 @@
-"""The model and adapter formats shared by the learner and the server's engine.
+"""Scoring completions with a reward model: the score head, the reward forward, and rankings
+batched for it. The learner trains with these; the server's engine scores with them.
 
-Every adapter is a standard PEFT LoRA directory (`adapter_config.json`,
-`adapter_model.safetensors`) on the served causal-LM base, so plain peft and vLLM load it.
-A reward adapter adds `score_head.safetensors`: a linear map from the final (post-norm) hidden
-state of the last token of `prompt + completion + eos` to a scalar, plus a learned weight on the
-mean log-likelihood of the completion's tokens (and eos) under the adapted model (`score`).
+A reward adapter's score is a linear map from the final (post-norm) hidden state of the last
+token of `prompt + completion + eos` to a scalar, plus a learned weight on the mean
+log-likelihood of the completion's tokens (and eos) under the adapted model (`score`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flywheel_learner import lean_forward
+from flywheel_model import llama
+from flywheel_model.adapters import LIKELIHOOD, SCORE_HEAD
 
 if TYPE_CHECKING:
-    from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SCORE_HEAD = "score_head.safetensors"
-LIKELIHOOD = "likelihood"  # the score head's weight on the response's mean log-likelihood
-# Our metadata (the base model fingerprint) lives beside the PEFT files, not inside
-# adapter_config.json, so plain peft and vLLM read the adapter with no unknown keys.
-FLYWHEEL_META = "flywheel.json"
-# The final RMSNorm of Llama-shaped models, before the LM head. A policy adapter may train its
-# own copy (PEFT modules_to_save; ppo.PPOConfig.final_norm_lr): the logits' scale lives there.
-FINAL_NORM = "model.norm"
-
-
-def load_base(
-    path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a local Hugging Face causal-LM directory and its tokenizer (never the hub)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    model.to(device)  # type: ignore[arg-type]  # transformers' decorated .to confuses mypy
-    model.eval()
-    return model, tokenizer
-
-
-def base_fingerprint(path: str | Path) -> str:
-    """A short id of a base model: its config plus the names and sizes of its weight files.
-
-    Cheap enough for multi-GB checkpoints; an adapter records it so the server can refuse one
-    trained on another base.
-    """
-    path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
+# A prompt and its completions in tiers, best first; completions in one tier tie.
+RankingText = tuple[str, Sequence[Sequence[str]]]
+# One ranking, tokenised: (token ids, first response token, tier) per completion, best tier 0.
+EncodedRanking = list[tuple[list[int], int, int]]
 
 
 class ScoreHead(nn.Module):
@@ -195,16 +153,16 @@ def final_hidden(
     """Final (post-norm) hidden states of right-padded rows. (B, T) -> (B, T, H).
 
     Llama-shaped models with at most one active plain LoRA adapter take the lean forward
-    (`lean_forward`, the same values with fewer ops); any other model, or extra model
+    (`llama.final_hidden`, the same values with fewer ops); any other model, or extra model
     arguments (such as peft's per-row adapter names), take transformers' forward.
     """
     if not model_kwargs and bool((attention_mask.long().diff(dim=1) <= 0).all()):
         try:
-            weights = lean_forward.read(model)
-        except lean_forward.Unsupported:
+            weights = llama.read(model)
+        except llama.Unsupported:
             pass
         else:
-            return lean_forward.final_hidden(weights, input_ids)
+            return llama.final_hidden(weights, input_ids)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -215,81 +173,63 @@ def final_hidden(
     return out.hidden_states[-1]
 
 
-def save_adapter(
-    model: PeftModel,
-    adapter_name: str,
-    out_dir: str | Path,
-    *,
-    head: ScoreHead | None = None,
-    base_model: str = "",
-) -> Path:
-    """Write one adapter as a flat PEFT directory, atomically (temporary name, then rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
-        # peft nests every adapter but "default" in a folder of its name; flatten it.
-        nested = tmp / adapter_name
-        if nested.is_dir():
-            for f in nested.iterdir():
-                f.rename(tmp / f.name)
-            nested.rmdir()
-        if head is not None:
-            head.save(tmp)
-        if base_model:
-            (tmp / FLYWHEEL_META).write_text(json.dumps({"base_model": base_model}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer rows right-padded with `pad_id` to the longest: the rows and the mask of what is
+    not padding, each (B, T). Built as lists, one tensor each: a copy per row costs more."""
+    width = max(len(ids) for ids in rows)
+    padded = [[*ids, *[pad_id] * (width - len(ids))] for ids in rows]
+    attention = [[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]
+    return torch.tensor(padded, dtype=torch.long), torch.tensor(attention, dtype=torch.long)
 
 
-def read_adapter_config(directory: str | Path) -> dict:
-    """The adapter's PEFT config, with a clear error when the directory is not an adapter."""
-    directory = Path(directory)
-    config_path = directory / ADAPTER_CONFIG
-    if not config_path.is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
-        raise ValueError(
-            f"{directory} is not a PEFT adapter: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
-        )
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; only LORA")
-    return config
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (N, T), right-padded
+    attention_mask: torch.Tensor  # (N, T)
+    starts: torch.Tensor  # (N,) index of each row's first response token
+    tiers: torch.Tensor  # (N,)
+    group: torch.Tensor  # (N,)
 
 
-def read_adapter_meta(directory: str | Path) -> dict:
-    """Flywheel's metadata for an adapter ({} for an adapter made elsewhere)."""
-    path = Path(directory) / FLYWHEEL_META
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+def encode_rankings(
+    tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
+) -> list[EncodedRanking]:
+    """Tokenise rankings, all their completions in one batch."""
+    texts = [(prompt, c) for prompt, ranked in rankings for tier in ranked for c in tier]
+    tokens = iter(reward_tokens(tokenizer, texts, max_length))
+    return [
+        [(*next(tokens), tier) for tier, completions in enumerate(ranked) for _ in completions]
+        for _, ranked in rankings
+    ]
 
 
-def load_adapter_weights(peft_model: PeftModel, directory: str | Path, adapter_name: str) -> bool:
-    """Copy a saved adapter's LoRA weights into `peft_model`'s adapter `adapter_name`.
+def make_batch(
+    tokenizer: PreTrainedTokenizerBase, rankings: Sequence[RankingText], max_length: int
+) -> Batch:
+    """Flatten rankings into one row per completion, tagged with its tier and group."""
+    return collate_rankings(encode_rankings(tokenizer, rankings, max_length), padding_id(tokenizer))
 
-    Returns False, loading nothing, when the saved adapter has another shape (rank, alpha,
-    target modules or whole modules it trains): the caller then starts that adapter fresh.
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    saved = read_adapter_config(directory)
-    current = peft_model.peft_config[adapter_name].to_dict()
-    same = all(saved.get(k) == current.get(k) for k in ("r", "lora_alpha")) and all(
-        set(saved.get(k) or ()) == set(current.get(k) or ())
-        for k in ("target_modules", "modules_to_save")
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id
+
+
+def collate_rankings(encoded: Sequence[EncodedRanking], pad_id: int) -> Batch:
+    """Right-padded rows of already tokenised rankings, tagged with tier and group."""
+    rows = [row for ranking in encoded for row in ranking]
+    group = [g for g, ranking in enumerate(encoded) for _ in ranking]
+    input_ids, attention = right_pad([ids for ids, _, _ in rows], pad_id)
+    starts = torch.tensor([start for _, start, _ in rows])
+    tiers = torch.tensor([tier for _, _, tier in rows])
+    return Batch(input_ids, attention, starts, tiers, torch.tensor(group))
+
+
+def score_batch(
+    model: nn.Module, head: ScoreHead, batch: Batch, **model_kwargs: Any
+) -> torch.Tensor:
+    """Rewards of a batch's rows, on the head's device. -> (N,)"""
+    device = head.linear.weight.device
+    ids, attention, starts = (
+        t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.starts)
     )
-    if same:
-        weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
-        set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
-    return same
+    return score(model, head, ids, attention, starts, **model_kwargs)

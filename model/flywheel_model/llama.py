@@ -1,4 +1,8 @@
-"""A lean training forward for Llama-shaped models under peft LoRA: the same math, fewer layers.
+"""The Llama-family forward, one layer loop for training and for decoding, under LoRA.
+
+`layer_loop` is the loop. Two callers give it their projections and their attention:
+`final_hidden` (training and scoring: no cache, autograd through the active LoRA) and `decode`
+(the server's decoder: a slot KV cache, a LoRA adapter per row).
 
 transformers' forward and peft's LoRA layers are general, and on a small model their Python
 around each layer costs more than the matmuls. The reward model's refit forwards every
@@ -12,12 +16,13 @@ no padding mask is needed and the pads' own states are left unused by the caller
 
 It serves Llama, Mistral (without a sliding window) and Qwen2 models with plain LoRA on any of
 their seven projections and at most one active adapter. `read` raises `Unsupported` with the
-reason otherwise, and the caller falls back to transformers' forward. The server's lean decoder
-(`flywheel_server.llama_decoder`) shares the model checks and the rotary embedding.
+reason otherwise, and the caller falls back to transformers' forward. The server's decoder
+(`flywheel_server.llama_decoder`) owns the cache and the weights and runs `decode`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -157,6 +162,53 @@ def _linear(module: Any) -> Linear:
     )  # fmt: skip
 
 
+# (x, layer, first, stop) -> the outputs of projections first..stop-1 (PROJECTIONS' order)
+Project = Callable[[torch.Tensor, int, int, int], list[torch.Tensor]]
+# (layer, q, k, v) after the rotary embedding, each (rows, heads, tokens, head dim) -> the same
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Heads(NamedTuple):
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def layer_loop(
+    h: torch.Tensor,
+    norms: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    eps: float,
+    heads: Heads,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    project: Project,
+    attend: Attend,
+) -> torch.Tensor:
+    """The decoder layers of a Llama-shaped model: h (rows, tokens, H) -> the last layer's
+    residual stream, before the final norm.
+
+    norms: each layer's (input, post-attention) RMSNorm weights; rotary: (cos, sin), each
+    broadcastable to (rows, heads, tokens, head dim). `project` applies a layer's linear
+    projections with whatever adapters the caller keeps; `attend` is the attention itself
+    (causal, masked, or over a cache the caller writes).
+    """
+    rows, tokens, hidden = h.shape
+    cos, sin = rotary
+    counts = (heads.heads, heads.kv_heads, heads.kv_heads)  # of q, k and v
+    for layer, (input_norm, post_attention_norm) in enumerate(norms):
+        x = torch.rms_norm(h, [hidden], input_norm, eps)
+        q, k, v = (
+            y.view(rows, tokens, n, heads.head_dim).transpose(1, 2)
+            for y, n in zip(project(x, layer, 0, 3), counts, strict=True)
+        )
+        out = attend(layer, rotate(q, cos, sin), rotate(k, cos, sin), v)
+        out = out.transpose(1, 2).reshape(rows, tokens, heads.heads * heads.head_dim)
+        h = h + project(out, layer, 3, 4)[0]
+        x = torch.rms_norm(h, [hidden], post_attention_norm, eps)
+        gate, up = project(x, layer, 4, 6)
+        h = h + project(F.silu(gate) * up, layer, 6, 7)[0]
+    return h
+
+
 def final_hidden(
     weights: Weights,
     input_ids: torch.Tensor,
@@ -171,34 +223,28 @@ def final_hidden(
     which tokens each token attends to (True: attend).
     """
     rows, tokens = input_ids.shape
-    h = weights.embed[input_ids.reshape(-1)]  # (B * T, H): every linear is one 2-D matmul
+    h = weights.embed[input_ids]  # (B, T, H)
     hidden = h.shape[-1]
     if positions is None:
         positions = torch.arange(tokens, device=input_ids.device)[None]
     cos, sin = weights.rotary(h, positions)  # (1 or B, T, head dim)
-    cos, sin = cos[:, None], sin[:, None]
-    attend = {"is_causal": True} if mask is None else {"attn_mask": mask[:, None]}
-    heads = (weights.heads, weights.kv_heads, weights.kv_heads)
-    for layer in weights.layers:
-        x = torch.rms_norm(h, [hidden], layer.input_norm, weights.eps)
-        q, k, v = (
-            y.view(rows, tokens, n, weights.head_dim).transpose(1, 2)
-            for y, n in zip(_apply_all(x, layer.linears[:3]), heads, strict=True)
-        )
-        out = F.scaled_dot_product_attention(
-            rotate(q, cos, sin),
-            rotate(k, cos, sin),
-            v,
-            scale=weights.scaling,
-            enable_gqa=weights.heads != weights.kv_heads,
-            **attend,
-        )
-        out = out.transpose(1, 2).reshape(rows * tokens, weights.heads * weights.head_dim)
-        h = h + _apply(out, layer.linears[3])
-        x = torch.rms_norm(h, [hidden], layer.post_attention_norm, weights.eps)
-        gate, up = _apply_all(x, layer.linears[4:6])
-        h = h + _apply(F.silu(gate) * up, layer.linears[6])
-    return torch.rms_norm(h, [hidden], weights.norm, weights.eps).view(rows, tokens, hidden)
+    attend_to = {"is_causal": True} if mask is None else {"attn_mask": mask[:, None]}
+
+    def project(x: torch.Tensor, layer: int, first: int, stop: int) -> list[torch.Tensor]:
+        flat = x.reshape(rows * tokens, -1)  # every linear is one 2-D matmul
+        linears = weights.layers[layer].linears[first:stop]
+        return [y.view(rows, tokens, -1) for y in _apply_all(flat, linears)]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, scale=weights.scaling, enable_gqa=weights.heads != weights.kv_heads,
+            **attend_to,
+        )  # fmt: skip
+
+    norms = [(layer.input_norm, layer.post_attention_norm) for layer in weights.layers]
+    heads = Heads(weights.heads, weights.kv_heads, weights.head_dim)
+    h = layer_loop(h, norms, weights.eps, heads, (cos[:, None], sin[:, None]), project, attend)
+    return torch.rms_norm(h, [hidden], weights.norm, weights.eps)
 
 
 def _apply(x: torch.Tensor, linear: Linear, a: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,3 +268,102 @@ def _apply_all(x: torch.Tensor, linears: list[Linear]) -> list[torch.Tensor]:
     return [
         _apply(x, linear, part) for linear, part in zip(linears, a.split(ranks, dim=1), strict=True)
     ]
+
+
+# -- decoding over a slot KV cache ---------------------------------------------------------------
+
+
+class DecodeWeights(NamedTuple):
+    """What `decode` reads: the base weights stacked for the decoder, and rotary tables."""
+
+    embed: torch.Tensor
+    norm: torch.Tensor  # the final norm: (hidden,), or (rows, hidden) when adapters bring their own
+    lm_head: torch.Tensor
+    norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
+    linears: list[torch.Tensor]  # per layer: q, k, v, o, gate, up, down (PROJECTIONS' order)
+    biases: list[torch.Tensor | None]  # the same order
+    cos: torch.Tensor  # (positions, head dim)
+    sin: torch.Tensor
+
+
+class DecodeShape(NamedTuple):
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    eps: float
+
+
+def decode(
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    last: torch.Tensor,
+    span: int,
+    contiguous: bool,
+    weights: DecodeWeights,
+    shape: DecodeShape,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    lora: list[list[tuple[int, torch.Tensor, torch.Tensor]]],
+    group_rows: list[torch.Tensor | None],
+) -> torch.Tensor:
+    """Logits at token `last[r]` of each row r, after writing every token's keys and values.
+
+    ids, positions: (rows, tokens); slots, last: (rows,). `span` is one past the highest position
+    attended. `contiguous` says the rows are slots 0..rows-1 (the decode step), so the cache is
+    read without a copy. lora[linear] lists (group, A, B) for that linear, B already scaled;
+    group_rows[group] are the group's rows (None: all rows).
+    """
+    rows = ids.shape[0]
+    h = weights.embed[ids]
+    hidden = h.shape[-1]
+    cos = weights.cos[positions].unsqueeze(1)  # (rows, 1, tokens, head dim)
+    sin = weights.sin[positions].unsqueeze(1)
+    key_positions = torch.arange(span, device=ids.device)
+    mask = (key_positions[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+    write: list[torch.Tensor | None] = [slots[:, None], positions]
+
+    def project(x: torch.Tensor, layer: int, first: int, stop: int) -> list[torch.Tensor]:
+        return [
+            _row_linear(x, weights, lora, group_rows, 7 * layer + i) for i in range(first, stop)
+        ]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys[layer].index_put_(write, k.transpose(1, 2))  # the cache is (slot, position, ...)
+        values[layer].index_put_(write, v.transpose(1, 2))
+        if contiguous:
+            k_all, v_all = keys[layer][:rows, :span], values[layer][:rows, :span]
+        else:
+            k_all = keys[layer].index_select(0, slots)[:, :span]
+            v_all = values[layer].index_select(0, slots)[:, :span]
+        return F.scaled_dot_product_attention(
+            q, k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
+            scale=shape.scaling, enable_gqa=shape.heads != shape.kv_heads,
+        )  # fmt: skip
+
+    norms = list(zip(weights.norms[0::2], weights.norms[1::2], strict=True))
+    heads = Heads(shape.heads, shape.kv_heads, shape.head_dim)
+    h = layer_loop(h, norms, shape.eps, heads, (cos, sin), project, attend)
+    h = h[torch.arange(rows, device=ids.device), last]
+    if weights.norm.dim() == 1:
+        return F.linear(torch.rms_norm(h, [hidden], weights.norm, shape.eps), weights.lm_head)
+    return F.linear(torch.rms_norm(h, [hidden], None, shape.eps) * weights.norm, weights.lm_head)
+
+
+def _row_linear(
+    x: torch.Tensor,
+    weights: DecodeWeights,
+    lora: list[list[tuple[int, torch.Tensor, torch.Tensor]]],
+    group_rows: list[torch.Tensor | None],
+    index: int,
+) -> torch.Tensor:
+    """One projection, plus the low-rank update of each row's adapter."""
+    y = F.linear(x, weights.linears[index], weights.biases[index])
+    for group, a, b in lora[index]:
+        rows = group_rows[group]
+        if rows is None:
+            y = y + F.linear(F.linear(x, a), b)
+        else:
+            y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), a), b))
+    return y

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from flywheel_learner.demo_task import demonstrations
-from flywheel_learner.tokenizer import train_tokenizer
+from flywheel_demo.task import demonstrations
+from flywheel_demo.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -86,6 +86,17 @@ def pretraining_document(rng: random.Random) -> str:
     return " ".join([word] * rng.randint(2, 4))
 
 
+def pretraining_texts(rng: random.Random, n: int) -> list[str]:
+    """The demo's pretraining corpus: `n` fresh documents, as the demo build mixed into its SFT.
+
+    Words said a few times, every token scored. They carry no answer, so the ptx term protects
+    the base's language modelling without favouring any preference over answers (issue 15: a
+    corpus of correct answers fought every labeler who did not prefer them, and the gate's
+    pretraining-loss check refused their policies).
+    """
+    return [pretraining_document(rng) for _ in range(n)]
+
+
 def parse(prompt: str) -> Example | None:
     """The last demo instruction found anywhere in `prompt` (bare or chat-rendered)."""
     matches = list(_INSTRUCTION.finditer(prompt))

@@ -1,0 +1,171 @@
+"""What the benchmarks and the tests share: free loopback ports, random LoRA adapters in the
+served format, and `flywheel serve` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_adapter(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    reward: bool = False,
+    seed: int = 0,
+    scale: float = 1.0,
+    r: int = 4,
+    dora: bool = False,
+) -> Path:
+    """A random LoRA adapter (and score head for a reward model) in the served format."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from flywheel_model import adapters, loading, scoring
+
+    torch.manual_seed(seed)
+    model, _ = loading.load_base(model_dir)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        use_dora=dora,
+    )
+    peft = get_peft_model(model, config, adapter_name="tmp")
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(scale)
+    head = scoring.ScoreHead(model.config.hidden_size) if reward else None
+    return adapters.save_adapter(
+        peft, "tmp", out_dir, head=head, base_model=loading.base_fingerprint(model_dir)
+    )
+
+
+class ServerProcess:
+    """`flywheel serve` in a subprocess, on free loopback ports."""
+
+    def __init__(
+        self,
+        model: Path,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        args: list[str] = (),
+        start_timeout_s: float = START_TIMEOUT_S,
+        program: Sequence[str] = (FLYWHEEL,),
+    ) -> None:
+        self.model = model
+        self.data_dir = data_dir
+        self.http_port = free_port()
+        self.grpc_port = free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.args = list(args)
+        self.start_timeout_s = start_timeout_s
+        self.program = list(program)  # what runs `serve ...` (a benchmark may wrap flywheel)
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = data_dir / "server.log"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{(self.data_dir / 'flywheel.db').resolve()}"
+
+    def start(self) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            *self.program,
+            "serve",
+            "--model",
+            str(self.model),
+            "--data-dir",
+            str(self.data_dir),
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            *self.args,
+        ]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, text=True
+            )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.http}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(
+            f"server not ready in {self.start_timeout_s}s:\n{self.log.read_text()[-3000:]}"
+        )
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def counts(self) -> dict[str, int]:
+        """What the store holds, read directly (WAL lets a second reader in)."""
+        from flywheel_server.store import Store
+
+        store = Store.open(self.db_url)
+        try:
+            return store.counts()
+        finally:
+            store.close()
+
+    def post(
+        self, path: str, body: bytes | dict, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.http + path,
+            data=data,
+            headers={"content-type": "application/json", **(headers or {})},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
