@@ -15,11 +15,10 @@ import hashlib
 import json
 import logging
 import random
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -34,6 +33,7 @@ from flywheel_learner.ppo import ppo_step, sample_responses
 from flywheel_learner.ppo_math import kl_k1, ptx_loss
 from flywheel_learner.ppo_models import POLICY, SharedBaseModels, make_optimizer, save_policy
 from flywheel_learner.preference_data import read_preferences
+from flywheel_learner.progress import Progress, kv
 from flywheel_learner.ptx_data import ptx_batches, read_pretraining_texts
 from flywheel_learner.publishing import archive_sha256, publish, recover
 from flywheel_learner.reward import HeldOutScore
@@ -80,44 +80,6 @@ def split_prompts(prompts: Sequence[tuple[str, str]]) -> tuple[list[str], list[s
     train = [text for pid, text in prompts if not held_out(pid)]
     evaluation = [text for pid, text in prompts if held_out(pid)]
     return train, evaluation
-
-
-def kv(event: str, **fields: Any) -> str:
-    """One structured log line: `event=NAME key=value ...` (floats to 4 significant digits)."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={text if ' ' not in text else repr(text)}")
-    return " ".join(parts)
-
-
-class Progress:
-    """A tqdm bar per training loop on a terminal; key=value log lines per step otherwise."""
-
-    def __init__(self, tty: bool | None = None) -> None:
-        self.tty = sys.stderr.isatty() if tty is None else tty
-        self._bar: Any = None
-
-    def steps(self, total: int, desc: str) -> Iterator[int]:
-        if not self.tty:
-            yield from range(total)
-            return
-        from tqdm.auto import tqdm
-
-        try:
-            with tqdm(total=total, desc=desc, leave=False) as self._bar:
-                for step in range(total):
-                    yield step
-                    self._bar.update(1)
-        finally:  # also when the caller stops early
-            self._bar = None
-
-    def step(self, event: str, **fields: Any) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v
-                                   for k, v in fields.items()}, refresh=False)  # fmt: skip
-        else:
-            log.info(kv(event, **fields))
 
 
 class RewardRefit(NamedTuple):

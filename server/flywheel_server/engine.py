@@ -17,10 +17,8 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import json
 import logging
 import math
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,21 +28,17 @@ from typing import Any, TypeVar
 
 import torch
 
-from flywheel_model import adapters, loading, scoring
-from flywheel_model.adapters import AdapterSpec
-from flywheel_model.scoring import make_batch, score_batch
+from flywheel_model import loading
 from flywheel_server.decoding import Decoder, GenericDecoder, Row
 from flywheel_server.engine_api import (
-    SMOKE_PROMPT,
-    SMOKE_TOKENS,
     EngineRequest,
     TokenEvent,
     check_admission,
-    read_spec,
 )
-from flywheel_server.errors import AdapterNotFound, AdapterRefused, Conflict, Overloaded
+from flywheel_server.errors import Overloaded
 from flywheel_server.llama_decoder import LlamaDecoder, unsupported_reason
 from flywheel_server.sampling import sample
+from flywheel_server.torch_adapters import LoadedAdapters
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +111,18 @@ class TorchEngine:
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.base_model = loading.base_fingerprint(self.model_dir)
-        self.model, self.tokenizer = loading.load_base(self.model_dir, device=self.device)
-        self.hidden_size: int = self.model.config.hidden_size
-        self.max_positions: int = getattr(self.model.config, "max_position_embeddings", 2048)
-        self.peft: Any = None  # peft.PeftModel once the first adapter is loaded
-        self.heads: dict[str, scoring.ScoreHead] = {}
-        self.final_norms: dict[str, torch.Tensor] = {}  # policies that train their own
+        model, self.tokenizer = loading.load_base(self.model_dir, device=self.device)
+        self.hidden_size: int = model.config.hidden_size
+        self.max_positions: int = getattr(model.config, "max_position_embeddings", 2048)
+        self.loaded = LoadedAdapters(
+            model, self.tokenizer, device=self.device, base_model=self.base_model,
+            max_length=self.max_positions, in_use=self._adapters_in_use,
+        )  # fmt: skip
         self.max_pending = max_pending  # requests admitted (running or waiting) at once
         self.max_batch = max_batch  # rows decoded together
         self.stream_interval_s = stream_interval_s
         self._decoder = self._make_decoder(decoder)
+        self.loaded.decoder = self._decoder
         self._rows: list[Row] = []  # running rows, in the decoder's order
         self._next_ids: torch.Tensor | None = None  # (rows,): each row's next input token
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -147,7 +143,7 @@ class TorchEngine:
             log.info("decoding with the lean Llama decoder")
             return LlamaDecoder(self.model)
         log.info("decoding with transformers' forward: %s", reason)
-        return GenericDecoder(self._forward, self.tokenizer.pad_token_id or 0, self.device)
+        return GenericDecoder(self.loaded.forward, self.tokenizer.pad_token_id or 0, self.device)
 
     @property
     def decoder(self) -> str:
@@ -173,7 +169,23 @@ class TorchEngine:
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.peft.peft_config) if self.peft is not None else []
+        return self.loaded.names
+
+    @property
+    def model(self) -> Any:
+        """The base model (peft wraps it in place while adapters are loaded)."""
+        return self.loaded.model
+
+    @property
+    def peft(self) -> Any:
+        return self.loaded.peft
+
+    @property
+    def final_norms(self) -> dict[str, torch.Tensor]:
+        return self.loaded.final_norms
+
+    def _adapters_in_use(self) -> set[str | None]:
+        return {r.adapter for r in self._rows} | {q.spec.adapter for q in self._waiting}
 
     @property
     def load(self) -> dict[str, int]:
@@ -225,14 +237,14 @@ class TorchEngine:
                 self._wake.notify()
 
     async def score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
-        return await self._call(lambda: self._score(adapter, prompt, completions))
+        return await self._call(lambda: self.loaded.score(adapter, prompt, completions))
 
     async def load_adapter(self, adapter_id: str, path: str | Path, *, reward: bool) -> None:
         """Load, then smoke-check (finite logits, a few tokens); refuse and unload on failure."""
-        await self._call(lambda: self._load(adapter_id, Path(path), reward))
+        await self._call(lambda: self.loaded.load(adapter_id, Path(path), reward))
 
     async def unload_adapter(self, adapter_id: str) -> None:
-        await self._call(lambda: self._unload(adapter_id))
+        await self._call(lambda: self.loaded.unload(adapter_id))
 
     def close(self) -> None:
         with self._wake:
@@ -251,24 +263,6 @@ class TorchEngine:
         return await asyncio.wrap_future(future)
 
     # -- the scheduler thread ---------------------------------------------------------------
-
-    @property
-    def _net(self) -> Any:
-        return self.peft if self.peft is not None else self.model
-
-    def _check_loaded(self, adapters: list[str | None]) -> None:
-        missing = sorted({a for a in adapters if a is not None} - set(self.adapters))
-        if missing:
-            raise AdapterNotFound(f"adapter {', '.join(missing)} is not loaded")
-
-    def _adapter_names(self, adapters: list[str | None]) -> dict[str, Any]:
-        """peft's per-row adapter selection, as keyword arguments of the forward."""
-        self._check_loaded(adapters)
-        return {} if self.peft is None else {"adapter_names": [a or BASE for a in adapters]}
-
-    def _forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
-        """transformers' forward, each row on its adapter."""
-        return self._net(**kwargs, **self._adapter_names(adapters))
 
     def _loop(self) -> None:
         while True:
@@ -327,7 +321,7 @@ class TorchEngine:
         """One forward over the new prompts; each request's n rows share it."""
         specs = [r.spec for r in reqs]
         adapters = [spec.adapter for spec in specs]
-        self._check_loaded(adapters)
+        self.loaded.check_loaded(adapters)
         rows = [
             Row(
                 req,
@@ -435,147 +429,3 @@ class TorchEngine:
         g = torch.Generator(device=self.device)
         g.manual_seed((seed + row * 1_000_003) % (1 << 63))
         return g
-
-    @torch.inference_mode()
-    def _score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
-        # One ranking tier holding every completion: one right-padded row each, in order.
-        batch = make_batch(self.tokenizer, [(prompt, [completions])], self.max_positions)
-        use = self._adapter_names([adapter] * len(completions))
-        return score_batch(self._net, self.heads[adapter], batch, **use).float().cpu().tolist()
-
-    def _load(self, adapter_id: str, path: Path, reward: bool) -> None:
-        spec = read_spec(adapter_id, path, self.base_model)
-        try:
-            head = (
-                scoring.ScoreHead.load(path, self.hidden_size).to(self.device) if reward else None
-            )
-            self._attach(adapter_id, spec)
-        except Exception as e:
-            raise AdapterRefused(f"adapter {adapter_id} could not be loaded: {e}") from e
-        try:
-            self._read_adapters()
-        except ValueError as e:
-            self._unload(adapter_id)
-            raise AdapterRefused(str(e)) from e
-        try:
-            if head is not None:
-                self.heads[adapter_id] = head
-            self._smoke_check(adapter_id, head)
-        except Exception as e:
-            self._unload(adapter_id)
-            if isinstance(e, AdapterRefused):
-                raise
-            raise AdapterRefused(f"adapter {adapter_id} failed its smoke check: {e}") from e
-
-    def _attach(self, adapter_id: str, spec: AdapterSpec) -> None:
-        """Give peft the adapter's LoRA matrices; keep its own final norm, if any, apart.
-
-        peft cannot mix adapters that swap the norm in one batch, and only the lean decoder
-        applies a final norm per row, so the norm never reaches peft."""
-        if adapter_id in self.adapters:
-            return  # idempotent: versions are immutable, never reloaded in place
-        path = spec.path
-        with tempfile.TemporaryDirectory() as tmp:
-            norm = split_final_norm(spec, Path(tmp) / "lora")
-            if norm is not None:
-                if not isinstance(self._decoder, LlamaDecoder):
-                    raise AdapterRefused(
-                        f"adapter {adapter_id} trains its own final norm, which only the lean "
-                        "decoder applies; serve it with decoder 'auto' on a Llama-shaped model, "
-                        "or train the policy without it (flywheel learn --final-norm-lr 0)"
-                    )
-                if not torch.isfinite(norm).all():
-                    raise AdapterRefused(f"adapter {adapter_id} has a non-finite final norm")
-                path = Path(tmp) / "lora"
-            self._attach_lora(adapter_id, path)
-        if norm is not None:
-            self.final_norms[adapter_id] = norm.to(self.device, self.model.dtype)
-
-    def _attach_lora(self, adapter_id: str, path: Path) -> None:
-        from peft import PeftModel
-
-        try:
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(
-                    self.model, str(path), adapter_name=adapter_id
-                )
-                self.peft.eval()
-            else:
-                self.peft.load_adapter(str(path), adapter_name=adapter_id)
-        except Exception:
-            # peft injects LoRA layers before it reads the weights: take them out again.
-            if self.peft is None:
-                strip_lora_layers(self.model)
-            else:
-                self._unload(adapter_id)
-            raise
-
-    @torch.inference_mode()
-    def _smoke_check(self, adapter_id: str, head: scoring.ScoreHead | None) -> None:
-        ids = torch.tensor(
-            [self.encode(SMOKE_PROMPT) or [self.tokenizer.eos_token_id]], device=self.device
-        )
-        use = self._adapter_names([adapter_id])
-        if head is not None:
-            starts = torch.tensor([ids.shape[1] - 1], device=self.device)  # the last token
-            values = scoring.score(self._net, head, ids, torch.ones_like(ids), starts, **use)
-            if not torch.isfinite(values).all():
-                raise AdapterRefused(f"adapter {adapter_id} gives non-finite rewards")
-            return
-        for _ in range(SMOKE_TOKENS):
-            logits = self._net(input_ids=ids, **use).logits[:, -1]
-            if not torch.isfinite(logits).all():
-                raise AdapterRefused(f"adapter {adapter_id} gives non-finite logits")
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=-1)
-
-    def _unload(self, adapter_id: str) -> None:
-        self.heads.pop(adapter_id, None)
-        self.final_norms.pop(adapter_id, None)
-        if adapter_id not in self.adapters:
-            return
-        in_use = [r.adapter for r in self._rows] + [q.spec.adapter for q in self._waiting]
-        if adapter_id in in_use:
-            raise Conflict(f"adapter {adapter_id} is serving requests; unload it once they finish")
-        remaining = [a for a in self.adapters if a != adapter_id]
-        if remaining:
-            self.peft.set_adapter(remaining[0])
-            self.peft.delete_adapter(adapter_id)
-        else:
-            # peft cannot hold zero adapters: drop the wrapper and restore the bare base layers.
-            self.model = self.peft.unload()
-            self.peft = None
-        self._read_adapters()
-
-    def _read_adapters(self) -> None:
-        """Hand the loaded LoRA weights to the lean decoder (ValueError: it cannot run one)."""
-        if isinstance(self._decoder, LlamaDecoder):
-            self._decoder.read_adapters(self.peft, self.final_norms)
-
-
-def split_final_norm(spec: AdapterSpec, into: Path) -> torch.Tensor | None:
-    """The final norm's weight of an adapter that trains its own (PEFT `modules_to_save`
-    ["model.norm"], as the learner's `final_norm_lr` does), with a LoRA-only copy of the adapter
-    written to `into`. None, writing nothing, when it trains no whole module."""
-    from safetensors.torch import load_file, save_file
-
-    if not spec.final_norm:
-        return None
-    weights = load_file(str(spec.path / adapters.ADAPTER_WEIGHTS))
-    norm = weights.pop(f"base_model.model.{adapters.FINAL_NORM}.weight", None)
-    if norm is None:
-        raise AdapterRefused(f"adapter {spec.path.name} names {adapters.FINAL_NORM} but holds none")
-    into.mkdir(parents=True)
-    config = {**spec.config, "modules_to_save": None}
-    (into / adapters.ADAPTER_CONFIG).write_text(json.dumps(config))
-    save_file(weights, str(into / adapters.ADAPTER_WEIGHTS))
-    return norm
-
-
-def strip_lora_layers(model: torch.nn.Module) -> None:
-    """Put every module peft wrapped back to its base layer (after a failed first load)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())

@@ -22,8 +22,9 @@ from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.config import LearnerConfig
 from flywheel_learner.gate import GateThresholds
-from flywheel_learner.loop import Learner, Progress
+from flywheel_learner.loop import Learner
 from flywheel_learner.ppo_config import PPOConfig
+from flywheel_learner.progress import Progress
 from flywheel_learner.publishing import archive_sha256
 from flywheel_learner.reward import RewardConfig
 from tests.support import ServerProcess

@@ -21,8 +21,9 @@ from flywheel_learner.checkpoint import (
 )
 from flywheel_learner.config import LEARNER_PPO, LearnerConfig
 from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
-from flywheel_learner.loop import held_out, kv, should_wake
+from flywheel_learner.loop import held_out, should_wake
 from flywheel_learner.ppo_config import PPOConfig
+from flywheel_learner.progress import kv
 from flywheel_learner.publishing import archive_sha256, publish, recover
 
 pytestmark = pytest.mark.unit

@@ -10,13 +10,10 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from pathlib import Path
 from typing import Any, cast, get_args
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
@@ -42,6 +39,7 @@ from flywheel_server.domain import (
     now,
 )
 from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
+from flywheel_server.store import database
 from flywheel_server.store.schema import (
     AdapterVersionRow,
     Base,
@@ -55,8 +53,6 @@ from flywheel_server.store.schema import (
     RankingRow,
 )
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-BUSY_TIMEOUT_MS = 10_000
 MAX_KEY_CHARS = 256  # matches schema.KEY
 ADAPTER_STATES: tuple[str, ...] = get_args(AdapterState)
 CHALLENGE_ENDINGS: tuple[str, ...] = tuple(o for o in get_args(ChallengeOutcome) if o != "running")
@@ -69,21 +65,12 @@ _COUNTED: tuple[type[Base], ...] = (
     DemonstrationRow,
     AdapterVersionRow,
 )
-_WRITE = "flywheel_write"  # execution option: this transaction will write
-
-_SQLITE_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    # FULL syncs the WAL on every commit: a ranking is on disk before it is acknowledged.
-    "PRAGMA synchronous=FULL",
-    "PRAGMA foreign_keys=ON",
-    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
-)
 
 
 class Store:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._writer = engine.execution_options(**{_WRITE: True})
+        self._writer = engine.execution_options(**{database.WRITE: True})
         self._postgres = engine.dialect.name == "postgresql"
         # An in-memory SQLite database is one shared connection: take turns on it.
         self._turns: AbstractContextManager[Any] = (
@@ -93,9 +80,9 @@ class Store:
     @classmethod
     def open(cls, url: str) -> Store:
         """Connect to `url` (sqlite:///path or postgresql://...) and migrate the schema to head."""
-        engine = _create_engine(make_url(url))
+        engine = database.create(make_url(url))
         try:
-            _upgrade_to_head(engine)
+            database.upgrade_to_head(engine)
         except Exception:
             engine.dispose()
             raise
@@ -519,61 +506,6 @@ class Store:
             yield s
 
 
-# --- engine and migrations --------------------------------------------------------------------
-
-
-def _create_engine(url: URL) -> Engine:
-    if url.get_backend_name() == "sqlite":
-        return _create_sqlite_engine(url)
-    if url.drivername == "postgresql":
-        url = url.set(drivername="postgresql+psycopg")  # the driver the postgres extra installs
-    return create_engine(url, pool_pre_ping=True)
-
-
-def _create_sqlite_engine(url: URL) -> Engine:
-    database = url.database or ""
-    in_memory = database in ("", ":memory:")
-    if not in_memory and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False},
-        poolclass=StaticPool if in_memory else None,
-    )
-    event.listen(engine, "connect", _on_sqlite_connect)
-    event.listen(engine, "begin", _on_sqlite_begin)
-    return engine
-
-
-def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Take transaction control from the sqlite3 module so we can say BEGIN IMMEDIATE.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    for pragma in _SQLITE_PRAGMAS:
-        cursor.execute(pragma)
-    cursor.close()
-
-
-def _on_sqlite_begin(conn: Connection) -> None:
-    # A deferred BEGIN that later writes fails with SQLITE_BUSY, without waiting, when another
-    # writer committed in between; BEGIN IMMEDIATE waits its turn (busy_timeout) up front.
-    writes = conn.get_execution_options().get(_WRITE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
-
-
-def alembic_config() -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
-    return config
-
-
-def _upgrade_to_head(engine: Engine) -> None:
-    config = alembic_config()
-    with engine.execution_options(**{_WRITE: True}).connect() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
-
-
 # --- rows <-> values --------------------------------------------------------------------------
 
 
@@ -746,4 +678,4 @@ def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return clean
 
 
-__all__ = ["MIGRATIONS_DIR", "Store", "alembic_config"]
+__all__ = ["Store"]
