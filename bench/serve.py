@@ -129,8 +129,8 @@ async def engine_load(
 ) -> float:
     """tok/s of the engine alone, in-process (no HTTP, no store): where the server's time goes."""
     from flywheel_server.domain import Sampling
-    from flywheel_server.engine import TorchEngine
     from flywheel_server.engine_api import EngineRequest
+    from flywheel_server.torch_engine import TorchEngine
 
     engine = TorchEngine(model_dir, device=device, max_pending=4 * clients + 4, max_batch=64)
     request = EngineRequest(

@@ -31,7 +31,7 @@ COPY server /src/server
 COPY learner /src/learner
 COPY clients/python /src/clients/python
 RUN pip install -c constraints.txt --index-url "${TORCH_INDEX_URL}" torch \
-    && pip install -c constraints.txt . \
+    && pip install -c constraints.txt ".[learn]" \
     && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --user-group flywheel \

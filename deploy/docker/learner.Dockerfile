@@ -19,7 +19,7 @@ COPY demo /src/demo
 COPY server /src/server
 COPY learner /src/learner
 COPY clients/python /src/clients/python
-RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu . \
+RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[learn]" \
     && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --user-group flywheel \

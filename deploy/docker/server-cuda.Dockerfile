@@ -35,7 +35,7 @@ COPY learner /src/learner
 COPY clients/python /src/clients/python
 # torch first from the CUDA index (same pinned version), then the project under the constraints.
 RUN pip install -c constraints.txt --index-url "${TORCH_INDEX_URL}" torch \
-    && pip install -c constraints.txt ".[postgres]" \
+    && pip install -c constraints.txt ".[serve,postgres]" \
     && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --user-group flywheel \

@@ -21,7 +21,7 @@ COPY server /src/server
 COPY learner /src/learner
 COPY clients/python /src/clients/python
 # constraints.txt pins torch's CPU build; the postgres extra brings the psycopg driver.
-RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[postgres]" \
+RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[serve,postgres]" \
     && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --user-group flywheel \

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 from flywheel_server.config import ServerConfig
-from flywheel_server.engine import TorchEngine, resolve_device
 from flywheel_server.engine_api import Engine
+from flywheel_server.torch_engine import TorchEngine, resolve_device
 
 
 async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:

@@ -1,5 +1,5 @@
 """What a generation engine is to the rest of the server: its requests, its events, and the
-interface the service and the adapter lifecycle call. Both engines (`engine.TorchEngine`,
+interface the service and the adapter lifecycle call. Both engines (`torch_engine.TorchEngine`,
 `vllm_engine.VllmEngine`) import this; neither imports the other's internals for it.
 """
 

@@ -225,7 +225,7 @@ class Servicer:
         result = await self.service.generate(
             prompt_input(request.prompt),
             n=request.n or 1,
-            sampling=self.service.sampling(raw_sampling(request.sampling)),
+            sampling=raw_sampling(request.sampling),
             policy=request.policy,
         )
         return pb.GenerateResponse(
@@ -238,7 +238,7 @@ class Servicer:
         stream = self.service.generate_stream(
             prompt_input(request.prompt),
             n=request.n or 1,
-            sampling=self.service.sampling(raw_sampling(request.sampling)),
+            sampling=raw_sampling(request.sampling),
             policy=request.policy,
         )
         async for e in stream:
@@ -255,7 +255,7 @@ class Servicer:
         result = await self.service.compare(
             prompt_input(request.prompt),
             k=request.k,
-            sampling=self.service.sampling(raw_sampling(request.sampling)),
+            sampling=raw_sampling(request.sampling),
             policies=list(request.policies),
         )
         return pb.CompareResponse(

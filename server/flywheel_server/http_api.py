@@ -267,9 +267,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
 
     @route("generate", CompareBody)
     async def compare(service: FlywheelService, b: CompareBody) -> Response:
-        sampling = service.sampling(
-            RawSampling(b.temperature, b.top_p, b.top_k, b.max_tokens, b.stop, b.seed)
-        )
+        sampling = RawSampling(b.temperature, b.top_p, b.top_k, b.max_tokens, b.stop, b.seed)
         result = await service.compare(
             PromptInput(b.prompt, b.messages), k=b.k, sampling=sampling, policies=b.policies
         )
@@ -394,8 +392,7 @@ def challenge_json(status: ChallengeStatus) -> dict[str, Any]:
 async def _generate(
     service: FlywheelService, b: _OpenAI, prompt: PromptInput, *, chat: bool
 ) -> Response:
-    sampling = service.sampling(b.raw_sampling())
-    stream = service.generate_stream(prompt, n=b.n, sampling=sampling, policy=b.model)
+    stream = service.generate_stream(prompt, n=b.n, sampling=b.raw_sampling(), policy=b.model)
     if b.stream:
         # Pull the first events before answering, so overload and engine errors get a status code.
         batches = stream.batches()

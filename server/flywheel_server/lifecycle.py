@@ -76,7 +76,8 @@ class AdapterLifecycle:
     # -- start-up and replicas --------------------------------------------------------------
 
     async def start(self, *, seed_reward: Path | None = None) -> None:
-        """Load every stored version that is not refused; seed the demo's reward model once."""
+        """Load every stored version that is not refused; seed the initial reward model
+        (`--reward`, the demo's when serving the demo) once, into an empty store."""
         versions = await asyncio.to_thread(self.store.list_adapter_versions)
         if seed_reward is not None and not any(v.name == "reward" for v in versions):
             data = archive.pack_directory(seed_reward)

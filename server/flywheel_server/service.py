@@ -82,18 +82,20 @@ class FlywheelService:
             )
         return tuple(ids)
 
-    def sampling(self, raw: validation.RawSampling) -> Sampling:
+    def _sampling(self, raw: validation.RawSampling) -> Sampling:
         return validation.sampling(raw, max_tokens_limit=self.max_tokens_limit)
 
     async def generate(
-        self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
+        self, prompt: PromptInput, *, n: int, sampling: validation.RawSampling, policy: str = ""
     ) -> Generation:
         return await self.generate_stream(prompt, n=n, sampling=sampling, policy=policy).finish()
 
     def generate_stream(
-        self, prompt: PromptInput, *, n: int, sampling: Sampling, policy: str = ""
+        self, prompt: PromptInput, *, n: int, sampling: validation.RawSampling, policy: str = ""
     ) -> GenerationStream:
-        """Validate now (errors raise before any event), then stream as the caller iterates."""
+        """Validate now (errors raise before any event), then stream as the caller iterates.
+        `sampling` comes as the transport read it; the service checks it."""
+        checked = self._sampling(sampling)
         n = validation.integer("n", n, 1, self.config.max_n)
         kind, text = self.render(prompt)
         policy_id, adapter = self.registry.resolve(policy, kind="policy", field="policy")
@@ -103,17 +105,23 @@ class FlywheelService:
             self.registry,
             self.recorder,
             PromptRecord(new_id("prm"), text, kind),
-            self._encode_prompt(text, sampling),
-            sampling,
+            self._encode_prompt(text, checked),
+            checked,
             rows,
         )
 
     async def compare(
-        self, prompt: PromptInput, *, k: int, sampling: Sampling, policies: Sequence[str] = ()
+        self,
+        prompt: PromptInput,
+        *,
+        k: int,
+        sampling: validation.RawSampling,
+        policies: Sequence[str] = (),
     ) -> Generation:
         """K candidates: candidate i from policies[i % len(policies)]; without policies, from the
         live policy, or (challenger_share of requests while a challenge runs) a blind mix of the
         challenger's and the champion's."""
+        checked = self._sampling(sampling)
         k = validation.integer("k", k or DEFAULT_K, 2, self.config.max_n)
         kind, text = self.render(prompt)
         challenge = None if policies else self.adapters.draw_challenge()
@@ -137,8 +145,8 @@ class FlywheelService:
             PromptRecord(
                 new_id("prm"), text, kind, challenge=None if challenge is None else challenge.seq
             ),
-            self._encode_prompt(text, sampling),
-            sampling,
+            self._encode_prompt(text, checked),
+            checked,
             rows,
         )
         result = await stream.finish()

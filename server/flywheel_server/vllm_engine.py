@@ -21,7 +21,6 @@ import httpx
 import torch
 
 from flywheel_model import adapters
-from flywheel_server.engine import TorchEngine
 from flywheel_server.engine_api import (
     SMOKE_PROMPT,
     SMOKE_TOKENS,
@@ -38,6 +37,7 @@ from flywheel_server.errors import (
     Overloaded,
     Unavailable,
 )
+from flywheel_server.torch_engine import TorchEngine
 from flywheel_server.vllm_sidecar import VllmProcess
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from flywheel_server.domain import Sampling
-from flywheel_server.engine import TorchEngine
 from flywheel_server.engine_api import EngineRequest
+from flywheel_server.torch_engine import TorchEngine
 from tests.support import make_adapter
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]

@@ -89,6 +89,36 @@ def test_benches_do_not_import_the_tests() -> None:
     assert found == []
 
 
+HEAVY = ("torch", "transformers", "peft", "safetensors", "bentoml", "starlette", "uvicorn",
+         "pydantic", "sqlalchemy", "alembic", "prometheus_client")  # fmt: skip
+
+
+def test_a_plain_install_is_the_sdk_and_the_verbs_without_torch() -> None:
+    """`pip install flywheel` brings the core dependencies only; the SDK and every verb of the
+    command line run on them: imported here with every serving and learning package blocked."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"]}
+    assert names == {"grpcio", "protobuf", "httpx", "tqdm"}
+    probe = (
+        "import sys\n"
+        f"HEAVY = {HEAVY!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in HEAVY:\n"
+        "            raise ImportError(f'{name} is not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import flywheel_client\n"
+        "from flywheel_cli.main import build_parser\n"
+        "for verb in (['generate', 'hi'], ['rank', 'a', 'b'], ['simulate', '--preference', 'x']):\n"
+        "    build_parser({}).parse_args(verb)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_the_sdk_pulls_in_neither_torch_nor_the_server_nor_the_learner() -> None:
     probe = (
         "import sys, flywheel_client\n"

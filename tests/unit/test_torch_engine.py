@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from flywheel_server.domain import Sampling
-from flywheel_server.engine import TorchEngine, merge_events
 from flywheel_server.engine_api import EngineRequest, TokenEvent
 from flywheel_server.errors import AdapterNotFound, AdapterRefused, Overloaded
+from flywheel_server.torch_engine import TorchEngine, merge_events
 from tests.support import make_adapter
 
 pytestmark = [
