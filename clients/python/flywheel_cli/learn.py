@@ -138,8 +138,8 @@ def add_learn(commands: Any, environ: Mapping[str, str]) -> None:
     sub.add_argument(
         "--pretraining",
         metavar="FILE",
-        help="a .txt or .jsonl corpus for the ptx term (default: the demo's pretraining "
-        "documents: words repeated, no task answers)",
+        help="a .txt or .jsonl corpus for the ptx term and the gate's pretraining-loss check "
+        "(`flywheel up` passes the demo's; without one, PPO runs without the ptx term)",
     )
     sub.add_argument(
         "--threads",
