@@ -115,11 +115,11 @@ def gate(metrics: EvalMetrics, thresholds: GateThresholds) -> tuple[bool, list[s
             f"pretraining loss rose by {rise:.4g} nats/token, more than the allowed "
             f"{thresholds.max_ptx_rise:.4g}"
         )
-    reasons += _human_reasons(metrics, thresholds)
+    reasons += _judge_reasons(metrics, thresholds)
     return not reasons, reasons
 
 
-def _human_reasons(metrics: EvalMetrics, thresholds: GateThresholds) -> list[str]:
+def _judge_reasons(metrics: EvalMetrics, thresholds: GateThresholds) -> list[str]:
     """A candidate no validated judge scored is refused: unknown is not safe."""
     gain = metrics.judge_gain
     if gain != gain:

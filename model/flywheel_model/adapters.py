@@ -106,9 +106,14 @@ class AdapterSpec:
     @property
     def shape(self) -> tuple[int, float, frozenset[str]]:
         """(rank, alpha, target modules): two adapters of one shape can share weights."""
-        targets = self.config.get("target_modules") or ()
-        targets = [targets] if isinstance(targets, str) else targets
-        return int(self.config["r"]), float(self.config["lora_alpha"]), frozenset(targets)
+        return lora_shape(self.config)
+
+
+def lora_shape(config: dict[str, Any]) -> tuple[int, float, frozenset[str]]:
+    """(rank, alpha, target modules) of a PEFT LoRA config, as written or as peft holds it."""
+    targets = config.get("target_modules") or ()
+    targets = [targets] if isinstance(targets, str) else targets
+    return int(config["r"]), float(config["lora_alpha"]), frozenset(targets)
 
 
 def read_spec(
@@ -151,10 +156,9 @@ def load_adapter_weights(peft_model: PeftModel, directory: str | Path, adapter_n
 
     saved = read_adapter_config(directory)
     current = peft_model.peft_config[adapter_name].to_dict()
-    same = all(saved.get(k) == current.get(k) for k in ("r", "lora_alpha")) and all(
-        set(saved.get(k) or ()) == set(current.get(k) or ())
-        for k in ("target_modules", "modules_to_save")
-    )
+    same = lora_shape(saved) == lora_shape(current) and set(
+        saved.get("modules_to_save") or ()
+    ) == set(current.get("modules_to_save") or ())
     if same:
         weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
         set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
