@@ -5,13 +5,20 @@ missed which bound, so a refused version's log line explains itself.
 
 The reward gain is measured by the reward model PPO optimised, which the candidate may have
 learned to exploit. So the gate also asks the judge (`judge`), fitted on held-out human
-rankings that reward model never saw: it must score the candidate's answers no lower than the
-live policy's.
+rankings that reward model never saw, to compare the two policies' answers prompt by prompt, as
+a labeler compares a blind pair: the candidate must win at least half of them (ties half),
+sampled and greedy alike.
+
+Pairs, not mean scores: under `correct` (issue 15) two candidates changed 43% of the greedy
+answers on 200 fresh prompts, mostly to wrong near misses (6-31 and 14-36 against the initial
+policy); their judges preferred the initial answer in 53 of 87 and 58 of 86 changed pairs, yet
+the mean judge score over sampled and greedy answers still rose (+0.02) for the second.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -24,24 +31,45 @@ class GateThresholds:
         pretraining loss no higher than the base's. The pretraining-loss check and the judge
         guard what a looser bound lets through.
     max_ptx_rise: allowed rise of the pretraining NLL (nats/token) over the base's.
-    min_judge_gain: candidate minus live mean score of the judge (`judge`: a reward model
-        fitted on the held-out rankings only) over their sampled and greedy answers.
+    min_judge_win_rate: the share of held-out prompts whose candidate answer the judge
+        (`judge`: a reward model fitted on the held-out rankings only) prefers to the live
+        policy's, ties half (`win_rate`); checked for sampled and for greedy answers apart.
     """
 
     min_reward_gain: float = 0.0
     min_greedy_reward_gain: float = 0.0
     max_kl: float = 20.0
     max_ptx_rise: float = 0.1
-    min_judge_gain: float = 0.0
+    min_judge_win_rate: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("min_reward_gain", "min_greedy_reward_gain", "min_judge_gain"):
+        for name in ("min_reward_gain", "min_greedy_reward_gain"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if not self.max_kl >= 0:
             raise ValueError(f"max_kl must be >= 0 nats, got {self.max_kl}")
         if not self.max_ptx_rise >= 0:
             raise ValueError(f"max_ptx_rise must be >= 0 nats/token, got {self.max_ptx_rise}")
+        if not 0.0 <= self.min_judge_win_rate <= 1.0:
+            raise ValueError(f"min_judge_win_rate must be in [0, 1], got {self.min_judge_win_rate}")
+
+
+def win_rate(candidate: Sequence[float], live: Sequence[float], same: Sequence[bool]) -> float:
+    """The share of prompts whose candidate answer scores above the live one's, ties half.
+
+    `candidate[i]`, `live[i]`: a scorer's scores of the two answers to prompt i; `same[i]`: the
+    answers are the same text, a tie whatever the scores (batching can move them in the last
+    bits). NaN for no prompts: nothing was compared.
+    """
+    if not len(candidate) == len(live) == len(same):
+        raise ValueError(f"{len(candidate)} candidate, {len(live)} live, {len(same)} same flags")
+    if not candidate:
+        return float("nan")
+    points = sum(
+        0.5 if tie or c == lv else float(c > lv)
+        for c, lv, tie in zip(candidate, live, same, strict=True)
+    )
+    return points / len(candidate)
 
 
 @dataclass(frozen=True)
@@ -54,9 +82,10 @@ class EvalMetrics:
     # None when the learner has no pretraining corpus: then nothing to check.
     candidate_ptx_loss: float | None
     base_ptx_loss: float | None
-    # The judge's mean score of the candidate's answers minus the live policy's; NaN when no
-    # validated judge scored them.
-    judge_gain: float = float("nan")
+    # `win_rate` of the candidate's answers over the live policy's under the judge, sampled and
+    # greedy; NaN when no validated judge scored them.
+    judge_win_rate: float = float("nan")
+    judge_greedy_win_rate: float = float("nan")
 
     @property
     def reward_gain(self) -> float:
@@ -87,7 +116,8 @@ class EvalMetrics:
             "greedy_reward_gain": self.greedy_reward_gain,
             "kl_to_reference": self.kl_to_reference,
             **ptx,
-            "judge_gain": self.judge_gain,
+            "judge_win_rate": self.judge_win_rate,
+            "judge_greedy_win_rate": self.judge_greedy_win_rate,
         }
 
 
@@ -121,13 +151,13 @@ def gate(metrics: EvalMetrics, thresholds: GateThresholds) -> tuple[bool, list[s
 
 def _judge_reasons(metrics: EvalMetrics, thresholds: GateThresholds) -> list[str]:
     """A candidate no validated judge scored is refused: unknown is not safe."""
-    gain = metrics.judge_gain
-    if gain != gain:
+    rates = {"sampled": metrics.judge_win_rate, "greedy": metrics.judge_greedy_win_rate}
+    if any(rate != rate for rate in rates.values()):
         return ["no validated judge (a reward model fitted on the held-out rankings) scored it"]
-    if not gain >= thresholds.min_judge_gain:
-        return [
-            f"the judge, fitted on held-out rankings the reward model never saw, scores its "
-            f"answers {gain:.4g} against the live policy's, below the minimum "
-            f"{thresholds.min_judge_gain:.4g}"
-        ]
-    return []
+    return [
+        f"the judge, fitted on held-out rankings the reward model never saw, prefers its {mode} "
+        f"answers to the live policy's on {rate:.1%} of the prompts (ties half), below the "
+        f"minimum {thresholds.min_judge_win_rate:.1%}"
+        for mode, rate in rates.items()
+        if not rate >= thresholds.min_judge_win_rate
+    ]

@@ -27,7 +27,7 @@ from flywheel_learner import feedback_log
 from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.config import LearnerConfig
-from flywheel_learner.gate import EvalMetrics, gate
+from flywheel_learner.gate import EvalMetrics, gate, win_rate
 from flywheel_learner.judge import fit_judge
 from flywheel_learner.ppo import ppo_step, sample_responses
 from flywheel_learner.ppo_math import kl_k1, ptx_loss
@@ -358,16 +358,15 @@ class Learner:
                    "candidate_greedy": greedy, "live_greedy": live_greedy}  # fmt: skip
         reward = {k: float(models.rewards(prompts, v).mean()) for k, v in answers.items()}
         models.add_scorer(JUDGE, judge_dir)
-        judged = {k: float(models.rewards(prompts, v, JUDGE).mean()) for k, v in answers.items()}
-        judge_gain = (judged["candidate"] - judged["live"]
-                      + judged["candidate_greedy"] - judged["live_greedy"]) / 2  # fmt: skip
         candidate_ptx = base_ptx = None
         if self.pretraining:
             batch = next(ptx_batches(models.tokenizer, self.pretraining, ppo.ptx_batch,
                                      ppo.ptx_max_length, random.Random(self.config.seed + 2)))  # fmt: skip
             candidate_ptx, base_ptx = pretraining_losses(models, batch)
         metrics = EvalMetrics(reward["candidate"], reward["live"], reward["candidate_greedy"],
-                              reward["live_greedy"], kl, candidate_ptx, base_ptx, judge_gain)  # fmt: skip
+                              reward["live_greedy"], kl, candidate_ptx, base_ptx,
+                              judged_win_rate(models, prompts, samples.responses, live_texts),
+                              judged_win_rate(models, prompts, greedy, live_greedy))  # fmt: skip
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
 
@@ -465,6 +464,17 @@ class Learner:
         imported rankings so far), the rankings' own."""
         logged = feedback_log.read_prompts(self.work_dir)
         return split_prompts(logged or [(r.ranking_id, r.prompt) for r in self.rankings()])
+
+
+def judged_win_rate(
+    models: SharedBaseModels, prompts: Sequence[str], ours: Sequence[str], theirs: Sequence[str]
+) -> float:
+    """`gate.win_rate` of the answers `ours` over `theirs` to `prompts` under the judge."""
+    return win_rate(
+        models.rewards(prompts, ours, JUDGE).tolist(),
+        models.rewards(prompts, theirs, JUDGE).tolist(),
+        [a == b for a, b in zip(ours, theirs, strict=True)],
+    )
 
 
 @torch.no_grad()

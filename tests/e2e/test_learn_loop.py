@@ -78,7 +78,7 @@ def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerCo
             min_greedy_reward_gain=-1e9,
             max_kl=1e9,
             max_ptx_rise=1e9,
-            min_judge_gain=-1e9,
+            min_judge_win_rate=0.0,
         ),
         rm_min_accuracy=0.0,
         rm_min_held_out_pairs=1,
@@ -125,7 +125,7 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
         reward[0].metrics
     )
     assert {"reward_gain", "greedy_reward_gain", "kl_to_reference", "ptx_rise", "gate_passed",
-            "judge_gain"} <= set(policy[0].metrics)  # fmt: skip
+            "judge_win_rate", "judge_greedy_win_rate"} <= set(policy[0].metrics)  # fmt: skip
     assert policy[0].metrics["gate_passed"] == 1.0
     assert versions.live["policy"] == policy[0].id
     state = load_state(tmp_path)
