@@ -6,13 +6,17 @@ missed which bound, so a refused version's log line explains itself.
 The reward gain is measured by the reward model PPO optimised, which the candidate may have
 learned to exploit. So the gate also asks the judge (`judge`), fitted on held-out human
 rankings that reward model never saw, to compare the two policies' answers prompt by prompt, as
-a labeler compares a blind pair: the candidate must win at least half of them (ties half),
-sampled and greedy alike.
+a labeler compares a blind pair (`Pairs`). Sampled, the candidate must win at least half of
+them (ties half). Greedy, where the two answers differ only where the candidate moved the
+policy's most likely answer, the judge must prefer the moved answers beyond chance (a one-sided
+sign test); a candidate that moved none passes.
 
-Pairs, not mean scores: under `correct` (issue 15) two candidates changed 43% of the greedy
-answers on 200 fresh prompts, mostly to wrong near misses (6-31 and 14-36 against the initial
-policy); their judges preferred the initial answer in 53 of 87 and 58 of 86 changed pairs, yet
-the mean judge score over sampled and greedy answers still rose (+0.02) for the second.
+Why pairs, and why a test: under `correct` (issue 15), candidates changed 43-47% of the greedy
+answers on 200 fresh prompts, mostly to wrong near misses (6-31, 14-36 and 6-40 against the
+initial policy). Their judges preferred the initial answers in 53 of 87 and 58 of 86 changed
+pairs, yet the mean judge score over sampled and greedy answers rose (+0.02) for the second. The
+third one's judge, fitted on 21 rankings, preferred its answers 53-42 over 200 prompts and split
+41 held-out prompts evenly: a point estimate of one half let it through; the test does not.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import comb
 
 
 @dataclass(frozen=True)
@@ -31,9 +36,11 @@ class GateThresholds:
         pretraining loss no higher than the base's. The pretraining-loss check and the judge
         guard what a looser bound lets through.
     max_ptx_rise: allowed rise of the pretraining NLL (nats/token) over the base's.
-    min_judge_win_rate: the share of held-out prompts whose candidate answer the judge
+    min_judge_win_rate: the share of held-out prompts whose sampled candidate answer the judge
         (`judge`: a reward model fitted on the held-out rankings only) prefers to the live
-        policy's, ties half (`win_rate`); checked for sampled and for greedy answers apart.
+        policy's, ties half (`Pairs.win_rate`).
+    max_greedy_p: the greedy answers the candidate changed must be preferred by the judge with
+        a one-sided sign-test p-value (`Pairs.sign_p`) at most this.
     """
 
     min_reward_gain: float = 0.0
@@ -41,6 +48,7 @@ class GateThresholds:
     max_kl: float = 20.0
     max_ptx_rise: float = 0.1
     min_judge_win_rate: float = 0.5
+    max_greedy_p: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("min_reward_gain", "min_greedy_reward_gain"):
@@ -50,26 +58,44 @@ class GateThresholds:
             raise ValueError(f"max_kl must be >= 0 nats, got {self.max_kl}")
         if not self.max_ptx_rise >= 0:
             raise ValueError(f"max_ptx_rise must be >= 0 nats/token, got {self.max_ptx_rise}")
-        if not 0.0 <= self.min_judge_win_rate <= 1.0:
-            raise ValueError(f"min_judge_win_rate must be in [0, 1], got {self.min_judge_win_rate}")
+        for name in ("min_judge_win_rate", "max_greedy_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-def win_rate(candidate: Sequence[float], live: Sequence[float], same: Sequence[bool]) -> float:
-    """The share of prompts whose candidate answer scores above the live one's, ties half.
+@dataclass(frozen=True)
+class Pairs:
+    """A scorer's verdicts on blind pairs, the candidate's answer against the live policy's."""
 
-    `candidate[i]`, `live[i]`: a scorer's scores of the two answers to prompt i; `same[i]`: the
-    answers are the same text, a tie whatever the scores (batching can move them in the last
-    bits). NaN for no prompts: nothing was compared.
-    """
-    if not len(candidate) == len(live) == len(same):
-        raise ValueError(f"{len(candidate)} candidate, {len(live)} live, {len(same)} same flags")
-    if not candidate:
-        return float("nan")
-    points = sum(
-        0.5 if tie or c == lv else float(c > lv)
-        for c, lv, tie in zip(candidate, live, same, strict=True)
-    )
-    return points / len(candidate)
+    wins: int
+    losses: int
+    ties: int
+
+    @classmethod
+    def judged(
+        cls, candidate: Sequence[float], live: Sequence[float], same: Sequence[bool]
+    ) -> Pairs:
+        """`candidate[i]`, `live[i]`: the scores of the two answers to prompt i; `same[i]`: the
+        answers are the same text, a tie whatever the scores (batching moves the last bits)."""
+        if not len(candidate) == len(live) == len(same):
+            raise ValueError(
+                f"{len(candidate)} candidate, {len(live)} live, {len(same)} same flags"
+            )
+        moved = [(c, lv) for c, lv, tie in zip(candidate, live, same, strict=True) if not tie]
+        wins, losses = sum(c > lv for c, lv in moved), sum(c < lv for c, lv in moved)
+        return cls(wins, losses, len(candidate) - wins - losses)
+
+    @property
+    def win_rate(self) -> float:
+        """Wins plus half the ties, over all pairs; NaN for none."""
+        n = self.wins + self.losses + self.ties
+        return (self.wins + self.ties / 2) / n if n else float("nan")
+
+    @property
+    def sign_p(self) -> float:
+        """P(at least this many wins | each decided pair a fair coin): the one-sided sign test."""
+        n = self.wins + self.losses
+        return sum(comb(n, k) for k in range(self.wins, n + 1)) / 2**n
 
 
 @dataclass(frozen=True)
@@ -82,10 +108,10 @@ class EvalMetrics:
     # None when the learner has no pretraining corpus: then nothing to check.
     candidate_ptx_loss: float | None
     base_ptx_loss: float | None
-    # `win_rate` of the candidate's answers over the live policy's under the judge, sampled and
-    # greedy; NaN when no validated judge scored them.
-    judge_win_rate: float = float("nan")
-    judge_greedy_win_rate: float = float("nan")
+    # The judge's verdicts on the candidate's answers against the live policy's, sampled and
+    # greedy; None when no validated judge scored them.
+    judge_sampled: Pairs | None = None
+    judge_greedy: Pairs | None = None
 
     @property
     def reward_gain(self) -> float:
@@ -107,6 +133,12 @@ class EvalMetrics:
         candidate, base = self.candidate_ptx_loss, self.base_ptx_loss
         if candidate is not None and base is not None:
             ptx = {"ptx_loss": candidate, "base_ptx_loss": base, "ptx_rise": candidate - base}
+        judged: dict[str, float] = {}
+        if self.judge_sampled is not None and self.judge_greedy is not None:
+            greedy = self.judge_greedy
+            judged = {"judge_win_rate": self.judge_sampled.win_rate,
+                      "judge_greedy_win_rate": greedy.win_rate, "judge_greedy_wins": greedy.wins,
+                      "judge_greedy_losses": greedy.losses, "judge_greedy_p": greedy.sign_p}  # fmt: skip
         return {
             "candidate_reward": self.candidate_reward,
             "live_reward": self.live_reward,
@@ -116,8 +148,7 @@ class EvalMetrics:
             "greedy_reward_gain": self.greedy_reward_gain,
             "kl_to_reference": self.kl_to_reference,
             **ptx,
-            "judge_win_rate": self.judge_win_rate,
-            "judge_greedy_win_rate": self.judge_greedy_win_rate,
+            **judged,
         }
 
 
@@ -151,13 +182,20 @@ def gate(metrics: EvalMetrics, thresholds: GateThresholds) -> tuple[bool, list[s
 
 def _judge_reasons(metrics: EvalMetrics, thresholds: GateThresholds) -> list[str]:
     """A candidate no validated judge scored is refused: unknown is not safe."""
-    rates = {"sampled": metrics.judge_win_rate, "greedy": metrics.judge_greedy_win_rate}
-    if any(rate != rate for rate in rates.values()):
+    sampled, greedy = metrics.judge_sampled, metrics.judge_greedy
+    if sampled is None or greedy is None:
         return ["no validated judge (a reward model fitted on the held-out rankings) scored it"]
-    return [
-        f"the judge, fitted on held-out rankings the reward model never saw, prefers its {mode} "
-        f"answers to the live policy's on {rate:.1%} of the prompts (ties half), below the "
-        f"minimum {thresholds.min_judge_win_rate:.1%}"
-        for mode, rate in rates.items()
-        if not rate >= thresholds.min_judge_win_rate
-    ]
+    reasons = []
+    if not sampled.win_rate >= thresholds.min_judge_win_rate:
+        reasons.append(
+            f"the judge, fitted on held-out rankings the reward model never saw, prefers its "
+            f"sampled answers to the live policy's on {sampled.win_rate:.1%} of the prompts "
+            f"(ties half), below the minimum {thresholds.min_judge_win_rate:.1%}"
+        )
+    if greedy.wins + greedy.losses and not greedy.sign_p <= thresholds.max_greedy_p:
+        reasons.append(
+            f"the judge prefers {greedy.wins} of the {greedy.wins + greedy.losses} greedy answers "
+            f"it changed to the live policy's: sign-test p {greedy.sign_p:.3g} is above "
+            f"{thresholds.max_greedy_p:.3g}, not clearly better"
+        )
+    return reasons

@@ -27,7 +27,7 @@ from flywheel_learner import feedback_log
 from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.config import LearnerConfig
-from flywheel_learner.gate import EvalMetrics, gate, win_rate
+from flywheel_learner.gate import EvalMetrics, Pairs, gate
 from flywheel_learner.judge import fit_judge
 from flywheel_learner.ppo import ppo_step, sample_responses
 from flywheel_learner.ppo_math import kl_k1, ptx_loss
@@ -365,8 +365,8 @@ class Learner:
             candidate_ptx, base_ptx = pretraining_losses(models, batch)
         metrics = EvalMetrics(reward["candidate"], reward["live"], reward["candidate_greedy"],
                               reward["live_greedy"], kl, candidate_ptx, base_ptx,
-                              judged_win_rate(models, prompts, samples.responses, live_texts),
-                              judged_win_rate(models, prompts, greedy, live_greedy))  # fmt: skip
+                              judge_pairs(models, prompts, samples.responses, live_texts),
+                              judge_pairs(models, prompts, greedy, live_greedy))  # fmt: skip
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
 
@@ -466,11 +466,11 @@ class Learner:
         return split_prompts(logged or [(r.ranking_id, r.prompt) for r in self.rankings()])
 
 
-def judged_win_rate(
+def judge_pairs(
     models: SharedBaseModels, prompts: Sequence[str], ours: Sequence[str], theirs: Sequence[str]
-) -> float:
-    """`gate.win_rate` of the answers `ours` over `theirs` to `prompts` under the judge."""
-    return win_rate(
+) -> Pairs:
+    """The judge's verdicts on the answers `ours` against `theirs` to `prompts`."""
+    return Pairs.judged(
         models.rewards(prompts, ours, JUDGE).tolist(),
         models.rewards(prompts, theirs, JUDGE).tolist(),
         [a == b for a, b in zip(ours, theirs, strict=True)],
