@@ -21,6 +21,7 @@ from starlette.routing import Route
 from flywheel_server import errors, metrics
 from flywheel_server.domain import AdapterVersion, ChallengeStatus
 from flywheel_server.generation import Generation, GenerationStream, PromptInput, StreamEvent
+from flywheel_server.openai_fields import unsupported
 from flywheel_server.service import FlywheelService
 from flywheel_server.validation import RawSampling
 
@@ -68,7 +69,8 @@ def from_error(e: errors.FlywheelError) -> JSONResponse:
 
 
 class _OpenAI(BaseModel):
-    """Fields OpenAI clients send that we do not use are ignored, as OpenAI-compatible servers do."""
+    """An OpenAI request. A field not declared here is refused by name unless it changes
+    nothing in what is generated (`openai_fields.unsupported`)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str = "policy"
@@ -176,6 +178,8 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             raise errors.InvalidRequest(f"request body is not valid JSON: {e}", field="body") from e
         if not isinstance(doc, dict):
             raise errors.InvalidRequest("request body must be a JSON object", field="body")
+        if issubclass(model, _OpenAI) and (problem := unsupported(doc, model.model_fields)):
+            raise errors.InvalidRequest(problem[1], field=problem[0])
         return model.model_validate(doc)
 
     def route(

@@ -737,3 +737,36 @@ def test_unknown_id_is_not_found_type(server, grpc_client):
     with store_unchanged(server), pytest.raises(NotFound) as info:
         grpc_client.rank(["cmpl-doesnotexist", "cmpl-neverissued"], labeler="bad-input")
     assert info.value.field == "ranking"
+
+
+# -- OpenAI fields this server would have to ignore ----------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    ("extra", "field", "substring"),
+    [
+        pytest.param({"logprobs": 2}, "logprobs", "not supported", id="logprobs"),
+        pytest.param({"presence_penalty": 0.5}, "presence_penalty", "not supported", id="penalty"),
+        pytest.param({"logit_bias": {"5": -100}}, "logit_bias", "not supported", id="logit_bias"),
+        pytest.param(
+            {"response_format": {"type": "json_object"}}, "response_format", "not supported",
+            id="response_format",
+        ),
+        pytest.param({"ignore_eos": True}, "ignore_eos", "not supported", id="ignore_eos"),
+        pytest.param({"temprature": 0.5}, "temprature", "not an OpenAI field", id="typo"),
+    ],
+)  # fmt: skip
+def test_an_unsupported_openai_field_is_refused_by_name(server, path, extra, field, substring):
+    body = {"max_tokens": 2, **extra}
+    body |= {"messages": [{"role": "user", "content": "sort: cba"}]} if "chat" in path else {
+        "prompt": "sort: cba"}  # fmt: skip
+    error = check_http(server, path, body, 400, (field, substring), field)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_openai_fields_at_their_defaults_or_without_effect_are_taken(server):
+    body = {"prompt": "sort: cba", "max_tokens": 2, "presence_penalty": 0, "logprobs": None,
+            "echo": False, "logit_bias": {}, "user": "u-1", "metadata": {"a": "b"}}  # fmt: skip
+    status, doc = server.post("/v1/completions", body)
+    assert status == 200 and doc["choices"][0]["text"] is not None, doc
