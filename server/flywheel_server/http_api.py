@@ -174,7 +174,9 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             raise BodyTooLarge(f"request body exceeds {limit} bytes", field="body")
         try:
             doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError as e:
+            raise errors.InvalidRequest("request body is nested too deeply", field="body") from e
+        except ValueError as e:  # bad JSON or bytes, or an integer past Python's digit limit
             raise errors.InvalidRequest(f"request body is not valid JSON: {e}", field="body") from e
         if not isinstance(doc, dict):
             raise errors.InvalidRequest("request body must be a JSON object", field="body")

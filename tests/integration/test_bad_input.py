@@ -406,6 +406,8 @@ MALFORMED_JSON = [
     pytest.param(b"[1,2]", ("must be a JSON object",), id="array"),
     pytest.param(b'"reverse: abc"', ("must be a JSON object",), id="string"),
     pytest.param(b"null", ("must be a JSON object",), id="null"),
+    pytest.param(b"[" * 10_000 + b"]" * 10_000, ("nested too deeply",), id="deep"),
+    pytest.param(b'{"n": ' + b"1" * 100_000 + b"}", ("digits",), id="huge-integer"),
 ]
 
 
