@@ -308,7 +308,7 @@ class Learner:
         ppo = self.config.ppo
         torch.manual_seed(self.config.seed + number)
         models = SharedBaseModels.build(self.config.model_dir, reward_dir, ppo)
-        self._continue_from_live(models)
+        self._resume(models)
         optimizer = make_optimizer(models, ppo)
         kl_ctl = ppo.kl_controller(self.state.kl_beta or None)
         rng = random.Random(self.config.seed + number)
@@ -393,7 +393,13 @@ class Learner:
         live = version is not None and version.state == "live"
         if live:
             self.state = self.state.replace(policy_dir=str(directory))
-            save_state(self.work_dir, self.state)
+        # A candidate past the KL bound is no place to resume: its next round could only stay
+        # there, refused. The one before it is.
+        if metrics.kl_to_reference <= self.config.gate.max_kl:
+            self.state = self.state.replace(working_dir=str(directory))
+        live_id = self.client.versions("policy").live.get("policy", "")
+        self.state = self.state.replace(live_seen=live_id)
+        save_state(self.work_dir, self.state)
         return live
 
     def finish_round(self, number: int) -> None:
@@ -447,6 +453,24 @@ class Learner:
         log.warning(kv("live_policy_unknown", version=live_id,
                        effect="the gate compares the candidate with chance only"))  # fmt: skip
         return False
+
+    def _resume(self, models: SharedBaseModels) -> None:
+        """PPO resumes this learner's newest candidate, promoted or not: the gate decides what
+        ships, not where learning stands. A strict gate refuses the early, small steps of a
+        preference the judge cannot yet tell apart (under `longer`, candidates 1-7 nats from
+        the reference changed 52-77 greedy answers, which the judge split evenly); restarting
+        each round from the live policy would never get past them. If the live policy changed
+        outside this learner since it published (an operator's promotion or rollback, a
+        challenger's win), PPO resumes the live policy instead."""
+        working, seen = self.state.working_dir, self.state.live_seen
+        live_id = self.client.versions("policy").live.get("policy", "")
+        if working and live_id == seen and Path(working).is_dir():
+            if adapters.load_adapter_weights(models.peft, Path(working), POLICY):
+                log.info(kv("policy_continued", directory=working, source="newest candidate"))
+                return
+        elif working:
+            log.info(kv("policy_from_live", reason=f"the live policy is now {live_id}, not {seen}"))
+        self._continue_from_live(models)
 
     def _continue_from_live(self, models: SharedBaseModels) -> None:
         """Start PPO from the live policy if this learner wrote it (an operator may have rolled
