@@ -213,7 +213,9 @@ def test_the_next_round_resumes_the_refused_candidate_unless_the_live_policy_mov
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="flywheel.learner"):
         assert one_round(config) is False
-    assert "event=policy_from_live" in caplog.text and "source='newest candidate'" not in caplog.text
+    assert (
+        "event=policy_from_live" in caplog.text and "source='newest candidate'" not in caplog.text
+    )
 
 
 def test_a_round_whose_reward_model_fails_validation_publishes_no_policy(
