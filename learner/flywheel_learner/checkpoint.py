@@ -62,7 +62,7 @@ class LearnerState:
     working_dir: str = ""
     live_seen: str = ""
     # Where the adaptive KL controller left beta (0: not started): every round resumes it, as
-    # each round also resumes the live policy, whose KL to the reference it carries.
+    # each round also resumes a policy (`working_dir`), whose KL to the reference it carries.
     kl_beta: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
