@@ -8,8 +8,9 @@ learned to exploit. So the gate also asks the judge (`judge`), fitted on held-ou
 rankings that reward model never saw, to compare the two policies' answers prompt by prompt, as
 a labeler compares a blind pair (`Pairs`). Sampled, the candidate must win at least half of
 them (ties half). Greedy, where the two answers differ only where the candidate moved the
-policy's most likely answer, the judge must prefer the moved answers beyond chance (a one-sided
-sign test); a candidate that moved none passes.
+policy's most likely answer, the judge must prefer the moved answers more often than a coin
+would, by a one-sided sign test (`GateThresholds.max_greedy_p`); a candidate that moved none
+passes.
 
 Why pairs, and why a test: under `correct` (issue 15), candidates changed 43-47% of the greedy
 answers on 200 fresh prompts, mostly to wrong near misses (6-31, 14-36 and 6-40 against the
@@ -40,7 +41,12 @@ class GateThresholds:
         (`judge`: a reward model fitted on the held-out rankings only) prefers to the live
         policy's, ties half (`Pairs.win_rate`).
     max_greedy_p: the greedy answers the candidate changed must be preferred by the judge with
-        a one-sided sign-test p-value (`Pairs.sign_p`) at most this.
+        a one-sided sign-test p-value (`Pairs.sign_p`) at most this. 0.25, not 0.05: the judge,
+        fitted on a tenth of the rankings, is weaker than the reward model on answers unlike
+        those it was fitted on. Under `longer` a candidate at 15 nats that lengthened most
+        greedy answers drew 69-51 from it (p 0.06), another that lengthened 104 of 200 fresh
+        prompts' answers agreed with the truth on 58 of 104; `correct`'s regressing candidates
+        drew p 0.56-0.97.
     """
 
     min_reward_gain: float = 0.0
@@ -48,7 +54,7 @@ class GateThresholds:
     max_kl: float = 20.0
     max_ptx_rise: float = 0.1
     min_judge_win_rate: float = 0.5
-    max_greedy_p: float = 0.05
+    max_greedy_p: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("min_reward_gain", "min_greedy_reward_gain"):

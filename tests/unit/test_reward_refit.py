@@ -77,7 +77,7 @@ def test_gate_refuses_what_the_reward_model_favours_but_the_judge_does_not() -> 
     passed, reasons = gate(metrics(2.0, Pairs(6, 2, 0), Pairs(20, 20, 1)), thresholds)
     assert not passed and reasons == [
         "the judge prefers 20 of the 40 greedy answers it changed to the live policy's: "
-        "sign-test p 0.563 is above 0.05, not clearly better"
+        "sign-test p 0.563 is above 0.25, not clearly better"
     ]
     for judged in (metrics(2.0, None), metrics(2.0, Pairs(6, 2, 0), None)):
         passed, reasons = gate(judged, thresholds)
