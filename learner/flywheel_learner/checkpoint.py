@@ -57,12 +57,8 @@ class LearnerState:
     # policy that went live: the next round trains against / continues from them.
     reward_dir: str = ""
     policy_dir: str = ""
-    # The newest policy this learner trained, promoted or not, and the live policy's version id
-    # when it was published: the next round resumes it unless the live policy changed since.
-    working_dir: str = ""
-    live_seen: str = ""
     # Where the adaptive KL controller left beta (0: not started): every round resumes it, as
-    # each round also resumes a policy (`working_dir`), whose KL to the reference it carries.
+    # each round also resumes the live policy, whose KL to the reference it carries.
     kl_beta: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 

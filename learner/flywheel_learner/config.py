@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     pass
 
 # KL to the reference, controlled (Ziegler et al. 2019) toward half the gate's max_kl, with beta
-# carried from round to round (each round continues the newest candidate). At a fixed beta of 0.02
+# carried from round to round (each round continues the live policy). At a fixed beta of 0.02
 # and unit-scale rewards the KL grew round by round to 11.7-25.5 nats under `longer` and
 # `contains:x`. A horizon of 1,024 samples lets beta move up to 2.6-fold in a round of 20 steps.
 LEARNER_PPO = PPOConfig(beta=0.1, adaptive_kl=True, kl_target=10.0, kl_horizon=1024)

@@ -27,7 +27,7 @@ from flywheel_learner import feedback_log
 from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.config import LearnerConfig
-from flywheel_learner.gate import EvalMetrics, Pairs, gate
+from flywheel_learner.gate import EvalMetrics, gate
 from flywheel_learner.judge import fit_judge
 from flywheel_learner.ppo import ppo_step, sample_responses
 from flywheel_learner.ppo_math import kl_k1, ptx_loss
@@ -308,7 +308,7 @@ class Learner:
         ppo = self.config.ppo
         torch.manual_seed(self.config.seed + number)
         models = SharedBaseModels.build(self.config.model_dir, reward_dir, ppo)
-        self._resume(models)
+        self._continue_from_live(models)
         optimizer = make_optimizer(models, ppo)
         kl_ctl = ppo.kl_controller(self.state.kl_beta or None)
         rng = random.Random(self.config.seed + number)
@@ -358,15 +358,16 @@ class Learner:
                    "candidate_greedy": greedy, "live_greedy": live_greedy}  # fmt: skip
         reward = {k: float(models.rewards(prompts, v).mean()) for k, v in answers.items()}
         models.add_scorer(JUDGE, judge_dir)
+        judged = {k: float(models.rewards(prompts, v, JUDGE).mean()) for k, v in answers.items()}
+        judge_gain = (judged["candidate"] - judged["live"]
+                      + judged["candidate_greedy"] - judged["live_greedy"]) / 2  # fmt: skip
         candidate_ptx = base_ptx = None
         if self.pretraining:
             batch = next(ptx_batches(models.tokenizer, self.pretraining, ppo.ptx_batch,
                                      ppo.ptx_max_length, random.Random(self.config.seed + 2)))  # fmt: skip
             candidate_ptx, base_ptx = pretraining_losses(models, batch)
         metrics = EvalMetrics(reward["candidate"], reward["live"], reward["candidate_greedy"],
-                              reward["live_greedy"], kl, candidate_ptx, base_ptx,
-                              judge_pairs(models, prompts, samples.responses, live_texts),
-                              judge_pairs(models, prompts, greedy, live_greedy))  # fmt: skip
+                              reward["live_greedy"], kl, candidate_ptx, base_ptx, judge_gain)  # fmt: skip
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
 
@@ -393,13 +394,7 @@ class Learner:
         live = version is not None and version.state == "live"
         if live:
             self.state = self.state.replace(policy_dir=str(directory))
-        # A candidate past the KL bound is no place to resume: its next round could only stay
-        # there, refused. The one before it is.
-        if metrics.kl_to_reference <= self.config.gate.max_kl:
-            self.state = self.state.replace(working_dir=str(directory))
-        live_id = self.client.versions("policy").live.get("policy", "")
-        self.state = self.state.replace(live_seen=live_id)
-        save_state(self.work_dir, self.state)
+            save_state(self.work_dir, self.state)
         return live
 
     def finish_round(self, number: int) -> None:
@@ -454,24 +449,6 @@ class Learner:
                        effect="the gate compares the candidate with chance only"))  # fmt: skip
         return False
 
-    def _resume(self, models: SharedBaseModels) -> None:
-        """PPO resumes this learner's newest candidate, promoted or not: the gate decides what
-        ships, not where learning stands. A strict gate refuses the early, small steps of a
-        preference the judge cannot yet tell apart (under `longer`, candidates 1-7 nats from
-        the reference changed 52-77 greedy answers, which the judge split evenly); restarting
-        each round from the live policy would never get past them. If the live policy changed
-        outside this learner since it published (an operator's promotion or rollback, a
-        challenger's win), PPO resumes the live policy instead."""
-        working, seen = self.state.working_dir, self.state.live_seen
-        live_id = self.client.versions("policy").live.get("policy", "")
-        if working and live_id == seen and Path(working).is_dir():
-            if adapters.load_adapter_weights(models.peft, Path(working), POLICY):
-                log.info(kv("policy_continued", directory=working, source="newest candidate"))
-                return
-        elif working:
-            log.info(kv("policy_from_live", reason=f"the live policy is now {live_id}, not {seen}"))
-        self._continue_from_live(models)
-
     def _continue_from_live(self, models: SharedBaseModels) -> None:
         """Start PPO from the live policy if this learner wrote it (an operator may have rolled
         back, or a challenger won) and it has the configured shape; else from the base."""
@@ -488,17 +465,6 @@ class Learner:
         imported rankings so far), the rankings' own."""
         logged = feedback_log.read_prompts(self.work_dir)
         return split_prompts(logged or [(r.ranking_id, r.prompt) for r in self.rankings()])
-
-
-def judge_pairs(
-    models: SharedBaseModels, prompts: Sequence[str], ours: Sequence[str], theirs: Sequence[str]
-) -> Pairs:
-    """The judge's verdicts on the answers `ours` against `theirs` to `prompts`."""
-    return Pairs.judged(
-        models.rewards(prompts, ours, JUDGE).tolist(),
-        models.rewards(prompts, theirs, JUDGE).tolist(),
-        [a == b for a, b in zip(ours, theirs, strict=True)],
-    )
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from flywheel_learner.checkpoint import (
     save_state,
 )
 from flywheel_learner.config import LEARNER_PPO, LearnerConfig
-from flywheel_learner.gate import EvalMetrics, GateThresholds, Pairs, gate
+from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
 from flywheel_learner.loop import held_out, should_wake
 from flywheel_learner.ppo_config import PPOConfig
 from flywheel_learner.progress import kv
@@ -31,13 +31,12 @@ pytestmark = pytest.mark.unit
 # -- the gate ------------------------------------------------------------------------------------
 
 THRESHOLDS = GateThresholds(min_reward_gain=0.1, max_kl=5.0, max_ptx_rise=0.2)
-PAIRS = Pairs(wins=6, losses=0, ties=2)
 
 
 def metrics(
     gain: float = 0.5, kl: float = 1.0, rise: float = 0.0, greedy: float = 0.5
 ) -> EvalMetrics:
-    return EvalMetrics(1.0 + gain, 1.0, 1.0 + greedy, 1.0, kl, 2.0 + rise, 2.0, PAIRS, PAIRS)
+    return EvalMetrics(1.0 + gain, 1.0, 1.0 + greedy, 1.0, kl, 2.0 + rise, 2.0, 0.1)
 
 
 def test_gate_passes_a_safe_improvement() -> None:
@@ -64,7 +63,7 @@ def test_gate_names_each_failed_check(m: EvalMetrics, word: str) -> None:
 def test_gate_lists_every_failure_and_bounds_are_inclusive() -> None:
     passed, reasons = gate(metrics(gain=-1.0, kl=9.0, rise=1.0, greedy=-1.0), THRESHOLDS)
     assert not passed and len(reasons) == 4
-    at_bounds = EvalMetrics(1.5, 1.0, 1.25, 1.0, 5.0, 2.5, 2.0, Pairs(2, 2, 0), Pairs(5, 0, 0))
+    at_bounds = EvalMetrics(1.5, 1.0, 1.25, 1.0, 5.0, 2.5, 2.0, 0.0)
     assert gate(at_bounds, GateThresholds(0.5, 0.25, 5.0, 0.5))[0]
 
 
