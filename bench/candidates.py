@@ -23,13 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.preferences import PAIR_SEED  # noqa: E402
 from flywheel_cli.labelers import demo_prompts, preference_from_spec, prompt_text  # noqa: E402
 from flywheel_learner.config import LEARNER_PPO  # noqa: E402
 from flywheel_learner.ppo import sample_responses  # noqa: E402
 from flywheel_learner.ppo_models import POLICY, SharedBaseModels  # noqa: E402
 from flywheel_model import adapters  # noqa: E402
-
-PAIR_SEED = 777  # bench/preferences.py's blind pairs: prompts the labeler never saw
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,6 +65,7 @@ def main() -> None:
     with models.peft.disable_adapter():
         initial = sample_responses(models, prompts, greedy=True).responses
     initial_keys = [preference.key(t, a) for t, a in zip(texts, initial, strict=True)]
+    answers = initial
     for candidate in candidates:
         if not adapters.load_adapter_weights(models.peft, candidate, POLICY):
             print(f"{candidate.name}: another LoRA shape, skipped")
@@ -86,8 +86,9 @@ def main() -> None:
             verdicts = counts([ours[i] for i in changed], [theirs[i] for i in changed])
             row[kind] = {"changed": verdicts[:2], "agrees": f"{agree}/{len(decisive)}"}
         print(candidate.name, json.dumps(row))
-    for i in [i for i in range(len(prompts)) if answers[i] != initial[i]][: args.examples]:
-        print(f"  {texts[i]!r}: {initial[i]!r} -> {answers[i]!r} (the last candidate)")
+    changed = [i for i in range(len(prompts)) if answers[i] != initial[i]]
+    for i in changed[: args.examples]:
+        print(f"  {texts[i]!r}: {initial[i]!r} -> {answers[i]!r} (the last candidate replayed)")
 
 
 if __name__ == "__main__":

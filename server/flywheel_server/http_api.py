@@ -68,26 +68,31 @@ def from_error(e: errors.FlywheelError) -> JSONResponse:
 # -- request bodies ----------------------------------------------------------------------------
 
 
-class _OpenAI(BaseModel):
-    """An OpenAI request. A field not declared here is refused by name unless it changes
-    nothing in what is generated (`openai_fields.unsupported`)."""
+class _Sampling(BaseModel):
+    """The sampling fields of every generating request, as the service checks them."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str = "policy"
-    n: int = 1
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
 
     def raw_sampling(self) -> RawSampling:
         return RawSampling(
             self.temperature, self.top_p, self.top_k, self.max_tokens, self.stop, self.seed
         )
+
+
+class _OpenAI(_Sampling):
+    """An OpenAI request. A field not declared here is refused by name unless it changes
+    nothing in what is generated (`openai_fields.unsupported`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = "policy"
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
 
 
 class CompletionBody(_OpenAI):
@@ -103,17 +108,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CompareBody(_Strict):
+class CompareBody(_Sampling):
+    model_config = ConfigDict(extra="forbid")
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     k: int = 4
     policies: list[str] = []
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
 
 
 class RewardsBody(_Strict):
@@ -273,9 +273,8 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
 
     @route("generate", CompareBody)
     async def compare(service: FlywheelService, b: CompareBody) -> Response:
-        sampling = RawSampling(b.temperature, b.top_p, b.top_k, b.max_tokens, b.stop, b.seed)
         result = await service.compare(
-            PromptInput(b.prompt, b.messages), k=b.k, sampling=sampling, policies=b.policies
+            PromptInput(b.prompt, b.messages), k=b.k, sampling=b.raw_sampling(), policies=b.policies
         )
         return JSONResponse(
             {
