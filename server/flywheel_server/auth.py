@@ -3,17 +3,22 @@
 File: {"keys": [{"name": "app", "key": "…", "scopes": ["generate", "feedback"]}]}
 Variable: "KEY1=generate+feedback,KEY2=admin". The admin scope implies the other two.
 With no keys at all, auth is off and the server refuses to bind anything but loopback.
+
+A key in the file may carry a request limit, "rate_per_s" (and "burst", default a second's
+worth): past it, its requests get 429 with Retry-After before their body is read (`limits`).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel_server.errors import PermissionDenied, Unauthenticated
+from flywheel_server.errors import PermissionDenied, RateLimited, Unauthenticated
+from flywheel_server.limits import Limit, TokenBucket
 
 SCOPES = ("generate", "feedback", "admin")
 
@@ -23,6 +28,7 @@ class ApiKey:
     name: str
     key: str
     scopes: frozenset[str]
+    limit: Limit | None = None  # None: only the server's global admission queue bounds it
 
 
 def _scopes(raw: object, where: str) -> frozenset[str]:
@@ -70,14 +76,35 @@ def parse_file(path: Path) -> list[ApiKey]:
                 str(entry.get("name", f"key-{i}")),
                 entry["key"],
                 _scopes(entry.get("scopes"), f"{path}: keys[{i}]"),
+                _limit(entry, f"{path}: keys[{i}]"),
             )
         )
     return keys
 
 
+def _limit(entry: Mapping[str, object], where: str) -> Limit | None:
+    rate, burst = entry.get("rate_per_s"), entry.get("burst")
+    if rate is None:
+        if burst is not None:
+            raise ValueError(f"{where}: burst needs rate_per_s")
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        raise ValueError(f"{where}: rate_per_s must be a number of requests per second")
+    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int)):
+        raise ValueError(f"{where}: burst must be a whole number of requests")
+    try:
+        return Limit.default_burst(rate) if burst is None else Limit(rate, burst)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
 class Authenticator:
-    def __init__(self, keys: list[ApiKey]) -> None:
+    def __init__(self, keys: list[ApiKey], clock: Callable[[], float] = time.monotonic) -> None:
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"API key names must be unique (limits go by name); got {names}")
         self.keys = keys
+        self._buckets = {k.name: TokenBucket(k.limit, clock) for k in keys if k.limit}
 
     @classmethod
     def load(cls, path: Path | None, environ: Mapping[str, str]) -> Authenticator:
@@ -101,7 +128,20 @@ class Authenticator:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
         for k in self.keys:
             if hmac.compare_digest(k.key.encode(), token.encode()):
-                if scope in k.scopes or "admin" in k.scopes:
-                    return k.name
-                raise PermissionDenied(f"API key {k.name!r} lacks the {scope!r} scope")
+                if scope not in k.scopes and "admin" not in k.scopes:
+                    raise PermissionDenied(f"API key {k.name!r} lacks the {scope!r} scope")
+                self._limit(k)
+                return k.name
         raise Unauthenticated("unknown API key")
+
+    def _limit(self, key: ApiKey) -> None:
+        bucket = self._buckets.get(key.name)
+        wait = bucket.take() if bucket else 0.0
+        if wait > 0:
+            assert key.limit is not None
+            raise RateLimited(
+                f"API key {key.name!r} is over its limit of {key.limit.rate_per_s:g} requests/s "
+                f"(burst {key.limit.burst}); retry after {wait:.2f} s",
+                key=key.name,
+                retry_after=wait,
+            )

@@ -33,7 +33,20 @@ class AdapterRefused(Conflict):
 
 
 class Overloaded(FlywheelError):
-    """The queue is full: RESOURCE_EXHAUSTED / 429."""
+    """The queue is full: RESOURCE_EXHAUSTED / 429. `retry_after`: seconds after which a retry
+    may be served (HTTP's Retry-After, gRPC's `retry-after` trailing metadata)."""
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
+
+
+class RateLimited(Overloaded):
+    """An API key is over its own request rate (`limits`); the server may be idle."""
+
+    def __init__(self, message: str, *, key: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.key = key
 
 
 class Unavailable(FlywheelError):

@@ -73,10 +73,12 @@ def _check(request: Any) -> Any:
 
 async def _abort(context: grpc.aio.ServicerContext, e: errors.FlywheelError) -> None:
     metrics.rejected(e)
-    # The offending field travels as trailing metadata, so clients can point at it.
-    await context.abort(
-        status_of(e), e.message, trailing_metadata=(("field", e.field),) if e.field else ()
-    )
+    # The offending field travels as trailing metadata, so clients can point at it; so does
+    # how long an overloaded or rate-limited caller should wait, in seconds.
+    trailing = [("field", e.field)] if e.field else []
+    if isinstance(e, errors.Overloaded):
+        trailing.append(("retry-after", f"{e.retry_after:.3f}"))
+    await context.abort(status_of(e), e.message, trailing_metadata=tuple(trailing))
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:

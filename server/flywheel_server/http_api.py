@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -62,7 +63,10 @@ def from_error(e: errors.FlywheelError) -> JSONResponse:
     if isinstance(e, BodyTooLarge):
         return error_response(413, "invalid_request_error", message, field)
     status, kind = next((s, k) for cls, s, k in STATUS if isinstance(e, cls))
-    return error_response(status, kind, message, field)
+    response = error_response(status, kind, message, field)
+    if isinstance(e, errors.Overloaded):
+        response.headers["retry-after"] = str(max(1, math.ceil(e.retry_after)))  # whole seconds
+    return response
 
 
 # -- request bodies ----------------------------------------------------------------------------

@@ -123,6 +123,11 @@ REJECTED = Counter(
     "Requests refused at a transport's error boundary, by error class.",
     ["reason"],
 )
+KEY_REJECTED = Counter(
+    "flywheel_key_rejected_total",
+    "Requests refused because of their API key (over its limit), by key name and error class.",
+    ["key", "reason"],
+)
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -183,6 +188,9 @@ async def finish_after(
 
 def rejected(error: BaseException) -> None:
     REJECTED.labels(type(error).__name__).inc()
+    key = getattr(error, "key", None)  # errors.RateLimited names the key over its limit
+    if isinstance(key, str):
+        KEY_REJECTED.labels(key, type(error).__name__).inc()
 
 
 # -- the service ---------------------------------------------------------------------------------

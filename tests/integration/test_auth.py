@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 
+import httpx
 import pytest
 
-from flywheel_client import FlywheelClient, PermissionDenied, Unauthenticated
+from flywheel_client import (
+    FlywheelClient,
+    HttpClient,
+    Overloaded,
+    PermissionDenied,
+    Unauthenticated,
+)
 from tests.support import FLYWHEEL, ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -15,6 +22,7 @@ pytestmark = pytest.mark.integration
 ADMIN = "admin-key-0123456789"
 APP = "app-key-0123456789"
 LABELER = "labeler-key-0123456789"
+GREEDY = "greedy-key-0123456789"  # two requests at once, then one per 20 s
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +35,13 @@ def guarded(tiny_model, tmp_path_factory):
                 "keys": [
                     {"name": "app", "key": APP, "scopes": ["generate"]},
                     {"name": "ops", "key": ADMIN, "scopes": ["admin"]},
+                    {
+                        "name": "greedy",
+                        "key": GREEDY,
+                        "scopes": ["generate"],
+                        "rate_per_s": 0.05,
+                        "burst": 2,
+                    },
                 ]
             }
         )
@@ -67,6 +82,34 @@ def test_grpc_scopes(guarded):
             app.export_rankings()
     with FlywheelClient(guarded.grpc, api_key=ADMIN) as ops:
         assert ops.server_info().base_model
+
+
+def test_a_greedy_key_is_limited_while_another_is_served(guarded):
+    models = guarded.http + "/v1/models"
+    with httpx.Client(timeout=60) as http:
+        statuses = [http.get(models, headers=bearer(GREEDY)).status_code for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        limited = http.get(models, headers=bearer(GREEDY))
+        assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 20
+        error = limited.json()["error"]
+        assert (
+            error["type"] == "rate_limit_error" and "'greedy' is over its limit" in error["message"]
+        )
+        assert [http.get(models, headers=bearer(APP)).status_code for _ in range(10)] == [200] * 10
+        metrics = http.get(guarded.http + "/metrics").text
+    assert 'flywheel_key_rejected_total{key="greedy",reason="RateLimited"}' in metrics
+    # Both transports share the key's bucket, and both clients read the wait.
+    with (
+        FlywheelClient(guarded.grpc, api_key=GREEDY) as grpc_client,
+        pytest.raises(Overloaded) as e,
+    ):
+        grpc_client.generate("x", max_tokens=1)
+    assert e.value.retry_after is not None and 0 < e.value.retry_after <= 20
+    with HttpClient(guarded.http, api_key=GREEDY) as http_client, pytest.raises(Overloaded) as e:
+        http_client.generate("x", max_tokens=1)
+    assert e.value.retry_after is not None and 1 <= e.value.retry_after <= 20
+    with FlywheelClient(guarded.grpc, api_key=APP) as app:
+        assert len(app.generate("x", max_tokens=1).completions) == 1
 
 
 def test_no_keys_refuses_public_bind(tiny_model, tmp_path):

@@ -14,11 +14,11 @@ pytestmark = pytest.mark.integration
 BOUND = 4
 
 
-async def stream_one(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
+async def stream_one(client: httpx.AsyncClient, url: str) -> tuple[int, str, str | None]:
     body = {"prompt": "reverse: abc", "max_tokens": 200, "temperature": 1.0, "stream": True}
     async with client.stream("POST", url, json=body) as r:
         text = (await r.aread()).decode()
-        return r.status_code, text
+        return r.status_code, text, r.headers.get("retry-after")
 
 
 def test_four_times_the_bound(tiny_model, tmp_path):
@@ -27,18 +27,19 @@ def test_four_times_the_bound(tiny_model, tmp_path):
     ).start()
     try:
 
-        async def burst() -> list[tuple[int, str]]:
+        async def burst() -> list[tuple[int, str, str | None]]:
             async with httpx.AsyncClient(timeout=120) as client:
                 url = f"{server.http}/v1/completions"
                 return await asyncio.gather(*(stream_one(client, url) for _ in range(4 * BOUND)))
 
         results = asyncio.run(burst())
-        statuses = [s for s, _ in results]
+        statuses = [s for s, _, _ in results]
         assert statuses.count(429) >= 1
         assert set(statuses) <= {200, 429}
-        for status, text in results:
+        for status, text, retry_after in results:
             if status == 429:
                 assert "at capacity (4 requests admitted)" in text
+                assert retry_after == "1"
             else:  # admitted: ran to the end
                 assert text.rstrip().endswith("data: [DONE]")
         # Capacity comes back: the next request is served.

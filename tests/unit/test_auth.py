@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from flywheel_server.auth import ApiKey, Authenticator, parse_env, parse_file
-from flywheel_server.errors import PermissionDenied, Unauthenticated
+from flywheel_server.errors import PermissionDenied, RateLimited, Unauthenticated
+from flywheel_server.limits import Limit, TokenBucket
 
 pytestmark = pytest.mark.unit
 
@@ -205,3 +206,81 @@ def test_the_bearer_prefix_is_optional_and_spaces_are_trimmed(
 def test_the_bearer_prefix_is_stripped_only_once(auth: Authenticator) -> None:
     with pytest.raises(Unauthenticated, match="unknown API key"):
         auth.check("Bearer Bearer gen-key", "generate")
+
+
+# -- per-key limits ---------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bucket_allows_its_burst_then_its_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(Limit(rate_per_s=2.0, burst=3), clock)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take() == pytest.approx(0.5)  # empty: one token comes in half a second
+    clock.now += 0.25
+    assert bucket.take() == pytest.approx(0.25)  # a refused request spends nothing
+    clock.now += 0.25
+    assert bucket.take() == 0.0
+    clock.now += 60.0  # an idle key saves up no more than its burst
+    assert [bucket.take() for _ in range(4)][-1] > 0
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"rate_per_s": 0}, "rate_per_s must be a positive number"),
+        ({"rate_per_s": "fast"}, "rate_per_s must be a number"),
+        ({"rate_per_s": True}, "rate_per_s must be a number"),
+        ({"rate_per_s": 1, "burst": 0}, "burst must be at least 1"),
+        ({"rate_per_s": 1, "burst": 1.5}, "burst must be a whole number"),
+        ({"burst": 4}, "burst needs rate_per_s"),
+    ],
+)
+def test_parse_file_refuses_a_bad_limit(
+    tmp_path: Path, entry: dict[str, object], message: str
+) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"key": "k" * 8, "scopes": ["generate"], **entry}]}))
+    with pytest.raises(ValueError, match=re.escape(f"keys[0]: {message}")):
+        parse_file(path)
+
+
+def test_parse_file_reads_a_limit_with_a_default_burst(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    keys = [
+        {"name": "a", "key": "a" * 8, "scopes": ["generate"], "rate_per_s": 2.5},
+        {"name": "b", "key": "b" * 8, "scopes": ["generate"], "rate_per_s": 0.5, "burst": 4},
+        {"name": "c", "key": "c" * 8, "scopes": ["generate"]},
+    ]
+    path.write_text(json.dumps({"keys": keys}))
+    assert [k.limit for k in parse_file(path)] == [Limit(2.5, 3), Limit(0.5, 4), None]
+
+
+def test_a_key_over_its_limit_is_refused_with_a_wait_and_others_are_not() -> None:
+    clock = Clock()
+    greedy = ApiKey("greedy", "g" * 8, frozenset({"generate"}), Limit(1.0, 2))
+    polite = ApiKey("polite", "p" * 8, frozenset({"generate"}))
+    auth = Authenticator([greedy, polite], clock)
+    assert [auth.check("g" * 8, "generate") for _ in range(2)] == ["greedy", "greedy"]
+    with pytest.raises(RateLimited, match=r"'greedy' is over its limit of 1 requests/s") as e:
+        auth.check("Bearer " + "g" * 8, "generate")
+    assert e.value.retry_after == pytest.approx(1.0) and e.value.key == "greedy"
+    assert all(auth.check("p" * 8, "generate") == "polite" for _ in range(50))
+    with pytest.raises(PermissionDenied):  # scope first: a refused scope spends no token
+        auth.check("g" * 8, "admin")
+    clock.now += 1.0
+    assert auth.check("g" * 8, "generate") == "greedy"
+
+
+def test_key_names_must_be_unique() -> None:
+    with pytest.raises(ValueError, match="names must be unique"):
+        Authenticator(
+            [ApiKey("a", "x" * 8, frozenset({"admin"})), ApiKey("a", "y" * 8, frozenset({"admin"}))]
+        )

@@ -70,6 +70,17 @@ def test_grpc_error_carries_field_from_trailing_metadata() -> None:
     assert error.field == "sampling.top_p"
 
 
+def test_overloaded_errors_carry_the_servers_retry_after() -> None:
+    trailing = (("retry-after", "2.500"),)
+    error = e.from_grpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow", trailing))
+    assert type(error) is e.Overloaded and error.retry_after == 2.5
+    http = e.from_http_error(429, b"{}", {"retry-after": "3"})
+    assert type(http) is e.Overloaded and http.retry_after == 3.0
+    for odd in ("soon", "-1", "nan", "Wed, 21 Oct 2026 07:28:00 GMT"):  # ignored, not raised
+        assert e.from_http_error(429, b"{}", {"retry-after": odd}).retry_after is None
+    assert e.from_http_error(429, b"{}").retry_after is None
+
+
 def test_grpc_error_without_details_uses_the_code_name() -> None:
     error = e.from_grpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, ""))
     assert error.message == "NOT_FOUND"

@@ -253,6 +253,17 @@ def test_idempotency_key_is_deterministic_and_reused_on_retry() -> None:
     assert (stats.submitted, stats.retries, stats.errors) == (1, 2, 0)
 
 
+def test_a_retry_waits_the_servers_retry_after_when_longer() -> None:
+    clock = Clock(step=0.0)
+    busy = [Overloaded("over limit", retry_after=3.0), Overloaded("busy", retry_after=0.01)]
+    client = FakeClient(["long", "s"], failures=busy)
+    labeler = Labeler(
+        client, Longer(), name="sim", k=2, backoff=0.1, sleep=clock.sleep, clock=clock
+    )
+    assert labeler.run(["p"], count=1).submitted == 1
+    assert clock.slept == [3.0, 0.2]
+
+
 def test_overloaded_past_the_retry_budget_counts_as_an_error() -> None:
     clock = Clock(step=0.0)
     client = FakeClient(["long", "s"], failures=[Overloaded("busy")] * 3)

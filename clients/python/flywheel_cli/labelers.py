@@ -248,7 +248,8 @@ class Labeler:
     """Ranks K candidates per prompt by `preference` and submits the ranking as `name`.
 
     Overloaded answers are retried up to `retries` times with exponential backoff from
-    `backoff` seconds (a retried ranking reuses its idempotency key). Errors no other prompt
+    `backoff` seconds, or the server's Retry-After when longer (a retried ranking reuses its
+    idempotency key). Errors no other prompt
     would avoid (`FATAL`: bad arguments such as max_tokens over the server's limit, a missing
     or weak API key) and exceptions raised by the preference itself propagate at once. Other
     server errors are counted, and `max_consecutive_errors` of them in a row end the run by
@@ -368,12 +369,13 @@ class Labeler:
         for attempt in range(self.retries + 1):
             try:
                 return call()
-            except Overloaded:
-                out_of_time = deadline is not None and self._clock() + delay > deadline
+            except Overloaded as e:
+                wait = max(delay, e.retry_after or 0.0)  # the server's Retry-After, if longer
+                out_of_time = deadline is not None and self._clock() + wait > deadline
                 if attempt == self.retries or out_of_time:
                     raise
             self._retried += 1
-            self._sleep(delay)
+            self._sleep(wait)
             delay *= 2
         raise AssertionError("unreachable: the last attempt returns or raises")
 

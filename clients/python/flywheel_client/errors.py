@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,8 @@ import grpc
 
 class FlywheelError(Exception):
     """Base class. `status` is the HTTP status, `code` the gRPC status name, `field` the
-    offending request field when the server named one."""
+    offending request field when the server named one, `retry_after` the seconds the server
+    asked an overloaded or rate-limited caller to wait (None when it said nothing)."""
 
     def __init__(
         self,
@@ -21,12 +23,14 @@ class FlywheelError(Exception):
         status: int | None = None,
         code: str | None = None,
         field: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.field = field
+        self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return (
@@ -106,6 +110,9 @@ HTTP_ERROR_TYPES: Mapping[str, type[FlywheelError]] = {
 # The server may name the offending field in a trailing metadata entry of this key; gRPC's
 # status has no field slot without the optional grpcio-status package.
 FIELD_METADATA_KEY = "field"
+# An overloaded or rate-limited server says how long to wait: HTTP's Retry-After header, and
+# trailing metadata of this key on gRPC, both in seconds.
+RETRY_AFTER_KEY = "retry-after"
 
 
 def from_grpc_error(error: grpc.RpcError) -> FlywheelError:
@@ -115,18 +122,33 @@ def from_grpc_error(error: grpc.RpcError) -> FlywheelError:
     trailing = (
         error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
     )
-    field = None
-    for key, value in trailing or ():
-        if key == FIELD_METADATA_KEY:
-            field = value if isinstance(value, str) else value.decode()
+    values = {
+        key: value if isinstance(value, str) else value.decode() for key, value in trailing or ()
+    }
     cls = GRPC_ERRORS.get(code, FlywheelError) if code is not None else FlywheelError
     name = code.name if code is not None else None
-    return cls(details or name or str(error), code=name, field=field)
+    return cls(
+        details or name or str(error),
+        code=name,
+        field=values.get(FIELD_METADATA_KEY),
+        retry_after=_seconds(values.get(RETRY_AFTER_KEY)),
+    )
 
 
-def from_http_error(status: int | None, body: Any) -> FlywheelError:
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After in seconds (HTTP's date form is not used by this server), or None."""
+    try:
+        seconds = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def from_http_error(
+    status: int | None, body: Any, headers: Mapping[str, str] | None = None
+) -> FlywheelError:
     """The typed error for an HTTP error response, or for an error event in an SSE stream
-    (`status` None: the body's `code`, else its `type`, decides).
+    (`status` None: the body's `code`, else its `type`, decides); `headers` give Retry-After.
 
     `body` is the response body as bytes, text or decoded JSON; the OpenAI error shape
     `{"error": {"message", "type", "param", "code"}}` gives the message and the field.
@@ -153,4 +175,7 @@ def from_http_error(status: int | None, body: Any) -> FlywheelError:
         cls = HTTP_ERRORS.get(status, FlywheelError)
     else:
         cls = HTTP_ERROR_TYPES.get(kind, FlywheelError) if isinstance(kind, str) else FlywheelError
-    return cls(str(message or f"HTTP {status}"), status=status, field=field)
+    retry_after = _seconds((headers or {}).get(RETRY_AFTER_KEY))
+    return cls(
+        str(message or f"HTTP {status}"), status=status, field=field, retry_after=retry_after
+    )

@@ -285,14 +285,14 @@ class HttpClient:
         except httpx.TransportError as e:
             raise _unreachable(self.base_url, e) from e
         if response.is_error:
-            raise from_http_error(response.status_code, response.content)
+            raise from_http_error(response.status_code, response.content, response.headers)
         return _decode(response.text)
 
     def _events(self, path: str, body: Json) -> Iterator[Json]:
         try:
             with self._http.stream("POST", path, json=body) as response:
                 if response.is_error:
-                    raise from_http_error(response.status_code, response.read())
+                    raise from_http_error(response.status_code, response.read(), response.headers)
                 for line in response.iter_lines():
                     data = _sse_data(line)
                     if data is _DONE:
@@ -419,14 +419,16 @@ class AsyncHttpClient:
         except httpx.TransportError as e:
             raise _unreachable(self.base_url, e) from e
         if response.is_error:
-            raise from_http_error(response.status_code, response.content)
+            raise from_http_error(response.status_code, response.content, response.headers)
         return _decode(response.text)
 
     async def _events(self, path: str, body: Json) -> AsyncIterator[Json]:
         try:
             async with self._http.stream("POST", path, json=body) as response:
                 if response.is_error:
-                    raise from_http_error(response.status_code, await response.aread())
+                    raise from_http_error(
+                        response.status_code, await response.aread(), response.headers
+                    )
                 async for line in response.aiter_lines():
                     data = _sse_data(line)
                     if data is _DONE:
