@@ -6,6 +6,10 @@ With no keys at all, auth is off and the server refuses to bind anything but loo
 
 A key in the file may carry a request limit, "rate_per_s" (and "burst", default a second's
 worth): past it, its requests get 429 with Retry-After before their body is read (`limits`).
+
+With auth on, a key's name is the labeler its rankings and demonstrations are recorded under: a
+body that names another labeler is refused, unless the key says "sub_labelers": true (a
+labeling team's shared key), whose labeler "alice" is recorded as "team/alice".
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class ApiKey:
     key: str
     scopes: frozenset[str]
     limit: Limit | None = None  # None: only the server's global admission queue bounds it
+    sub_labelers: bool = False  # may record feedback as "<name>/<labeler>"
 
 
 def _scopes(raw: object, where: str) -> frozenset[str]:
@@ -77,9 +82,17 @@ def parse_file(path: Path) -> list[ApiKey]:
                 entry["key"],
                 _scopes(entry.get("scopes"), f"{path}: keys[{i}]"),
                 _limit(entry, f"{path}: keys[{i}]"),
+                _flag(entry, "sub_labelers", f"{path}: keys[{i}]"),
             )
         )
     return keys
+
+
+def _flag(entry: Mapping[str, object], name: str, where: str) -> bool:
+    value = entry.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
 
 
 def _limit(entry: Mapping[str, object], where: str) -> Limit | None:
@@ -133,6 +146,22 @@ class Authenticator:
                 self._limit(k)
                 return k.name
         raise Unauthenticated("unknown API key")
+
+    def labeler(self, caller: str, requested: str) -> str:
+        """The labeler feedback from `caller` (a name `check` returned) is recorded under."""
+        key = next((k for k in self.keys if k.name == caller), None)
+        if key is None:  # auth is off: the body names its labeler
+            return requested
+        if not requested.strip() or requested == key.name:
+            return key.name
+        if key.sub_labelers:
+            return f"{key.name}/{requested}"
+        raise PermissionDenied(
+            f"API key {key.name!r} records feedback as labeler {key.name!r}, not {requested!r}: "
+            'omit labeler, or give the key "sub_labelers": true in the keys file (a shared '
+            "labeling-team key, recorded as name/labeler)",
+            field="labeler",
+        )
 
     def _limit(self, key: ApiKey) -> None:
         bucket = self._buckets.get(key.name)

@@ -121,8 +121,13 @@ def _guard(
     @functools.wraps(fn)
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with boundary(context):
-            auth.check(_authorization(context), scope)
-            return await fn(request if request_stream else _check(request), context)
+            caller = auth.check(_authorization(context), scope)
+            if request_stream:
+                return await fn(request, context)
+            request = _check(request)
+            if "labeler" in request.DESCRIPTOR.fields_by_name:  # feedback: whose it is
+                request.labeler = auth.labeler(caller, request.labeler)
+            return await fn(request, context)
 
     return unary
 

@@ -128,7 +128,7 @@ class RewardsBody(_Strict):
 
 class FeedbackBody(_Strict):
     ranking: list[str | list[str]]
-    labeler: str
+    labeler: str = ""  # with auth on: the key's name when empty (`auth.Authenticator.labeler`)
     idempotency_key: str = ""
 
 
@@ -136,7 +136,7 @@ class DemonstrationBody(_Strict):
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     response: str
-    labeler: str
+    labeler: str = ""
     idempotency_key: str = ""
 
 
@@ -212,10 +212,13 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             async def handle(request: Request) -> Response:
                 runtime = get_runtime()
                 try:
-                    runtime.auth.check(request.headers.get("authorization"), scope)
+                    caller = runtime.auth.check(request.headers.get("authorization"), scope)
                     if model is None:
                         return await handler(runtime.service, request)
                     parsed = await body(request, model, runtime.service.config.max_body_bytes)
+                    if "labeler" in type(parsed).model_fields:  # feedback: whose it is
+                        labeler = runtime.auth.labeler(caller, parsed.labeler)  # type: ignore[attr-defined]
+                        parsed = parsed.model_copy(update={"labeler": labeler})
                     return await handler(runtime.service, parsed)
                 except ValidationError as e:
                     metrics.rejected(e)

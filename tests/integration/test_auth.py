@@ -23,6 +23,7 @@ ADMIN = "admin-key-0123456789"
 APP = "app-key-0123456789"
 LABELER = "labeler-key-0123456789"
 GREEDY = "greedy-key-0123456789"  # two requests at once, then one per 20 s
+TEAM = "team-key-0123456789"  # a labeling team's shared key: labeler "alice" is "team/alice"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,12 @@ def guarded(tiny_model, tmp_path_factory):
                 "keys": [
                     {"name": "app", "key": APP, "scopes": ["generate"]},
                     {"name": "ops", "key": ADMIN, "scopes": ["admin"]},
+                    {
+                        "name": "team",
+                        "key": TEAM,
+                        "scopes": ["generate", "feedback"],
+                        "sub_labelers": True,
+                    },
                     {
                         "name": "greedy",
                         "key": GREEDY,
@@ -69,7 +76,7 @@ def test_http_scopes(guarded):
     ids = [c["completion_id"] for c in generated["choices"]]
     status, error = guarded.post("/v1/feedback", {"ranking": ids, "labeler": "x"}, bearer(APP))
     assert status == 403 and "feedback" in error["error"]["message"]
-    assert guarded.post("/v1/feedback", {"ranking": ids, "labeler": "x"}, bearer(LABELER))[0] == 201
+    assert guarded.post("/v1/feedback", {"ranking": ids}, bearer(LABELER))[0] == 201
     assert guarded.post("/v1/completions", body, bearer(ADMIN))[0] == 200  # admin implies generate
 
 
@@ -82,6 +89,51 @@ def test_grpc_scopes(guarded):
             app.export_rankings()
     with FlywheelClient(guarded.grpc, api_key=ADMIN) as ops:
         assert ops.server_info().base_model
+
+
+def fresh_ids(server: ServerProcess) -> list[str]:
+    body = {"prompt": "add: 2 + 2", "max_tokens": 2, "n": 2}
+    status, generated = server.post("/v1/completions", body, bearer(APP))
+    assert status == 200
+    return [c["completion_id"] for c in generated["choices"]]
+
+
+def test_feedback_is_recorded_under_the_keys_name(guarded):
+    with FlywheelClient(guarded.grpc, api_key=ADMIN) as ops:
+        before = len(ops.export_rankings())
+        # HTTP: a feedback key cannot rank as another labeler; nothing is stored
+        status, error = guarded.post(
+            "/v1/feedback", {"ranking": fresh_ids(guarded), "labeler": "mallory"}, bearer(LABELER)
+        )
+        assert status == 403 and error["error"]["param"] == "labeler"
+        assert "'env-1', not 'mallory'" in error["error"]["message"]
+        assert len(ops.export_rankings()) == before
+        # gRPC, likewise
+        with FlywheelClient(guarded.grpc, api_key=LABELER) as labeler:
+            with pytest.raises(PermissionDenied, match="sub_labelers"):
+                labeler.rank(fresh_ids(guarded), labeler="mallory")
+            assert len(ops.export_rankings()) == before
+            labeler.rank(fresh_ids(guarded), labeler="")  # the key's name
+            labeler.rank(fresh_ids(guarded), labeler="env-1")  # the same, named
+        # a team key may name its members, recorded under the key
+        status, _ = guarded.post(
+            "/v1/feedback",
+            {"ranking": fresh_ids(guarded), "labeler": "alice", "idempotency_key": "team-1"},
+            bearer(TEAM),
+        )
+        assert status == 201
+        with FlywheelClient(guarded.grpc, api_key=TEAM) as team:
+            team.rank(fresh_ids(guarded), labeler="")
+        names = [r.labeler for r in ops.export_rankings()[before:]]
+        assert names == ["env-1", "env-1", "team/alice", "team"]
+        # another labeler's idempotency key is not a duplicate of theirs: it is refused
+        status, error = guarded.post(
+            "/v1/feedback",
+            {"ranking": fresh_ids(guarded), "idempotency_key": "team-1"},
+            bearer(LABELER),
+        )
+        assert status == 409 and "another labeler" in error["error"]["message"]
+        assert len(ops.export_rankings()) == before + 4
 
 
 def test_a_greedy_key_is_limited_while_another_is_served(guarded):

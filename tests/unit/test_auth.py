@@ -284,3 +284,34 @@ def test_key_names_must_be_unique() -> None:
         Authenticator(
             [ApiKey("a", "x" * 8, frozenset({"admin"})), ApiKey("a", "y" * 8, frozenset({"admin"}))]
         )
+
+
+# -- labelers bound to keys -------------------------------------------------------------------------
+
+
+def test_a_keys_feedback_is_recorded_under_its_name() -> None:
+    auth = Authenticator(
+        [
+            ApiKey("ann", "a" * 8, frozenset({"feedback"})),
+            ApiKey("team", "t" * 8, frozenset({"feedback"}), sub_labelers=True),
+        ]
+    )
+    assert (
+        auth.labeler("ann", "") == auth.labeler("ann", " ") == auth.labeler("ann", "ann") == "ann"
+    )
+    with pytest.raises(PermissionDenied, match="'ann', not 'bob'") as e:
+        auth.labeler("ann", "bob")
+    assert e.value.field == "labeler"
+    assert auth.labeler("team", "bob") == "team/bob"
+    assert auth.labeler("team", "") == "team"
+    assert Authenticator([]).labeler("anonymous", "bob") == "bob"  # auth off: as the body says
+
+
+def test_parse_file_reads_sub_labelers(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    entry = {"key": "k" * 8, "scopes": ["feedback"], "sub_labelers": True}
+    path.write_text(json.dumps({"keys": [entry]}))
+    assert parse_file(path)[0].sub_labelers
+    path.write_text(json.dumps({"keys": [{**entry, "sub_labelers": "yes"}]}))
+    with pytest.raises(ValueError, match="sub_labelers must be true or false"):
+        parse_file(path)

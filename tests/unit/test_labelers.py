@@ -300,8 +300,6 @@ def test_run_must_be_bounded_and_arguments_are_checked() -> None:
         labeler.run(itertools.repeat("p"))
     with pytest.raises(ValueError, match="k must be at least 2"):
         Labeler(FakeClient([]), Longer(), name="sim", k=1)
-    with pytest.raises(ValueError, match="non-empty name"):
-        Labeler(FakeClient([]), Longer(), name="")
 
 
 def test_consecutive_errors_end_the_run() -> None:

@@ -174,11 +174,16 @@ def test_ranking_replay_returns_first_receipt_and_stores_nothing(store: Store) -
     first = store.add_ranking(_rank(cs, "same-key", [[0], [1], [2]]), cs[0].prompt_id)
     before = store.counts()
     replay = store.add_ranking(_rank(cs, "same-key", [[0], [1], [2]]), cs[0].prompt_id)
-    different = Ranking(tiers=((cs[2].id, cs[1].id),), labeler="bob", idempotency_key="same-key")
+    different = Ranking(tiers=((cs[2].id, cs[1].id),), labeler="alice", idempotency_key="same-key")
     other = store.add_ranking(different, cs[0].prompt_id)
     expected = (first.ranking_id, first.prompt_id, first.pairs, True)
     for r in (replay, other):
         assert (r.ranking_id, r.prompt_id, r.pairs, r.duplicate) == expected
+    # another labeler's reuse of the key is no replay of theirs: refused, nothing stored
+    bobs = Ranking(tiers=((cs[2].id, cs[1].id),), labeler="bob", idempotency_key="same-key")
+    with pytest.raises(Conflict, match="used by another labeler") as e:
+        store.add_ranking(bobs, cs[0].prompt_id)
+    assert e.value.field == "idempotency_key"
     assert store.counts() == before
     [export] = store.export_rankings(after=0, limit=10)
     assert export.labeler == "alice"
@@ -297,8 +302,10 @@ def test_demonstrations_are_idempotent(store: Store) -> None:
     first = store.add_demonstration(Demonstration("Q?", "A.", "alice", "demo-1"))
     assert first.demonstration_id.startswith("dem-") and not first.duplicate
     before = store.counts()
-    replay = store.add_demonstration(Demonstration("Other?", "B.", "bob", "demo-1"))
+    replay = store.add_demonstration(Demonstration("Other?", "B.", "alice", "demo-1"))
     assert (replay.demonstration_id, replay.duplicate) == (first.demonstration_id, True)
+    with pytest.raises(Conflict, match="used by another labeler"):
+        store.add_demonstration(Demonstration("Other?", "B.", "bob", "demo-1"))
     assert store.counts() == before
     second = store.add_demonstration(Demonstration("Q2?", "A2.", "alice", "demo-2"))
     [d1] = store.export_demonstrations(after=0, limit=1)

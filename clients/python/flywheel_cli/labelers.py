@@ -245,7 +245,8 @@ class LabelStats:
 
 
 class Labeler:
-    """Ranks K candidates per prompt by `preference` and submits the ranking as `name`.
+    """Ranks K candidates per prompt by `preference` and submits the ranking as `name` ("": the
+    server records the API key's name, and refuses it when auth is off).
 
     Overloaded answers are retried up to `retries` times with exponential backoff from
     `backoff` seconds, or the server's Retry-After when longer (a retried ranking reuses its
@@ -271,8 +272,6 @@ class Labeler:
         clock: Callable[[], float] = time.monotonic,
         **sampling: Unpack[t.SamplingOptions],
     ) -> None:
-        if not name:
-            raise ValueError("a labeler needs a non-empty name; it is recorded with each ranking")
         if k < 2:
             raise ValueError(f"k must be at least 2 to rank candidates, got {k}")
         if retries < 0:

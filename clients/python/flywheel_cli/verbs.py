@@ -101,7 +101,7 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
         ),
     )
     sub.add_argument("ids", nargs="+", metavar="ID", help=f"a completion id, or tied ids a{TIE}b")
-    sub.add_argument("--labeler", default="cli", metavar="NAME", help="who ranked (default: cli)")
+    sub.add_argument("--labeler", metavar="NAME", help=f"who ranked ({LABELER_DEFAULT})")
     sub.add_argument(
         "--key",
         metavar="KEY",
@@ -117,7 +117,7 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
     )
     sub.add_argument("prompt", metavar="PROMPT")
     sub.add_argument("response", metavar="RESPONSE")
-    sub.add_argument("--labeler", default="cli", metavar="NAME", help="who wrote it (default: cli)")
+    sub.add_argument("--labeler", metavar="NAME", help=f"who wrote it ({LABELER_DEFAULT})")
     sub.add_argument("--key", metavar="KEY", help="idempotency key (default: fresh)")
     sub.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
     sub.set_defaults(func=_demonstrate)
@@ -178,7 +178,8 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
     sub.add_argument(
         "--labeler",
         metavar="NAME",
-        help="labeler name recorded with each ranking (default: sim-PREFERENCE)",
+        help="labeler name recorded with each ranking (default: the API key's name when one is "
+        "given, else sim-PREFERENCE)",
     )
     sub.add_argument(
         "--policies",
@@ -188,6 +189,18 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
         help="comma-separated versions; candidate i comes from the (i mod count)-th",
     )
     sub.set_defaults(func=_simulate)
+
+
+# With auth on the server records feedback under the key's name, and refuses another unless
+# the key allows sub-labelers; so with a key the CLI sends no name of its own by default.
+LABELER_DEFAULT = "default: the API key's name when one is given, else cli"
+
+
+def _labeler(args: argparse.Namespace, anonymous: str) -> str:
+    """--labeler, else "" with an API key (the server records the key's name), else `anonymous`."""
+    if args.labeler:
+        return str(args.labeler)
+    return "" if args.api_key else anonymous
 
 
 def _client(args: argparse.Namespace) -> FlywheelClient:
@@ -292,7 +305,7 @@ def _rank(args: argparse.Namespace) -> int:
     except InvalidArgument as e:
         raise UsageError(e.message) from e
     with _client(args) as client:
-        receipt = client.rank(tiers, labeler=args.labeler, idempotency_key=args.key)
+        receipt = client.rank(tiers, labeler=_labeler(args, "cli"), idempotency_key=args.key)
     if args.json:
         _print_json(receipt)
         return 0
@@ -306,7 +319,10 @@ def _rank(args: argparse.Namespace) -> int:
 def _demonstrate(args: argparse.Namespace) -> int:
     with _client(args) as client:
         receipt = client.demonstrate(
-            **_prompt(args), response=args.response, labeler=args.labeler, idempotency_key=args.key
+            **_prompt(args),
+            response=args.response,
+            labeler=_labeler(args, "cli"),
+            idempotency_key=args.key,
         )
     if args.json:
         _print_json(receipt)
@@ -365,7 +381,7 @@ def _simulate(args: argparse.Namespace) -> int:
         preference = preference_from_spec(args.preference)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    name = args.labeler or f"sim-{preference}"
+    name = _labeler(args, f"sim-{preference}")
     with _client(args) as client:
         labeler = Labeler(
             client, preference, name=name, k=args.k, policies=args.policies, **_sampling(args)
@@ -385,7 +401,7 @@ def _simulate(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     line = (
-        f"{name}: {stats.submitted} rankings submitted ({stats.pairs} pairs), "
+        f"{name or 'labeler'}: {stats.submitted} rankings submitted ({stats.pairs} pairs), "
         f"{stats.skipped} skipped (all tied), {stats.errors} errors in {stats.seconds:.1f}s"
     )
     if stats.candidates:

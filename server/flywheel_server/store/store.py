@@ -141,6 +141,7 @@ class Store:
             with self._write(RankingRow) as s:
                 first = self._ranking_by_key(s, ranking.idempotency_key)
                 if first is not None:
+                    _same_labeler(first.labeler, ranking.labeler, ranking.idempotency_key)
                     return _ranking_receipt(first, duplicate=True)
                 row = RankingRow(
                     id=f"rnk-{uuid.uuid4().hex}",
@@ -160,13 +161,14 @@ class Store:
                 s.flush()
                 return _ranking_receipt(row, duplicate=False)
         except IntegrityError as e:
-            return self._replay_ranking(ranking.idempotency_key, e)
+            return self._replay_ranking(ranking.idempotency_key, ranking.labeler, e)
 
-    def _replay_ranking(self, key: str, error: IntegrityError) -> RankingReceipt:
+    def _replay_ranking(self, key: str, labeler: str, error: IntegrityError) -> RankingReceipt:
         # Another writer stored this key between our check and our insert: theirs is the first.
         with self._read() as s:
             first = self._ranking_by_key(s, key)
             if first is not None:
+                _same_labeler(first.labeler, labeler, key)
                 return _ranking_receipt(first, duplicate=True)
         raise InvalidRequest(
             f"ranking with idempotency_key {key!r} was not stored: it names a prompt or completion "
@@ -185,6 +187,7 @@ class Store:
             with self._write(DemonstrationRow) as s:
                 first = self._demonstration_by_key(s, demo.idempotency_key)
                 if first is not None:
+                    _same_labeler(first.labeler, demo.labeler, demo.idempotency_key)
                     return DemonstrationReceipt(first.id, duplicate=True)
                 row = DemonstrationRow(
                     id=f"dem-{uuid.uuid4().hex}",
@@ -201,6 +204,7 @@ class Store:
             with self._read() as s:
                 first = self._demonstration_by_key(s, demo.idempotency_key)
                 if first is not None:
+                    _same_labeler(first.labeler, demo.labeler, demo.idempotency_key)
                     return DemonstrationReceipt(first.id, duplicate=True)
             raise
 
@@ -679,3 +683,13 @@ def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 __all__ = ["Store"]
+
+
+def _same_labeler(first: str, labeler: str, key: str) -> None:
+    """A replay is the same labeler's: another's reuse of a key must not pass for a duplicate
+    (its feedback would be dropped, and it would learn the first one's receipt)."""
+    if first != labeler:
+        raise Conflict(
+            f"idempotency_key {key!r} was already used by another labeler; use keys of your own",
+            field="idempotency_key",
+        )
