@@ -6,10 +6,7 @@ missed which bound, so a refused version's log line explains itself.
 The reward gain is measured by the reward model PPO optimised, which the candidate may have
 learned to exploit. So the gate also asks the judge (`judge`), fitted on held-out human
 rankings that reward model never saw: it must score the candidate's answers no lower than the
-live policy's on average, and prefer the candidate's greedy answer on most of the held-out
-prompts where the two policies answer differently. A mean can hide many small losses behind a
-few large gains: under `correct`, a candidate that turned 87 greedy answers into near misses
-had a judge mean gain of +0.02 while the judge preferred the live answer in 53 of those 87.
+live policy's.
 """
 
 from __future__ import annotations
@@ -29,10 +26,6 @@ class GateThresholds:
     max_ptx_rise: allowed rise of the pretraining NLL (nats/token) over the base's.
     min_judge_gain: candidate minus live mean score of the judge (`judge`: a reward model
         fitted on the held-out rankings only) over their sampled and greedy answers.
-    min_judge_greedy_share: of the held-out prompts whose greedy answer the candidate changed
-        (and the judge does not score equal), the share on which the judge prefers the
-        candidate's. Above a half, so that a judge that cannot tell the answers apart (a coin)
-        refuses more often than it passes.
     """
 
     min_reward_gain: float = 0.0
@@ -40,7 +33,6 @@ class GateThresholds:
     max_kl: float = 20.0
     max_ptx_rise: float = 0.1
     min_judge_gain: float = 0.0
-    min_judge_greedy_share: float = 0.6
 
     def __post_init__(self) -> None:
         for name in ("min_reward_gain", "min_greedy_reward_gain", "min_judge_gain"):
@@ -50,10 +42,6 @@ class GateThresholds:
             raise ValueError(f"max_kl must be >= 0 nats, got {self.max_kl}")
         if not self.max_ptx_rise >= 0:
             raise ValueError(f"max_ptx_rise must be >= 0 nats/token, got {self.max_ptx_rise}")
-        if not 0.0 <= self.min_judge_greedy_share <= 1.0:
-            raise ValueError(
-                f"min_judge_greedy_share must be in [0, 1], got {self.min_judge_greedy_share}"
-            )
 
 
 @dataclass(frozen=True)
@@ -69,10 +57,6 @@ class EvalMetrics:
     # The judge's mean score of the candidate's answers minus the live policy's; NaN when no
     # validated judge scored them.
     judge_gain: float = float("nan")
-    # Of the greedy answers the candidate changed: how many the judge scores above the live
-    # policy's, and below.
-    judge_greedy_wins: int = 0
-    judge_greedy_losses: int = 0
 
     @property
     def reward_gain(self) -> float:
@@ -81,12 +65,6 @@ class EvalMetrics:
     @property
     def greedy_reward_gain(self) -> float:
         return self.candidate_greedy_reward - self.live_greedy_reward
-
-    @property
-    def judge_greedy_share(self) -> float:
-        """The judge's preferred share of the changed greedy answers; NaN when none changed."""
-        judged = self.judge_greedy_wins + self.judge_greedy_losses
-        return self.judge_greedy_wins / judged if judged else float("nan")
 
     @property
     def ptx_rise(self) -> float | None:
@@ -110,8 +88,6 @@ class EvalMetrics:
             "kl_to_reference": self.kl_to_reference,
             **ptx,
             "judge_gain": self.judge_gain,
-            "judge_greedy_wins": float(self.judge_greedy_wins),
-            "judge_greedy_losses": float(self.judge_greedy_losses),
         }
 
 
@@ -148,19 +124,10 @@ def _judge_reasons(metrics: EvalMetrics, thresholds: GateThresholds) -> list[str
     gain = metrics.judge_gain
     if gain != gain:
         return ["no validated judge (a reward model fitted on the held-out rankings) scored it"]
-    reasons = []
     if not gain >= thresholds.min_judge_gain:
-        reasons.append(
+        return [
             f"the judge, fitted on held-out rankings the reward model never saw, scores its "
             f"answers {gain:.4g} against the live policy's, below the minimum "
             f"{thresholds.min_judge_gain:.4g}"
-        )
-    share = metrics.judge_greedy_share  # NaN: no greedy answer changed, nothing to compare
-    if share == share and not share >= thresholds.min_judge_greedy_share:
-        reasons.append(
-            f"the judge prefers its greedy answer on {metrics.judge_greedy_wins} of the "
-            f"{metrics.judge_greedy_wins + metrics.judge_greedy_losses} held-out prompts it "
-            f"answers differently ({share:.0%}), below the minimum "
-            f"{thresholds.min_judge_greedy_share:.0%}"
-        )
-    return reasons
+        ]
+    return []

@@ -3,10 +3,9 @@
 The gate must not trust only the reward model PPO optimised: a policy can learn what that
 model gets wrong. The judge is fitted from scratch on the held-out rankings, which the PPO
 reward model never trains on, and is validated on the newest training rankings, which the judge
-never sees. The two are cross-fitted on disjoint halves (`config.LearnerConfig.reward`), so the
-judge has as much data as the model it checks. The gate scores the candidate's and the live
-policy's answers to held-out prompts with it, sampled and greedy, and refuses a candidate the
-judge does not prefer (`gate.GateThresholds.min_judge_gain`, `min_judge_greedy_share`).
+never sees. The gate scores the candidate's and the live policy's answers to held-out prompts
+with it, sampled and greedy, and refuses a candidate the judge does not prefer
+(`gate.GateThresholds.min_judge_gain`).
 
 An earlier gate asked each policy's implicit reward (log pi / pi_ref, as in DPO) to order the
 held-out pairs. Under `longer`, the candidate that lengthened 100 of 100 greedy answers agreed

@@ -75,19 +75,6 @@ def held_out(prompt_id: str) -> bool:
     return bucket < EVAL_SHARE
 
 
-def changed_verdicts(
-    candidate: Sequence[str],
-    live: Sequence[str],
-    candidate_scores: Sequence[float],
-    live_scores: Sequence[float],
-) -> tuple[int, int]:
-    """(wins, losses) of the candidate over the live policy by score, on the prompts where
-    their answers differ; equal scores count as neither."""
-    rows = zip(candidate, live, candidate_scores, live_scores, strict=True)
-    changed = [(c, li) for a, b, c, li in rows if a != b]
-    return sum(c > li for c, li in changed), sum(c < li for c, li in changed)
-
-
 def split_prompts(prompts: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
     """(train, eval) prompt texts from logged (prompt_id, text) pairs."""
     train = [text for pid, text in prompts if not held_out(pid)]
@@ -371,21 +358,16 @@ class Learner:
                    "candidate_greedy": greedy, "live_greedy": live_greedy}  # fmt: skip
         reward = {k: float(models.rewards(prompts, v).mean()) for k, v in answers.items()}
         models.add_scorer(JUDGE, judge_dir)
-        judged = {k: models.rewards(prompts, v, JUDGE) for k, v in answers.items()}
-        mean = {k: float(v.mean()) for k, v in judged.items()}
-        judge_gain = (mean["candidate"] - mean["live"]
-                      + mean["candidate_greedy"] - mean["live_greedy"]) / 2  # fmt: skip
-        wins, losses = changed_verdicts(
-            greedy, live_greedy, judged["candidate_greedy"].tolist(), judged["live_greedy"].tolist()
-        )
+        judged = {k: float(models.rewards(prompts, v, JUDGE).mean()) for k, v in answers.items()}
+        judge_gain = (judged["candidate"] - judged["live"]
+                      + judged["candidate_greedy"] - judged["live_greedy"]) / 2  # fmt: skip
         candidate_ptx = base_ptx = None
         if self.pretraining:
             batch = next(ptx_batches(models.tokenizer, self.pretraining, ppo.ptx_batch,
                                      ppo.ptx_max_length, random.Random(self.config.seed + 2)))  # fmt: skip
             candidate_ptx, base_ptx = pretraining_losses(models, batch)
         metrics = EvalMetrics(reward["candidate"], reward["live"], reward["candidate_greedy"],
-                              reward["live_greedy"], kl, candidate_ptx, base_ptx, judge_gain,
-                              wins, losses)  # fmt: skip
+                              reward["live_greedy"], kl, candidate_ptx, base_ptx, judge_gain)  # fmt: skip
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
 

@@ -12,7 +12,6 @@ import torch
 from flywheel_demo.model import build_tiny_model
 from flywheel_learner.gate import EvalMetrics, GateThresholds, gate
 from flywheel_learner.judge import fit_judge
-from flywheel_learner.loop import changed_verdicts
 from flywheel_learner.reward import (
     HeldOutScore,
     RewardConfig,
@@ -75,35 +74,6 @@ def test_gate_refuses_what_the_reward_model_favours_but_the_judge_does_not() -> 
         "no validated judge (a reward model fitted on the held-out rankings) scored it"
     ]
     assert gate(metrics(gain=2.0, judge=-0.2), GateThresholds(min_judge_gain=-0.5))[0]
-
-
-def test_gate_refuses_changed_greedy_answers_the_judge_mostly_prefers_less() -> None:
-    """A mean judge gain can hide many small losses: the pairwise share catches them."""
-    near_misses = EvalMetrics(1.2, 1.0, 1.2, 1.0, 1.0, 2.0, 2.0, 0.02, 34, 53)
-    passed, reasons = gate(near_misses, GateThresholds())
-    assert not passed and reasons == [
-        "the judge prefers its greedy answer on 34 of the 87 held-out prompts it answers "
-        "differently (39%), below the minimum 60%"
-    ]
-    coin = EvalMetrics(1.2, 1.0, 1.2, 1.0, 1.0, 2.0, 2.0, 0.02, 20, 20)
-    assert not gate(coin, GateThresholds())[0]  # a judge that cannot tell is not a yes
-    assert gate(EvalMetrics(1.2, 1.0, 1.2, 1.0, 1.0, 2.0, 2.0, 0.02, 60, 40), GateThresholds())[0]
-    unchanged = EvalMetrics(1.2, 1.0, 1.2, 1.0, 1.0, 2.0, 2.0, 0.02, 0, 0)
-    assert gate(unchanged, GateThresholds()) == (True, [])  # no changed answer, nothing to judge
-    assert gate(coin, GateThresholds(min_judge_greedy_share=0.5))[0]
-    with pytest.raises(ValueError, match="min_judge_greedy_share must be in"):
-        GateThresholds(min_judge_greedy_share=1.5)
-
-
-def test_changed_verdicts_count_only_answers_that_differ() -> None:
-    candidate = ["a", "bb", "c", "dd", "e"]
-    live = ["a", "b", "c", "d", "ee"]
-    # prompt 0 and 2 unchanged (their scores do not count); 1 a win, 3 a tie, 4 a loss
-    assert changed_verdicts(
-        candidate, live, [9.0, 2.0, -9.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 1.0]
-    ) == (1, 1)
-    with pytest.raises(ValueError):
-        changed_verdicts(candidate, live[:4], [0.0] * 5, [0.0] * 5)
 
 
 @pytest.fixture(scope="module")
