@@ -6,13 +6,17 @@ missed which bound, so a refused version's log line explains itself.
 The reward gain is measured by the reward model PPO optimised, which the candidate may have
 learned to exploit. So the gate also asks the judge (`judge`), fitted on held-out human
 rankings that reward model never saw: it must score the candidate's answers no lower than the
-live policy's.
+live policy's. Neither model may tell what sampled rankings rarely show it, so the gate last asks
+the labelers themselves (`anchor`): on ranked prompts where the candidate's greedy answer differs
+from the live policy's and a ranking holds both, the candidate must not lose more than it wins.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from flywheel_learner.anchor import NO_VERDICTS, Verdicts
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,9 @@ class GateThresholds:
     max_ptx_rise: allowed rise of the pretraining NLL (nats/token) over the base's.
     min_judge_gain: candidate minus live mean score of the judge (`judge`: a reward model
         fitted on the held-out rankings only) over their sampled and greedy answers.
+    min_human_share: on ranked prompts where the two policies' greedy answers differ and a
+        ranking holds both, the candidate's share of the labelers' verdicts (ties half); checked
+        once min_human_prompts such prompts were judged.
     """
 
     min_reward_gain: float = 0.0
@@ -33,6 +40,8 @@ class GateThresholds:
     max_kl: float = 20.0
     max_ptx_rise: float = 0.1
     min_judge_gain: float = 0.0
+    min_human_share: float = 0.5
+    min_human_prompts: int = 5
 
     def __post_init__(self) -> None:
         for name in ("min_reward_gain", "min_greedy_reward_gain", "min_judge_gain"):
@@ -42,6 +51,10 @@ class GateThresholds:
             raise ValueError(f"max_kl must be >= 0 nats, got {self.max_kl}")
         if not self.max_ptx_rise >= 0:
             raise ValueError(f"max_ptx_rise must be >= 0 nats/token, got {self.max_ptx_rise}")
+        if not 0.0 <= self.min_human_share <= 1.0:
+            raise ValueError(f"min_human_share must be in [0, 1], got {self.min_human_share}")
+        if self.min_human_prompts < 1:
+            raise ValueError(f"min_human_prompts must be >= 1, got {self.min_human_prompts}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,8 @@ class EvalMetrics:
     # The judge's mean score of the candidate's answers minus the live policy's; NaN when no
     # validated judge scored them.
     judge_gain: float = float("nan")
+    # The labelers' verdicts on the greedy answers the candidate changed (`anchor`).
+    human: Verdicts = NO_VERDICTS
 
     @property
     def reward_gain(self) -> float:
@@ -88,6 +103,9 @@ class EvalMetrics:
             "kl_to_reference": self.kl_to_reference,
             **ptx,
             "judge_gain": self.judge_gain,
+            "human_greedy_wins": float(self.human.wins),
+            "human_greedy_losses": float(self.human.losses),
+            "human_greedy_ties": float(self.human.ties),
         }
 
 
@@ -116,6 +134,16 @@ def gate(metrics: EvalMetrics, thresholds: GateThresholds) -> tuple[bool, list[s
             f"{thresholds.max_ptx_rise:.4g}"
         )
     reasons += _judge_reasons(metrics, thresholds)
+    human = metrics.human
+    if human.judged >= thresholds.min_human_prompts and not (
+        human.share >= thresholds.min_human_share
+    ):
+        reasons.append(
+            f"the labelers' rankings prefer the live policy's greedy answer: on the {human.judged} "
+            f"ranked prompts where the two answer differently and a ranking holds both, the "
+            f"candidate's won {human.wins}, lost {human.losses}, tied {human.ties} (share "
+            f"{human.share:.2f}, below the minimum {thresholds.min_human_share:.2f})"
+        )
     return not reasons, reasons
 
 

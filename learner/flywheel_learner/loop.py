@@ -25,6 +25,7 @@ import torch
 from flywheel_client import FlywheelClient
 from flywheel_learner import feedback_log
 from flywheel_learner import metrics as learner_metrics
+from flywheel_learner.anchor import NO_VERDICTS, RankedPrompts, Verdicts, newest_prompts
 from flywheel_learner.checkpoint import PendingPublish, load_state, save_state
 from flywheel_learner.config import LearnerConfig
 from flywheel_learner.gate import EvalMetrics, gate
@@ -361,15 +362,28 @@ class Learner:
         judged = {k: float(models.rewards(prompts, v, JUDGE).mean()) for k, v in answers.items()}
         judge_gain = (judged["candidate"] - judged["live"]
                       + judged["candidate_greedy"] - judged["live_greedy"]) / 2  # fmt: skip
+        human = self.human_verdicts(models)
         candidate_ptx = base_ptx = None
         if self.pretraining:
             batch = next(ptx_batches(models.tokenizer, self.pretraining, ppo.ptx_batch,
                                      ppo.ptx_max_length, random.Random(self.config.seed + 2)))  # fmt: skip
             candidate_ptx, base_ptx = pretraining_losses(models, batch)
         metrics = EvalMetrics(reward["candidate"], reward["live"], reward["candidate_greedy"],
-                              reward["live_greedy"], kl, candidate_ptx, base_ptx, judge_gain)  # fmt: skip
+                              reward["live_greedy"], kl, candidate_ptx, base_ptx, judge_gain,
+                              human)  # fmt: skip
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
+
+    def human_verdicts(self, models: SharedBaseModels) -> Verdicts:
+        """The labelers' verdicts (`anchor`) on the greedy answers of the candidate and the live
+        policy to the newest ranked prompts, where they differ and a ranking holds both."""
+        rankings = [r.text for r in self.rankings()]
+        prompts = newest_prompts(rankings, self.config.eval_prompts)
+        if not prompts:
+            return NO_VERDICTS
+        candidate = sample_responses(models, prompts, greedy=True).responses
+        live = [self._live_response(p, temperature=0.0) for p in prompts]
+        return RankedPrompts(rankings).compare(prompts, candidate, live)
 
     def publish_policy(
         self,
