@@ -44,6 +44,9 @@ class LearnerConfig:
         rankings (`reward_refit.Validation`) to be promoted, to train a policy and to judge
         one. With no such model a round ends after the refit and publishes no policy.
     rm_held_out_window: the newest this many held-out rankings are the ones measured.
+    anchor_prompts: a round trains a policy only once the held-out rankings hold this many
+        distinct prompts, so that the gate's human anchor (`anchor`) has rankings to judge the
+        candidate's greedy answers by; before that the round ends after the refit.
     pretraining: a .txt/.jsonl corpus for the ptx term and the gate's pretraining-loss check;
         None = PPO without the ptx term, and no such check (logged at start).
     reward_init: a saved reward model the first refit warm-starts from (the demo's initial
@@ -88,6 +91,9 @@ class LearnerConfig:
     rm_min_accuracy: float = 0.6
     rm_min_held_out_pairs: int = 50
     rm_held_out_window: int = 400
+    # Under `correct` the anchor judges about one held-out prompt in six (the candidate changed
+    # the greedy answer and a ranking holds both answers): 32 give it about five.
+    anchor_prompts: int = 32
     pretraining: Path | None = None
     reward_init: Path | None = None
     import_preferences: tuple[Path, ...] = ()
@@ -128,6 +134,8 @@ class LearnerConfig:
                 f"({self.gate.max_kl}), or every candidate PPO aims for is refused"
             )
         Validation(self.rm_min_accuracy, self.rm_min_held_out_pairs)  # raises when out of range
+        if self.anchor_prompts < 0:
+            raise ValueError(f"anchor_prompts must be >= 0, got {self.anchor_prompts}")
         if self.rm_held_out_window < 1:
             raise ValueError(f"rm_held_out_window must be >= 1, got {self.rm_held_out_window}")
         for path in (*self.import_preferences, *([self.pretraining] if self.pretraining else [])):

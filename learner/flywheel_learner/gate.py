@@ -41,7 +41,7 @@ class GateThresholds:
     max_ptx_rise: float = 0.1
     min_judge_gain: float = 0.0
     min_human_share: float = 0.5
-    min_human_prompts: int = 5
+    min_human_prompts: int = 3
 
     def __post_init__(self) -> None:
         for name in ("min_reward_gain", "min_greedy_reward_gain", "min_judge_gain"):

@@ -188,13 +188,12 @@ class Learner:
         self.sync()
         train, held = self.split()
         reward_dir, why = self.reward_for_ppo(self.refit_reward(number, train, held), held)
-        if reward_dir is None:
-            log.warning(kv("round_skipped", round=number, reason=why))
-            learner_metrics.rounds_skipped.inc()
-            self.finish_round(number)
-            return False
-        judge_dir, why = self.fit_judge(number, train, held)
-        if judge_dir is None:
+        judge_dir = None
+        if reward_dir is not None:
+            why = self.anchor_shortfall(held)
+            if not why:
+                judge_dir, why = self.fit_judge(number, train, held)
+        if reward_dir is None or judge_dir is None:
             log.warning(kv("round_skipped", round=number, reason=why))
             learner_metrics.rounds_skipped.inc()
             self.finish_round(number)
@@ -286,6 +285,15 @@ class Learner:
             return None, f"{why}; nor is the last validated one ({previous}): {problem}"
         return Path(previous), ""
 
+    def anchor_shortfall(self, held: Sequence[RankingText]) -> str:
+        """Why the held-out rankings are too few for the gate's human anchor; "" when enough."""
+        need = self.config.anchor_prompts
+        have = len(newest_prompts(held, need))
+        if have >= need:
+            return ""
+        return (f"the held-out rankings hold {have} distinct prompts; the gate's human anchor "
+                f"needs {need} before a policy is trained (--anchor-prompts)")  # fmt: skip
+
     def fit_judge(
         self, number: int, train: Sequence[RankingText], held: Sequence[RankingText]
     ) -> tuple[Path | None, str]:
@@ -376,14 +384,15 @@ class Learner:
 
     def human_verdicts(self, models: SharedBaseModels) -> Verdicts:
         """The labelers' verdicts (`anchor`) on the greedy answers of the candidate and the live
-        policy to the newest ranked prompts, where they differ and a ranking holds both."""
-        rankings = [r.text for r in self.rankings()]
-        prompts = newest_prompts(rankings, self.config.eval_prompts)
+        policy to the newest held-out ranked prompts, where they differ and a ranking holds both.
+        Held out: on the rankings the reward model trained on, PPO can copy what it memorised."""
+        _, held = self.split()
+        prompts = newest_prompts(held, self.config.eval_prompts)
         if not prompts:
             return NO_VERDICTS
         candidate = sample_responses(models, prompts, greedy=True).responses
         live = [self._live_response(p, temperature=0.0) for p in prompts]
-        return RankedPrompts(rankings).compare(prompts, candidate, live)
+        return RankedPrompts(held).compare(prompts, candidate, live)
 
     def publish_policy(
         self,

@@ -83,6 +83,7 @@ def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerCo
         ),
         rm_min_accuracy=0.0,
         rm_min_held_out_pairs=1,
+        anchor_prompts=0,
     )
 
 
@@ -207,6 +208,26 @@ def test_a_round_whose_reward_model_fails_validation_publishes_no_policy(
     assert after.live == before.live
     assert sample("flywheel_learner_rounds_skipped_total") == skipped + 1
     assert load_state(tmp_path).round == 1
+
+
+def test_no_policy_is_trained_before_the_human_anchor_has_prompts(
+    server: ServerProcess,
+    tiny_model: Path,
+    client: FlywheelClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", logger="flywheel.learner")
+    label(client, "e2e-anchor", seed=11)
+    before = client.versions()
+    steps = learner_metrics.REGISTRY.get_sample_value("flywheel_learner_ppo_steps_total") or 0.0
+    config = dataclasses.replace(tiny_config(server, tiny_model, tmp_path), anchor_prompts=10**4)
+    assert one_round(config) is False
+    new = [v for v in client.versions().versions if v.id not in {b.id for b in before.versions}]
+    assert [v.name for v in new] == ["reward"], new  # refitted, validated, but no policy
+    assert new[0].metrics["validated"] == 1.0
+    assert learner_metrics.REGISTRY.get_sample_value("flywheel_learner_ppo_steps_total") == steps
+    assert "needs 10000 before a policy is trained" in caplog.text
 
 
 def test_a_candidate_that_passes_runs_as_the_challenger_when_asked(

@@ -60,8 +60,8 @@ def test_the_gate_refuses_what_the_models_favour_but_the_labelers_rankings_do_no
     ]
     assert gate(metrics(Verdicts(20, 10, 0)), GateThresholds()) == (True, [])
     assert gate(metrics(Verdicts(2, 2, 0)), GateThresholds())[0]  # level: no evidence against
-    assert gate(metrics(Verdicts(0, 4, 0)), GateThresholds())[0]  # too few prompts to judge by
-    assert not gate(metrics(Verdicts(0, 4, 0)), GateThresholds(min_human_prompts=4))[0]
+    assert gate(metrics(Verdicts(0, 2, 0)), GateThresholds())[0]  # too few prompts to judge by
+    assert not gate(metrics(Verdicts(0, 2, 0)), GateThresholds(min_human_prompts=2))[0]
     assert gate(metrics(Verdicts(7, 25, 4)), GateThresholds(min_human_share=0.2))[0]
     with pytest.raises(ValueError, match="min_human_share must be in"):
         GateThresholds(min_human_share=-0.1)

@@ -91,6 +91,15 @@ def add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         help="held-out ranked pairs needed to trust that accuracy (default: %(default)s)",
     )
     sub.add_argument(
+        "--anchor-prompts",
+        type=non_negative_int,
+        default=32,
+        metavar="N",
+        help="train a policy only once the held-out rankings hold N distinct prompts: the gate "
+        "checks the candidate's greedy answers against the labelers' own rankings of them "
+        "(default: %(default)s)",
+    )
+    sub.add_argument(
         "--challenger",
         action="store_true",
         help="publish a candidate that passes the gate as the server's challenger (blind "
@@ -174,6 +183,7 @@ def _learn(args: argparse.Namespace) -> int:
             ppo_steps_per_round=args.ppo_steps,
             rm_min_accuracy=args.rm_min_accuracy,
             rm_min_held_out_pairs=args.rm_min_held_out_pairs,
+            anchor_prompts=args.anchor_prompts,
             challenger=args.challenger,
             ppo=dataclasses.replace(
                 LEARNER_PPO,
