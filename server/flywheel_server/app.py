@@ -124,6 +124,8 @@ async def serve(
         if config.sync_interval
         else None
     )
+    service.adapters.audit.refusals = auth.drain_refusals
+    auditor = asyncio.create_task(service.adapters.audit.run())
     stop = stop or _stop_on_signals()
     await asyncio.wait(
         [asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED
@@ -139,6 +141,9 @@ async def serve(
     await grpc_server.stop(grace=30)
     with contextlib.suppress(asyncio.CancelledError):
         await http_task
+    auditor.cancel()
+    with contextlib.suppress(Exception):
+        await service.adapters.audit.flush()  # the last second's refusals
     await asyncio.to_thread(engine.close)
     store.close()
 

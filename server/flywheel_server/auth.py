@@ -17,7 +17,9 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,10 @@ from flywheel_server.errors import PermissionDenied, RateLimited, Unauthenticate
 from flywheel_server.limits import Limit, TokenBucket
 
 SCOPES = ("generate", "feedback", "admin")
+
+# The name of the key the current request came with, set by both transports after `check`; the
+# audit trail records it. "server" outside a request (start-up, the store follower).
+CALLER: ContextVar[str] = ContextVar("flywheel_caller", default="server")
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class Authenticator:
         if len(set(names)) != len(names):
             raise ValueError(f"API key names must be unique (limits go by name); got {names}")
         self.keys = keys
+        self._refused: Counter[tuple[str, str]] = Counter()  # drained by the audit trail
         self._buckets = {k.name: TokenBucket(k.limit, clock) for k in keys if k.limit}
 
     @classmethod
@@ -129,8 +136,23 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self.keys)
 
+    def drain_refusals(self) -> dict[tuple[str, str], int]:
+        """Requests refused for their key since the last call, by (key name, error class)."""
+        refused, self._refused = dict(self._refused), Counter()
+        return refused
+
     def check(self, authorization: str | None, scope: str) -> str:
-        """Name of the caller; raises Unauthenticated or PermissionDenied."""
+        """Name of the caller, also set as CALLER; raises Unauthenticated, PermissionDenied or
+        RateLimited, and tallies the refusal."""
+        try:
+            name = self._check(authorization, scope)
+        except (Unauthenticated, PermissionDenied, RateLimited) as e:
+            self._refused[(e.key or "(no key)", type(e).__name__)] += 1
+            raise
+        CALLER.set(name)
+        return name
+
+    def _check(self, authorization: str | None, scope: str) -> str:
         if not self.enabled:
             return "anonymous"
         scheme, _, rest = (authorization or "").strip().partition(" ")
@@ -142,10 +164,12 @@ class Authenticator:
         for k in self.keys:
             if hmac.compare_digest(k.key.encode(), token.encode()):
                 if scope not in k.scopes and "admin" not in k.scopes:
-                    raise PermissionDenied(f"API key {k.name!r} lacks the {scope!r} scope")
+                    raise PermissionDenied(
+                        f"API key {k.name!r} lacks the {scope!r} scope", key=k.name
+                    )
                 self._limit(k)
                 return k.name
-        raise Unauthenticated("unknown API key")
+        raise Unauthenticated("unknown API key", key="(unknown key)")
 
     def labeler(self, caller: str, requested: str) -> str:
         """The labeler feedback from `caller` (a name `check` returned) is recorded under."""
@@ -156,11 +180,13 @@ class Authenticator:
             return key.name
         if key.sub_labelers:
             return f"{key.name}/{requested}"
+        self._refused[(key.name, "PermissionDenied")] += 1
         raise PermissionDenied(
             f"API key {key.name!r} records feedback as labeler {key.name!r}, not {requested!r}: "
             'omit labeler, or give the key "sub_labelers": true in the keys file (a shared '
             "labeling-team key, recorded as name/labeler)",
             field="labeler",
+            key=key.name,
         )
 
     def _limit(self, key: ApiKey) -> None:

@@ -132,6 +132,18 @@ class PromptExport:
 
 
 @dataclass(frozen=True)
+class AuditEntry:
+    """Who changed what, and when (issue 18): see `audit`. cursor is 0 until stored."""
+
+    actor: str
+    action: str
+    target: str
+    detail: str = ""
+    at: float = 0.0
+    cursor: int = 0
+
+
+@dataclass(frozen=True)
 class DemonstrationExport:
     cursor: int
     demonstration_id: str

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 
 class FlywheelError(Exception):
-    """Base class; `field` names the offending request field when there is one."""
+    """Base class; `field` names the offending request field when there is one, `key` the API
+    key a refusal is about (metrics and the audit trail count refusals by it)."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, key: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.key = key
 
 
 class InvalidRequest(FlywheelError):
@@ -36,17 +38,20 @@ class Overloaded(FlywheelError):
     """The queue is full: RESOURCE_EXHAUSTED / 429. `retry_after`: seconds after which a retry
     may be served (HTTP's Retry-After, gRPC's `retry-after` trailing metadata)."""
 
-    def __init__(self, message: str, *, field: str | None = None, retry_after: float = 1.0) -> None:
-        super().__init__(message, field=field)
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        key: str | None = None,
+        retry_after: float = 1.0,
+    ) -> None:
+        super().__init__(message, field=field, key=key)
         self.retry_after = retry_after
 
 
 class RateLimited(Overloaded):
     """An API key is over its own request rate (`limits`); the server may be idle."""
-
-    def __init__(self, message: str, *, key: str, retry_after: float) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.key = key
 
 
 class Unavailable(FlywheelError):

@@ -349,6 +349,19 @@ class Servicer:
                 created_at=d.created_at,
             )
 
+    async def ExportAudit(
+        self, request: pb.ExportRequest, context: Any
+    ) -> AsyncIterator[pb.AuditRecord]:
+        for e in await self.service.export_audit(request.after, request.limit):
+            yield pb.AuditRecord(
+                cursor=e.cursor,
+                at=e.at,
+                actor=e.actor,
+                action=e.action,
+                target=e.target,
+                detail=e.detail,
+            )
+
     async def PublishAdapter(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> pb.AdapterVersion:

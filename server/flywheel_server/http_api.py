@@ -54,6 +54,17 @@ def error_response(status: int, kind: str, message: str, param: str | None = Non
 HTTP_FIELDS = {"policy": "model", "reward_model": "model"}
 
 
+def _query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise errors.InvalidRequest(
+            f"{name} must be a whole number >= 0, got {raw[:40]!r}", field=name
+        )
+    return int(raw)
+
+
 def from_error(e: errors.FlywheelError) -> JSONResponse:
     metrics.rejected(e)
     field = HTTP_FIELDS.get(e.field, e.field) if e.field else None
@@ -345,6 +356,17 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             challenge_json(await service.adapters.challenge(b.version, stop=b.stop))
         )
 
+    @route("admin")
+    async def audit(service: FlywheelService, request: Request) -> Response:
+        after = _query_int(request, "after", 0)
+        entries = await service.export_audit(after, _query_int(request, "limit", 0))
+        return JSONResponse(
+            {
+                "entries": [dataclasses.asdict(e) for e in entries],
+                "next": entries[-1].cursor if entries else after,
+            }
+        )
+
     return Starlette(
         routes=[
             Route("/completions", completions, methods=["POST"]),
@@ -358,6 +380,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             Route("/rewards", rewards, methods=["POST"]),
             Route("/feedback", feedback, methods=["POST"]),
             Route("/demonstrations", demonstrations, methods=["POST"]),
+            Route("/audit", audit, methods=["GET"]),
         ]
     )
 

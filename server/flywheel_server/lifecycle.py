@@ -22,6 +22,7 @@ from pathlib import Path
 from flywheel_proto import archive
 from flywheel_server import challenge as challenge_math
 from flywheel_server import metrics, validation
+from flywheel_server.audit import AuditTrail
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (
     ADAPTER_NAMES,
@@ -59,6 +60,7 @@ class AdapterLifecycle:
         self.store = store
         self.registry = registry
         self.config = config
+        self.audit = AuditTrail(store)
         self.adapters_dir = config.data_dir / "adapters"
         self._admin = asyncio.Lock()
         self._unloading: dict[str, asyncio.Task[None]] = {}  # by version id: waits for idle
@@ -171,7 +173,12 @@ class AdapterLifecycle:
                 f"checksum mismatch: header says {header.sha256}, received {digest}", field="sha256"
             )
         async with self._admin:
-            version = await self._install(header, bytes(data), digest)
+            try:
+                version = await self._install(header, bytes(data), digest)
+            except AdapterRefused as e:
+                await self.audit.record("publish", header.name, f"refused: {e.message}")
+                raise
+        await self.audit.record("publish", version.id, version.state)
         if header.promote:
             metrics.hot_swapped(header.name, started)
         return version
@@ -221,6 +228,7 @@ class AdapterLifecycle:
         async with self._admin:
             was = self.registry.live().get(name)
             live = await self._promote(name, version)
+        await self.audit.record("promote", live.id, f"was {was}")
         if live.id != was:  # promoting the live version again swaps nothing
             metrics.hot_swapped(name, started)
         return live
@@ -255,10 +263,10 @@ class AdapterLifecycle:
             await self._refresh(name)
             await self._reload_challenge()
             metrics.hot_swapped(name, started)
-            if live is None:
-                return self.registry.versions(name)[0]
-            log.info("rolled back: %s is live", live.id)
-            return live
+            now_live = self.registry.versions(name)[0] if live is None else live
+            await self.audit.record("rollback", now_live.id)
+            log.info("rolled back: %s is live", now_live.id)
+            return now_live
 
     async def _refresh(self, name: str) -> None:
         self.registry.refresh(name, await asyncio.to_thread(self.store.list_adapter_versions, name))
@@ -334,6 +342,8 @@ class AdapterLifecycle:
                     raise Conflict("no challenge is running", field="stop")
                 challenge = ended
                 log.info("challenge of %s stopped", challenge.challenger_id)
+            action = "challenge_stop" if stop else "challenge"
+            await self.audit.record(action, challenge.challenger_id, f"of {challenge.champion_id}")
         return await self._status(challenge)
 
     async def _start_challenge(self, version: int) -> Challenge:
@@ -379,6 +389,9 @@ class AdapterLifecycle:
                 return
             await self._refresh("policy")
             await self._unload_retired("policy")
+        await self.audit.record(
+            "challenge_decided", challenge.challenger_id, outcome, actor="challenge"
+        )
         metrics.challenge_decided(outcome)
         if outcome == "promoted":
             metrics.hot_swapped("policy", started)

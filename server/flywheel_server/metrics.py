@@ -125,7 +125,7 @@ REJECTED = Counter(
 )
 KEY_REJECTED = Counter(
     "flywheel_key_rejected_total",
-    "Requests refused because of their API key (over its limit), by key name and error class.",
+    "Requests refused for their API key (unknown, scope, rate, labeler), by key name and class.",
     ["key", "reason"],
 )
 
@@ -188,7 +188,7 @@ async def finish_after(
 
 def rejected(error: BaseException) -> None:
     REJECTED.labels(type(error).__name__).inc()
-    key = getattr(error, "key", None)  # errors.RateLimited names the key over its limit
+    key = getattr(error, "key", None)  # a refusal for an API key names it
     if isinstance(key, str):
         KEY_REJECTED.labels(key, type(error).__name__).inc()
 

@@ -20,6 +20,7 @@ from flywheel_server import metrics, validation
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (
     AdapterVersion,
+    AuditEntry,
     Demonstration,
     DemonstrationExport,
     DemonstrationReceipt,
@@ -238,6 +239,9 @@ class FlywheelService:
 
     async def export_demonstrations(self, after: int, limit: int) -> list[DemonstrationExport]:
         return await asyncio.to_thread(self.store.export_demonstrations, after, self._page(limit))
+
+    async def export_audit(self, after: int, limit: int) -> list[AuditEntry]:
+        return await self.adapters.audit.export(after, self._page(limit))
 
     @staticmethod
     def _page(limit: int) -> int:

@@ -15,7 +15,8 @@ from flywheel_client import (
     PermissionDenied,
     Unauthenticated,
 )
-from tests.support import FLYWHEEL, ServerProcess
+from flywheel_model import loading
+from tests.support import FLYWHEEL, ServerProcess, make_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -162,6 +163,46 @@ def test_a_greedy_key_is_limited_while_another_is_served(guarded):
     assert e.value.retry_after is not None and 1 <= e.value.retry_after <= 20
     with FlywheelClient(guarded.grpc, api_key=APP) as app:
         assert len(app.generate("x", max_tokens=1).completions) == 1
+
+
+def test_the_audit_trail_names_the_key_behind_each_change(guarded, tmp_path):
+    with FlywheelClient(guarded.grpc, api_key=ADMIN) as ops:
+        after = ops.audit()[-1].cursor if ops.audit() else 0
+        version = ops.publish_adapter(
+            make_adapter(guarded.model, tmp_path / "p", seed=3),
+            name="policy",
+            base_model=loading.base_fingerprint(guarded.model),
+        )
+        ops.promote("policy", version.version)
+        with FlywheelClient(guarded.grpc, api_key=APP) as app, pytest.raises(PermissionDenied):
+            app.rollback("policy")  # a generate key: refused, and tallied under its name
+        status, _ = guarded.post("/v1/policies/rollback", {"name": "policy"}, bearer(ADMIN))
+        assert status == 200
+        entries = ops.audit(after)
+        changes = [e for e in entries if e.action != "key_rejected"]  # earlier tests' refusals
+        trail = [(e.actor, e.action, e.target) for e in changes]
+        assert trail == [
+            ("ops", "publish", version.id),
+            ("ops", "promote", version.id),
+            ("ops", "rollback", trail[2][2]),
+        ]
+        assert trail[2][2] != version.id  # back to what was live before
+        assert ("app", "key_rejected", "PermissionDenied") in [
+            (e.actor, e.action, e.target) for e in entries
+        ]
+        times = [e.at for e in changes]
+        assert times == sorted(times) and times[0] > 0
+    # HTTP reads the same trail, for admin keys only
+    with httpx.Client(timeout=60) as http:
+        read = http.get(f"{guarded.http}/v1/audit", params={"after": after}, headers=bearer(ADMIN))
+        assert read.status_code == 200
+        body = read.json()
+        actions = [e["action"] for e in body["entries"] if e["action"] != "key_rejected"]
+        assert actions == ["publish", "promote", "rollback"]
+        assert body["next"] == body["entries"][-1]["cursor"]
+        assert http.get(f"{guarded.http}/v1/audit", headers=bearer(APP)).status_code == 403
+        bad = http.get(f"{guarded.http}/v1/audit", params={"after": "-1"}, headers=bearer(ADMIN))
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
 
 
 def test_no_keys_refuses_public_bind(tiny_model, tmp_path):

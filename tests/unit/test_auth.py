@@ -315,3 +315,28 @@ def test_parse_file_reads_sub_labelers(tmp_path: Path) -> None:
     path.write_text(json.dumps({"keys": [{**entry, "sub_labelers": "yes"}]}))
     with pytest.raises(ValueError, match="sub_labelers must be true or false"):
         parse_file(path)
+
+
+def test_refusals_are_tallied_by_key_and_reason_until_drained() -> None:
+    auth = Authenticator(
+        [ApiKey("ann", "a" * 8, frozenset({"generate"}), Limit(1.0, 1))], clock=Clock()
+    )
+    auth.check("a" * 8, "generate")
+    for _ in range(3):
+        with pytest.raises(RateLimited):
+            auth.check("a" * 8, "generate")
+    with pytest.raises(PermissionDenied):
+        auth.check("a" * 8, "admin")
+    with pytest.raises(PermissionDenied):
+        auth.labeler("ann", "bob")
+    with pytest.raises(Unauthenticated):
+        auth.check("nope-nope", "generate")
+    with pytest.raises(Unauthenticated):
+        auth.check(None, "generate")
+    assert auth.drain_refusals() == {
+        ("ann", "RateLimited"): 3,
+        ("ann", "PermissionDenied"): 2,
+        ("(unknown key)", "Unauthenticated"): 1,
+        ("(no key)", "Unauthenticated"): 1,
+    }
+    assert auth.drain_refusals() == {}

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from flywheel_server.domain import (
+    AuditEntry,
     CompletionRecord,
     Demonstration,
     PromptRecord,
@@ -580,7 +581,7 @@ def test_migrated_schema_matches_metadata(store: Store) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         head = MigrationContext.configure(conn).get_current_revision()
     assert diff == []
-    assert head == "0002"
+    assert head == "0003"
 
 
 def test_open_is_idempotent(db_url: str) -> None:
@@ -590,3 +591,16 @@ def test_open_is_idempotent(db_url: str) -> None:
         assert set(again.counts().values()) == {0}
     finally:
         again.close()
+
+
+def test_the_audit_trail_appends_and_pages(store: Store) -> None:
+    store.add_audit([AuditEntry("ops", "promote", "policy-v2", "was policy-v1", at=5.0)])
+    store.add_audit([AuditEntry("x" * 300, "key_rejected", "RateLimited", "7 requests")])
+    first, second = store.export_audit(after=0, limit=10)
+    assert (first.actor, first.action, first.target, first.detail, first.at) == (
+        "ops", "promote", "policy-v2", "was policy-v1", 5.0
+    )  # fmt: skip
+    assert second.cursor > first.cursor and len(second.actor) == 256 and second.at > 5.0
+    assert store.export_audit(after=first.cursor, limit=10) == [second]
+    with pytest.raises(InvalidRequest):
+        store.export_audit(after=-1, limit=10)

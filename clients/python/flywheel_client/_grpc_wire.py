@@ -207,3 +207,7 @@ def server_info(r: pb.ServerInfo) -> t.ServerInfo:
         max_tokens_limit=r.max_tokens_limit,
         live=dict(r.live),
     )
+
+
+def audit_record(r: pb.AuditRecord) -> t.AuditRecord:
+    return t.AuditRecord(r.cursor, r.at, r.actor, r.action, r.target, r.detail)

@@ -193,6 +193,12 @@ class FlywheelClient:
     def export_rankings(self, after: int = 0, limit: int = 0) -> list[t.RankingRecord]:
         return list(self.iter_rankings(after, limit))
 
+    def audit(self, after: int = 0, limit: int = 0) -> list[t.AuditRecord]:
+        """The audit trail after cursor `after` (admin scope): who published, promoted, rolled
+        back or challenged what, and requests refused for their key."""
+        request = pb.ExportRequest(after=after, limit=limit)
+        return list(map(wire.audit_record, self._stream(self._learner.ExportAudit, request)))
+
     def export_prompts(self, after: int = 0, limit: int = 0) -> list[t.PromptRecord]:
         return list(self.iter_prompts(after, limit))
 
@@ -404,6 +410,13 @@ class AsyncFlywheelClient:
 
     async def export_rankings(self, after: int = 0, limit: int = 0) -> list[t.RankingRecord]:
         return [r async for r in self.iter_rankings(after, limit)]
+
+    async def audit(self, after: int = 0, limit: int = 0) -> list[t.AuditRecord]:
+        """See `FlywheelClient.audit`."""
+        request = pb.ExportRequest(after=after, limit=limit)
+        return [
+            wire.audit_record(r) async for r in self._stream(self._learner.ExportAudit, request)
+        ]
 
     async def export_prompts(self, after: int = 0, limit: int = 0) -> list[t.PromptRecord]:
         return [r async for r in self.iter_prompts(after, limit)]

@@ -158,6 +158,18 @@ class DemonstrationRecord:
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """Who changed what (`actor`: the API key's name): see the server's `audit` module."""
+
+    cursor: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     base_model: str  # the fingerprint adapter publishers must match
     model_path: str

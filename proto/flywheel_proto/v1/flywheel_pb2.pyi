@@ -338,6 +338,22 @@ class DemonstrationRecord(_message.Message):
     created_at: float
     def __init__(self, cursor: _Optional[int] = ..., demonstration_id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
 
+class AuditRecord(_message.Message):
+    __slots__ = ("cursor", "at", "actor", "action", "target", "detail")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    cursor: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    detail: str
+    def __init__(self, cursor: _Optional[int] = ..., at: _Optional[float] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class AdapterHeader(_message.Message):
     __slots__ = ("name", "base_model", "sha256", "size", "metrics", "promote", "challenger")
     class MetricsEntry(_message.Message):

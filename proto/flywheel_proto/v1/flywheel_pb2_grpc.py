@@ -433,6 +433,11 @@ class LearnerStub:
                 request_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.ExportAudit = channel.unary_stream(
+                '/flywheel.v1.Learner/ExportAudit',
+                request_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ExportRequest.SerializeToString,
+                response_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AuditRecord.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -486,6 +491,12 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -528,6 +539,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ServerInfoRequest.FromString,
                     response_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ServerInfo.SerializeToString,
+            ),
+            'ExportAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAudit,
+                    request_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ExportRequest.FromString,
+                    response_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AuditRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -746,6 +762,33 @@ class Learner:
             '/flywheel.v1.Learner/GetServerInfo',
             flywheel__proto_dot_v1_dot_flywheel__pb2.ServerInfoRequest.SerializeToString,
             flywheel__proto_dot_v1_dot_flywheel__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flywheel.v1.Learner/ExportAudit',
+            flywheel__proto_dot_v1_dot_flywheel__pb2.ExportRequest.SerializeToString,
+            flywheel__proto_dot_v1_dot_flywheel__pb2.AuditRecord.FromString,
             options,
             channel_credentials,
             insecure,

@@ -173,3 +173,17 @@ class ChallengePromptRow(Base):
 
     prompt_id: Mapped[str] = mapped_column(ID, ForeignKey("prompts.id"), primary_key=True)
     challenge: Mapped[int] = mapped_column(Integer, ForeignKey("challenges.seq"), index=True)
+
+
+class AuditRow(Base):
+    """Who published, promoted, rolled back or challenged what, and refusals by key (`audit`)."""
+
+    __tablename__ = "audit"
+    __table_args__ = _CURSOR_TABLE_ARGS
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Double)
+    actor: Mapped[str] = mapped_column(KEY)
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)

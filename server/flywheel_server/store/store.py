@@ -22,6 +22,7 @@ from flywheel_server.domain import (
     ADAPTER_NAMES,
     AdapterState,
     AdapterVersion,
+    AuditEntry,
     Challenge,
     ChallengeOutcome,
     CompletionRecord,
@@ -42,6 +43,7 @@ from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
 from flywheel_server.store import database
 from flywheel_server.store.schema import (
     AdapterVersionRow,
+    AuditRow,
     Base,
     ChallengePromptRow,
     ChallengeRow,
@@ -212,6 +214,31 @@ class Store:
     def _demonstration_by_key(s: Session, key: str) -> DemonstrationRow | None:
         query = select(DemonstrationRow).where(DemonstrationRow.idempotency_key == key)
         return s.scalars(query).first()
+
+    # --- the audit trail ---------------------------------------------------------------------
+
+    def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Append entries (their `at`, or now); values longer than a column are cut to fit."""
+        with self._write(AuditRow) as s:
+            s.add_all(
+                AuditRow(
+                    at=e.at or now(),
+                    actor=e.actor[:MAX_KEY_CHARS],
+                    action=e.action[:32],
+                    target=e.target[:64],
+                    detail=e.detail,
+                )
+                for e in entries
+            )
+
+    def export_audit(self, after: int, limit: int) -> list[AuditEntry]:
+        _check_page(after, limit)
+        query = select(AuditRow).where(AuditRow.seq > after).order_by(AuditRow.seq).limit(limit)
+        with self._read() as s:
+            return [
+                AuditEntry(r.actor, r.action, r.target, r.detail, r.at, r.seq)
+                for r in s.scalars(query)
+            ]
 
     # --- export (cursor = seq) --------------------------------------------------------------
 
