@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -74,8 +75,10 @@ class ServerProcess:
         args: list[str] = (),
         start_timeout_s: float = START_TIMEOUT_S,
         program: Sequence[str] = (FLYWHEEL,),
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.model = model
+        self.tls = tls  # a server started with --tls-cert: how the readiness probe connects
         self.data_dir = data_dir
         self.http_port = free_port()
         self.grpc_port = free_port()
@@ -88,7 +91,7 @@ class ServerProcess:
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def grpc(self) -> str:
@@ -124,7 +127,9 @@ class ServerProcess:
                     f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.http}/readyz", timeout=1) as r:
+                with urllib.request.urlopen(
+                    f"{self.http}/readyz", timeout=1, context=self.tls
+                ) as r:
                     if r.status == 200:
                         return self
             except OSError:

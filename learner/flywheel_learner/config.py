@@ -29,6 +29,8 @@ class LearnerConfig:
     """Everything `flywheel learn` runs with; `flywheel learn --help` maps onto it.
 
     server, api_key: gRPC target and an admin-scope key (None when auth is off).
+    tls_ca, tls_cert, tls_key: connect over TLS trusting tls_ca (PEM), with a client
+        certificate when the server requires one (mutual TLS); all None: plain TCP.
     model_dir: the base the server serves, loaded again locally; its fingerprint must equal
         the server's `base_model`, or every adapter would be refused.
     work_dir: checkpoints, the exported feedback and every adapter this learner wrote.
@@ -64,6 +66,9 @@ class LearnerConfig:
     model_dir: Path
     work_dir: Path
     api_key: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     min_new_rankings: int = 16
     interval_s: float = 120.0
     poll_s: float = 5.0
@@ -138,11 +143,19 @@ class LearnerConfig:
             raise ValueError(f"anchor_prompts must be >= 0, got {self.anchor_prompts}")
         if self.rm_held_out_window < 1:
             raise ValueError(f"rm_held_out_window must be >= 1, got {self.rm_held_out_window}")
-        for path in (*self.import_preferences, *([self.pretraining] if self.pretraining else [])):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give tls_cert and tls_key together, or neither")
+        tls = [p for p in (self.tls_ca, self.tls_cert, self.tls_key) if p is not None]
+        for path in (*self.import_preferences, *([self.pretraining] if self.pretraining else []),
+                     *tls):  # fmt: skip
             if not Path(path).is_file():
                 raise ValueError(f"{path} does not exist or is not a file")
         if self.reward_init is not None:
             adapters.read_adapter_config(self.reward_init)  # a clear error if it is no adapter
+
+    @property
+    def tls(self) -> bool:
+        return any(p is not None for p in (self.tls_ca, self.tls_cert, self.tls_key))
 
     @property
     def stop_kl(self) -> float:

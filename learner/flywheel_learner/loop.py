@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from flywheel_client import FlywheelClient
+from flywheel_client import FlywheelClient, tls_credentials
 from flywheel_learner import feedback_log
 from flywheel_learner import metrics as learner_metrics
 from flywheel_learner.anchor import NO_VERDICTS, RankedPrompts, Verdicts, newest_prompts
@@ -111,7 +111,14 @@ class Learner:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._owns_client = client is None
         self.client = client or FlywheelClient(
-            config.server, api_key=config.api_key, timeout=config.timeout_s
+            config.server,
+            api_key=config.api_key,
+            timeout=config.timeout_s,
+            credentials=(
+                tls_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+                if config.tls
+                else None
+            ),
         )
         self.progress = progress or Progress()
         self.state = load_state(self.work_dir)

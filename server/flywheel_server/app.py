@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -68,9 +69,15 @@ async def serve(
     config: ServerConfig, *, stop: asyncio.Event | None = None, up: bool = False
 ) -> None:
     from flywheel_server import bento_service
-    from flywheel_server.grpc_service import start_grpc
+    from flywheel_server.grpc_service import server_credentials, start_grpc
     from flywheel_server.service import FlywheelService
 
+    if up and config.tls:
+        raise SystemExit(
+            "flywheel up starts its learner over plain loopback gRPC, so it does not take TLS "
+            "flags: run `flywheel serve --tls-cert ... --tls-key ...` and, beside it, "
+            "`flywheel learn --tls-ca ...` (with --tls-cert/--tls-key for mutual TLS)"
+        )
     auth = Authenticator.load(config.api_keys_file, os.environ)
     check_exposure(config, auth)
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +92,14 @@ async def serve(
     runtime = Runtime(service, auth)
     bento_service.install(runtime)
 
-    grpc_server, grpc_port, health = await start_grpc(service, auth, config.host, config.grpc_port)
+    tls = (
+        server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.tls_cert is not None and config.tls_key is not None
+        else None
+    )
+    grpc_server, grpc_port, health = await start_grpc(
+        service, auth, config.host, config.grpc_port, tls
+    )
     http = _HttpServer(
         uvicorn.Config(
             bento_service.Flywheel.to_asgi(),  # type: ignore[attr-defined]  # added by @bentoml.service
@@ -95,6 +109,10 @@ async def serve(
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=30,
+            ssl_certfile=config.tls_cert,
+            ssl_keyfile=config.tls_key,
+            ssl_ca_certs=str(config.tls_client_ca) if config.tls_client_ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if config.tls_client_ca else ssl.CERT_NONE,
         )
     )
     http_task = asyncio.create_task(http.serve())
@@ -104,8 +122,9 @@ async def serve(
             raise SystemExit(f"HTTP server could not start on {config.host}:{config.http_port}")
         await asyncio.sleep(0.05)
     http_port = http.servers[0].sockets[0].getsockname()[1]
+    scheme = "https" if config.tls else "http"
     runtime.addresses = {
-        "http": f"http://{config.host}:{http_port}",
+        "http": f"{scheme}://{config.host}:{http_port}",
         "grpc": f"{config.host}:{grpc_port}",
     }
     runtime.ready = True

@@ -52,6 +52,14 @@ class ServerConfig:
     api_keys_file: Path | None = _opt(
         "JSON file of API keys and scopes (see README); keys may also come from FLYWHEEL_API_KEYS"
     )
+    tls_cert: Path | None = _opt(
+        "PEM certificate (chain) both transports present: HTTPS and gRPC over TLS (with --tls-key)"
+    )
+    tls_key: Path | None = _opt("PEM private key of --tls-cert")
+    tls_client_ca: Path | None = _opt(
+        "PEM CA bundle: with --tls-cert, both transports require a client certificate signed by "
+        "it (mutual TLS, e.g. between the learner and the server)"
+    )
     device: str = _opt("torch device for the engine: cpu, cuda, or auto", default="auto")
     backend: str = _opt(
         "what generates: 'torch' (the embedded batching engine) or 'vllm' (a vLLM OpenAI server "
@@ -175,6 +183,18 @@ class ServerConfig:
             raise ValueError(f"reward must be an adapter directory, got {self.reward}")
         if self.pretraining is not None and not Path(self.pretraining).is_file():
             raise ValueError(f"pretraining must be a .txt or .jsonl file, got {self.pretraining}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give --tls-cert and --tls-key together, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} must be a PEM file, got {path}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def thread_split(self, cores: int, up: bool) -> tuple[int, int]:
         """(engine threads, learner threads) on a machine with `cores` cores; 0 = torch's own

@@ -14,6 +14,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -409,8 +410,21 @@ class Servicer:
         )
 
 
+def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """TLS with `cert`/`key`; with `client_ca`, clients must present a certificate it signed."""
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
 async def start_grpc(
-    service: FlywheelService, auth: Authenticator, host: str, port: int
+    service: FlywheelService,
+    auth: Authenticator,
+    host: str,
+    port: int,
+    tls: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     server = grpc.aio.server(
         options=[
@@ -424,7 +438,12 @@ async def start_grpc(
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, tls)
+        if tls is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     await server.start()

@@ -72,3 +72,27 @@ def add_connection(group: Any, environ: Mapping[str, str], api_key_help: str) ->
         metavar="KEY",
         help=api_key_help,
     )
+    for flag, what in (
+        ("ca", "connect over TLS, trusting the server certificate this PEM CA bundle signed"),
+        ("cert", "client certificate (PEM) for a server that requires one (mutual TLS)"),
+        ("key", "private key of --tls-cert"),
+    ):
+        variable = f"FLYWHEEL_TLS_{flag.upper()}"
+        group.add_argument(
+            f"--tls-{flag}",
+            default=environ.get(variable) or None,
+            metavar="FILE",
+            help=f"{what} (default: ${variable})",
+        )
+
+
+def credentials(args: Any) -> Any:
+    """gRPC channel credentials from --tls-ca/--tls-cert/--tls-key; None for plain TCP."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    from flywheel_client import tls_credentials
+
+    try:
+        return tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"TLS: {e}") from e

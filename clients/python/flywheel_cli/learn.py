@@ -175,6 +175,9 @@ def _learn(args: argparse.Namespace) -> int:
         config = LearnerConfig(
             server=args.server,
             api_key=args.api_key,
+            tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
             model_dir=Path(args.model),
             work_dir=Path(args.work_dir),
             min_new_rankings=args.min_new_rankings,

@@ -17,6 +17,7 @@ from flywheel_cli.args import (
     UsageError,
     add_connection,
     at_least_two,
+    credentials,
     names,
     non_negative_float,
     non_negative_int,
@@ -204,7 +205,9 @@ def _labeler(args: argparse.Namespace, anonymous: str) -> str:
 
 
 def _client(args: argparse.Namespace) -> FlywheelClient:
-    return FlywheelClient(args.server, api_key=args.api_key, timeout=args.timeout)
+    return FlywheelClient(
+        args.server, api_key=args.api_key, timeout=args.timeout, credentials=credentials(args)
+    )
 
 
 def _sampling(args: argparse.Namespace) -> SamplingOptions:

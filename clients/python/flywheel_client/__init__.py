@@ -11,7 +11,7 @@ from flywheel_client.errors import (
     Unauthenticated,
     Unavailable,
 )
-from flywheel_client.grpc_client import AsyncFlywheelClient, FlywheelClient
+from flywheel_client.grpc_client import AsyncFlywheelClient, FlywheelClient, tls_credentials
 from flywheel_client.http_client import AsyncHttpClient, HttpClient
 from flywheel_client.types import (
     AdapterVersion,
@@ -61,4 +61,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Versions",
+    "tls_credentials",
 ]

@@ -37,6 +37,21 @@ def _key(idempotency_key: str | None) -> str:
     return idempotency_key or str(uuid.uuid4())
 
 
+def tls_credentials(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS to the server: `ca` is the PEM bundle that signed its certificate (None: the
+    system's roots); `cert` and `key` a client certificate, for a server that requires one
+    (mutual TLS, `flywheel serve --tls-client-ca`)."""
+    if (cert is None) != (key is None):
+        raise ValueError("give a client certificate and its key together, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes() if ca else None,
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+
+
 class FlywheelClient:
     """Blocking client. Use as a context manager, or call `close()`.
 
