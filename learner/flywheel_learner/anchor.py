@@ -30,13 +30,9 @@ class Verdicts(NamedTuple):
     ties: int
 
     @property
-    def judged(self) -> int:
-        return self.wins + self.losses + self.ties
-
-    @property
-    def share(self) -> float:
-        """The candidate's share, ties counted half; NaN when nothing was judged."""
-        return (self.wins + self.ties / 2) / self.judged if self.judged else float("nan")
+    def decisive(self) -> int:
+        """Prompts whose rankings put one answer above the other."""
+        return self.wins + self.losses
 
 
 NO_VERDICTS = Verdicts(0, 0, 0)

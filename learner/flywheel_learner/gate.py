@@ -30,9 +30,10 @@ class GateThresholds:
     max_ptx_rise: allowed rise of the pretraining NLL (nats/token) over the base's.
     min_judge_gain: candidate minus live mean score of the judge (`judge`: a reward model
         fitted on the held-out rankings only) over their sampled and greedy answers.
-    min_human_share: on ranked prompts where the two policies' greedy answers differ and a
-        ranking holds both, the candidate's share of the labelers' verdicts (ties half); checked
-        once min_human_prompts such prompts were judged.
+    min_human_verdicts: on ranked prompts where the two policies' greedy answers differ and a
+        ranking holds both, once the labelers ranked one above the other on this many, the
+        candidate's must be above on more of them than below. Level is not enough: under
+        `correct`, a candidate level at 5-5 there lost 8-34 on fresh prompts.
     """
 
     min_reward_gain: float = 0.0
@@ -40,8 +41,7 @@ class GateThresholds:
     max_kl: float = 20.0
     max_ptx_rise: float = 0.1
     min_judge_gain: float = 0.0
-    min_human_share: float = 0.5
-    min_human_prompts: int = 3
+    min_human_verdicts: int = 3
 
     def __post_init__(self) -> None:
         for name in ("min_reward_gain", "min_greedy_reward_gain", "min_judge_gain"):
@@ -51,10 +51,8 @@ class GateThresholds:
             raise ValueError(f"max_kl must be >= 0 nats, got {self.max_kl}")
         if not self.max_ptx_rise >= 0:
             raise ValueError(f"max_ptx_rise must be >= 0 nats/token, got {self.max_ptx_rise}")
-        if not 0.0 <= self.min_human_share <= 1.0:
-            raise ValueError(f"min_human_share must be in [0, 1], got {self.min_human_share}")
-        if self.min_human_prompts < 1:
-            raise ValueError(f"min_human_prompts must be >= 1, got {self.min_human_prompts}")
+        if self.min_human_verdicts < 1:
+            raise ValueError(f"min_human_verdicts must be >= 1, got {self.min_human_verdicts}")
 
 
 @dataclass(frozen=True)
@@ -135,14 +133,12 @@ def gate(metrics: EvalMetrics, thresholds: GateThresholds) -> tuple[bool, list[s
         )
     reasons += _judge_reasons(metrics, thresholds)
     human = metrics.human
-    if human.judged >= thresholds.min_human_prompts and not (
-        human.share >= thresholds.min_human_share
-    ):
+    if human.decisive >= thresholds.min_human_verdicts and not human.wins > human.losses:
         reasons.append(
-            f"the labelers' rankings prefer the live policy's greedy answer: on the {human.judged} "
-            f"ranked prompts where the two answer differently and a ranking holds both, the "
-            f"candidate's won {human.wins}, lost {human.losses}, tied {human.ties} (share "
-            f"{human.share:.2f}, below the minimum {thresholds.min_human_share:.2f})"
+            f"the labelers' rankings do not prefer its greedy answers: on the held-out ranked "
+            f"prompts where the two policies answer differently and a ranking holds both, the "
+            f"candidate's ranked above the live policy's {human.wins} times, below "
+            f"{human.losses} (level {human.ties})"
         )
     return not reasons, reasons
 

@@ -79,7 +79,7 @@ def tiny_config(server: ServerProcess, model: Path, work_dir: Path) -> LearnerCo
             max_kl=1e9,
             max_ptx_rise=1e9,
             min_judge_gain=-1e9,
-            min_human_share=0.0,
+            min_human_verdicts=10**9,
         ),
         rm_min_accuracy=0.0,
         rm_min_held_out_pairs=1,

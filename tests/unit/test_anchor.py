@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from flywheel_learner.anchor import RankedPrompts, Verdicts, newest_prompts
@@ -35,9 +33,7 @@ def test_compare_counts_only_changed_and_ranked_answers() -> None:
     ours = ["cbc", "13", "3", "zzz", "31"]
     theirs = ["cbp", "31", "4", "cbp", "31 "]  # the last is unchanged: not counted
     verdicts = ranked.compare(prompts, ours, theirs)
-    assert verdicts == Verdicts(wins=1, losses=1, ties=1)
-    assert (verdicts.judged, verdicts.share) == (3, 0.5)
-    assert math.isnan(Verdicts(0, 0, 0).share)
+    assert verdicts == Verdicts(wins=1, losses=1, ties=1) and verdicts.decisive == 2
 
 
 def test_newest_prompts_are_distinct_and_newest_first() -> None:
@@ -54,16 +50,14 @@ def metrics(human: Verdicts) -> EvalMetrics:
 def test_the_gate_refuses_what_the_models_favour_but_the_labelers_rankings_do_not() -> None:
     passed, reasons = gate(metrics(Verdicts(7, 25, 4)), GateThresholds())
     assert not passed and reasons == [
-        "the labelers' rankings prefer the live policy's greedy answer: on the 36 ranked "
-        "prompts where the two answer differently and a ranking holds both, the candidate's "
-        "won 7, lost 25, tied 4 (share 0.25, below the minimum 0.50)"
+        "the labelers' rankings do not prefer its greedy answers: on the held-out ranked "
+        "prompts where the two policies answer differently and a ranking holds both, the "
+        "candidate's ranked above the live policy's 7 times, below 25 (level 4)"
     ]
     assert gate(metrics(Verdicts(20, 10, 0)), GateThresholds()) == (True, [])
-    assert gate(metrics(Verdicts(2, 2, 0)), GateThresholds())[0]  # level: no evidence against
-    assert gate(metrics(Verdicts(0, 2, 0)), GateThresholds())[0]  # too few prompts to judge by
-    assert not gate(metrics(Verdicts(0, 2, 0)), GateThresholds(min_human_prompts=2))[0]
-    assert gate(metrics(Verdicts(7, 25, 4)), GateThresholds(min_human_share=0.2))[0]
-    with pytest.raises(ValueError, match="min_human_share must be in"):
-        GateThresholds(min_human_share=-0.1)
-    with pytest.raises(ValueError, match="min_human_prompts must be >= 1"):
-        GateThresholds(min_human_prompts=0)
+    assert not gate(metrics(Verdicts(5, 5, 1)), GateThresholds())[0]  # level is not enough
+    assert gate(metrics(Verdicts(0, 0, 9)), GateThresholds())[0]  # all level: nothing decided
+    assert gate(metrics(Verdicts(0, 2, 0)), GateThresholds())[0]  # too few to judge by
+    assert not gate(metrics(Verdicts(0, 2, 0)), GateThresholds(min_human_verdicts=2))[0]
+    with pytest.raises(ValueError, match="min_human_verdicts must be >= 1"):
+        GateThresholds(min_human_verdicts=0)
