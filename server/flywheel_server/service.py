@@ -31,7 +31,7 @@ from flywheel_server.domain import (
     RankingReceipt,
     Sampling,
 )
-from flywheel_server.engine_api import Engine
+from flywheel_server.engine_api import Engine, check_admission
 from flywheel_server.errors import FlywheelError, InvalidRequest, NotFound
 from flywheel_server.generation import (
     Generation,
@@ -73,6 +73,12 @@ class FlywheelService:
             return "text", validation.text("prompt", prompt.text)
         return "chat", self.engine.render_chat(validation.messages(prompt.messages))
 
+    def _admit(self) -> None:
+        """Refuse at capacity before any work (rendering, tokenising): a full server answers
+        429 at once. The engine checks again when it admits the request, since others may
+        have taken the last places in between."""
+        check_admission(False, self.engine.load["admitted"], self.config.max_pending)
+
     def _encode_prompt(self, text: str, sampling: Sampling) -> tuple[int, ...]:
         ids = self.engine.encode(text)
         limit = min(self.config.max_prompt_tokens, self.engine.max_positions - sampling.max_tokens)
@@ -96,6 +102,7 @@ class FlywheelService:
     ) -> GenerationStream:
         """Validate now (errors raise before any event), then stream as the caller iterates.
         `sampling` comes as the transport read it; the service checks it."""
+        self._admit()
         checked = self._sampling(sampling)
         n = validation.integer("n", n, 1, self.config.max_n)
         kind, text = self.render(prompt)
@@ -122,6 +129,7 @@ class FlywheelService:
         """K candidates: candidate i from policies[i % len(policies)]; without policies, from the
         live policy, or (challenger_share of requests while a challenge runs) a blind mix of the
         challenger's and the champion's."""
+        self._admit()
         checked = self._sampling(sampling)
         k = validation.integer("k", k or DEFAULT_K, 2, self.config.max_n)
         kind, text = self.render(prompt)

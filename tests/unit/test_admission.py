@@ -1,0 +1,59 @@
+"""A full server refuses before any work: no chat template rendered, nothing tokenised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flywheel_server.config import ServerConfig
+from flywheel_server.errors import Overloaded
+from flywheel_server.generation import PromptInput
+from flywheel_server.service import FlywheelService
+from flywheel_server.store import Store
+from flywheel_server.validation import RawSampling
+
+pytestmark = pytest.mark.unit
+
+
+class BusyEngine:
+    """An engine with `admitted` requests in flight that must not be asked to do anything."""
+
+    base_model = "fake-base"
+    max_positions = 64
+    device = "cpu"
+
+    def __init__(self, admitted: int) -> None:
+        self.admitted = admitted
+        self.calls: list[str] = []
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"admitted": self.admitted, "waiting": 0, "rows": 0}
+
+    def encode(self, text: str) -> list[int]:
+        self.calls.append("encode")
+        return [1, 2, 3]
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        self.calls.append("render_chat")
+        return "chat"
+
+
+def service(engine: BusyEngine, tmp_path: Path) -> FlywheelService:
+    config = ServerConfig(data_dir=tmp_path, max_pending=4)
+    return FlywheelService(engine, Store.open("sqlite://"), config)  # type: ignore[arg-type]
+
+
+def test_at_capacity_a_request_is_refused_before_rendering_or_tokenising(tmp_path: Path) -> None:
+    engine = BusyEngine(admitted=4)
+    busy = service(engine, tmp_path)
+    chat = PromptInput(messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(Overloaded, match="at capacity"):
+        busy.generate_stream(chat, n=1, sampling=RawSampling())
+    with pytest.raises(Overloaded, match="at capacity"):
+        busy.generate_stream(PromptInput(text="hi"), n=1, sampling=RawSampling())
+    assert engine.calls == []
+    engine.admitted = 3  # one place left: the request goes on to be rendered and tokenised
+    busy.generate_stream(chat, n=1, sampling=RawSampling(max_tokens=8))
+    assert engine.calls == ["render_chat", "encode"]
