@@ -7,6 +7,7 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +109,29 @@ def grpc_client(server: ServerProcess) -> Iterator:
 
     with FlywheelClient(server.grpc) as client:
         yield client
+
+
+ADMIN_URL = os.environ.get(
+    "FLYWHEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+def database():
+    """A fresh PostgreSQL database (its SQLAlchemy URL), dropped afterwards; skips without one."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"flywheel_test_{uuid.uuid4().hex[:8]}"
+    admin_url = ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {admin_url}: {e}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield (
+            admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+            + f"/{name}"
+        )
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import uvicorn
@@ -43,6 +43,7 @@ class Runtime:
     service: FlywheelService
     auth: Authenticator
     ready: bool = False
+    store_ok: bool = True  # the database answered the last ping (`watch_store`)
     addresses: dict[str, str] = field(default_factory=dict)
 
 
@@ -145,6 +146,7 @@ async def serve(
     )
     service.adapters.audit.refusals = auth.drain_refusals
     auditor = asyncio.create_task(service.adapters.audit.run())
+    watcher = asyncio.create_task(watch_store(runtime, health))
     stop = stop or _stop_on_signals()
     await asyncio.wait(
         [asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED
@@ -161,6 +163,7 @@ async def serve(
     with contextlib.suppress(asyncio.CancelledError):
         await http_task
     auditor.cancel()
+    watcher.cancel()
     with contextlib.suppress(Exception):
         await service.adapters.audit.flush()  # the last second's refusals
     await asyncio.to_thread(engine.close)
@@ -219,6 +222,29 @@ async def follow_store(service: FlywheelService, interval: int) -> None:
             await service.adapters.sync()
         except Exception:  # a failed poll must not stop serving; the next one retries
             log.exception("sync with the store failed")
+
+
+async def watch_store(runtime: Runtime, health: Any, interval: float = 1.0) -> None:
+    """Ping the database every `interval` s: while it does not answer, /readyz is 503 and gRPC
+    health NOT_SERVING (requests that need it get 503 / UNAVAILABLE meanwhile); once it answers
+    again, both say so, and the pool's pre-ping replaces the dead connections."""
+    from grpc_health.v1 import health_pb2
+
+    from flywheel_server.grpc_service import SERVICE_NAMES
+
+    while True:
+        await asyncio.sleep(interval)
+        ok = await asyncio.to_thread(runtime.service.store.ping)
+        if ok != runtime.store_ok:
+            runtime.store_ok = ok
+            log.warning("the database %s", "answers again" if ok else "does not answer")
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in ["", *SERVICE_NAMES]:
+                await health.set(name, status)
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -41,7 +41,7 @@ class Flywheel:
         self.runtime = current()
 
     async def __is_ready__(self) -> bool:
-        return bool(self.runtime.ready)
+        return bool(self.runtime.ready and self.runtime.store_ok)
 
 
 def _sample_gauges() -> None:

@@ -3,9 +3,7 @@ behave as one service."""
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 
 import pytest
 
@@ -14,30 +12,6 @@ from flywheel_model import loading
 from tests.support import ServerProcess, make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
-
-ADMIN_URL = os.environ.get(
-    "FLYWHEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
-
-
-@pytest.fixture
-def database():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"flywheel_replicas_{uuid.uuid4().hex[:8]}"
-    admin_url = ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {admin_url}: {e}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield (
-            admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-            + f"/{name}"
-        )
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def test_two_replicas_act_as_one(tiny_model, tmp_path, database):

@@ -32,7 +32,9 @@ def create(url: URL) -> Engine:
         return _create_sqlite_engine(url)
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")  # the driver the postgres extra installs
-    return create_engine(url, pool_pre_ping=True)
+    # Pre-ping replaces connections a database restart or a cut network left dead; a connect
+    # that hangs (a silent network) gives up after a few seconds, so requests fail with 503.
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 3})
 
 
 def _create_sqlite_engine(url: URL) -> Engine:

@@ -14,7 +14,7 @@ from typing import Any, cast, get_args
 
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
@@ -39,7 +39,7 @@ from flywheel_server.domain import (
     Sampling,
     now,
 )
-from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest
+from flywheel_server.errors import AdapterNotFound, Conflict, InvalidRequest, Unavailable
 from flywheel_server.store import database
 from flywheel_server.store.schema import (
     AdapterVersionRow,
@@ -517,14 +517,24 @@ class Store:
 
     # --- transactions -----------------------------------------------------------------------
 
+    def ping(self) -> bool:
+        """Whether the database answers now (readiness: /readyz, gRPC health)."""
+        try:
+            with self._read() as s:
+                s.execute(text("SELECT 1"))
+        except Unavailable:
+            return False
+        return True
+
     @contextmanager
     def _read(self) -> Iterator[Session]:
-        with self._turns, Session(self._engine) as s, s.begin():
+        with _outage(), self._turns, Session(self._engine) as s, s.begin():
             yield s
 
     @contextmanager
     def _write(self, *serialised: type[Base]) -> Iterator[Session]:
         with (
+            _outage(),
             self._turns,
             Session(self._writer, expire_on_commit=False) as s,
             s.begin(),
@@ -535,6 +545,21 @@ class Store:
                 for model in serialised:
                     s.execute(text(f"LOCK TABLE {model.__tablename__} IN EXCLUSIVE MODE"))
             yield s
+
+
+@contextmanager
+def _outage() -> Iterator[None]:
+    """A database that cannot be reached (a failover, a restart, a cut network, a full disk) is
+    503 / UNAVAILABLE, not a crash: the transaction did not commit, or, if the connection broke
+    during the commit, a retry with the same idempotency key finds what was stored."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as e:
+        reason = str(e.orig or e).strip().splitlines()[0][:200]
+        raise Unavailable(
+            f"the database is unavailable ({reason}); retry later, with the same "
+            "idempotency_key for feedback"
+        ) from e
 
 
 # --- rows <-> values --------------------------------------------------------------------------
