@@ -28,6 +28,10 @@ class Sampling:
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # As vLLM spells them, for benchmarks that need every answer to be max_tokens long: no end
+    # of sequence before min_tokens tokens, or none at all (stop strings still stop).
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -37,7 +41,13 @@ class Sampling:
             "max_tokens": self.max_tokens,
             "stop": list(self.stop),
             "seed": self.seed,
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
         }
+
+    def may_end(self, generated: int) -> bool:
+        """Whether the end-of-sequence token may come after `generated` tokens."""
+        return not self.ignore_eos and generated >= self.min_tokens
 
 
 @dataclass(frozen=True)

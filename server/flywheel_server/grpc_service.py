@@ -170,7 +170,14 @@ def prompt_input(p: pb.Prompt) -> PromptInput:
 def raw_sampling(s: pb.SamplingParams) -> RawSampling:
     opt = lambda name: getattr(s, name) if s.HasField(name) else None  # noqa: E731
     return RawSampling(
-        opt("temperature"), opt("top_p"), opt("top_k"), opt("max_tokens"), list(s.stop), opt("seed")
+        opt("temperature"),
+        opt("top_p"),
+        opt("top_k"),
+        opt("max_tokens"),
+        list(s.stop),
+        opt("seed"),
+        opt("min_tokens"),
+        opt("ignore_eos"),
     )
 
 

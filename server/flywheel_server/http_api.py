@@ -58,7 +58,7 @@ def _query_int(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²".isdigit() is True
         raise errors.InvalidRequest(
             f"{name} must be a whole number >= 0, got {raw[:40]!r}", field=name
         )
@@ -92,10 +92,19 @@ class _Sampling(BaseModel):
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int | None = None  # vLLM's benchmark knobs
+    ignore_eos: bool | None = None
 
     def raw_sampling(self) -> RawSampling:
         return RawSampling(
-            self.temperature, self.top_p, self.top_k, self.max_tokens, self.stop, self.seed
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.max_tokens,
+            self.stop,
+            self.seed,
+            self.min_tokens,
+            self.ignore_eos,
         )
 
 
@@ -367,6 +376,11 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             }
         )
 
+    async def openapi_json(request: Request) -> Response:
+        from flywheel_server import openapi  # it imports this module's request bodies
+
+        return JSONResponse(openapi.document())
+
     return Starlette(
         routes=[
             Route("/completions", completions, methods=["POST"]),
@@ -381,6 +395,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             Route("/feedback", feedback, methods=["POST"]),
             Route("/demonstrations", demonstrations, methods=["POST"]),
             Route("/audit", audit, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),  # public, no key needed
         ]
     )
 

@@ -32,8 +32,6 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "echo": _is(False),
     "best_of": _is(1),
     "suffix": _is(""),
-    "ignore_eos": _is(False),
-    "min_tokens": _is(0),
     "min_p": _is(0),
     "response_format": _is({"type": "text"}),
     "tools": _is([]),

@@ -100,7 +100,7 @@ class AdapterRegistry:
     def versions(self, name: str = "") -> list[AdapterVersion]:
         if name and name not in ADAPTER_NAMES:
             raise InvalidRequest(
-                f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name!r}", field="name"
+                f"name must be one of {', '.join(ADAPTER_NAMES)}, got {name[:80]!r}", field="name"
             )
         everything = [self._shown(v) for v in (self.base, *self._loaded.values())]
         everything.sort(key=lambda v: (v.name, v.version))

@@ -23,6 +23,9 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= (mass_before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
+    # The most likely token always stays: a top_p below float32's range (1e-46 arrives as 0)
+    # would otherwise drop every token, and sampling from nothing is NaN.
+    drop &= ranks > 0
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -70,3 +73,13 @@ def safe_prefix_length(text: str, stops: tuple[str, ...]) -> int:
                 hold = max(hold, n)
                 break
     return len(text) - hold
+
+
+def forbid_token(logits: torch.Tensor, token: int | None, rows: list[bool]) -> torch.Tensor:
+    """`logits` with `token` made impossible in the rows marked True (a copy when any is)."""
+    if token is None or not any(rows):
+        return logits
+    out = logits.clone()
+    mask = torch.tensor(rows, dtype=torch.bool, device=logits.device)
+    out[mask, token] = float("-inf")
+    return out

@@ -37,7 +37,7 @@ from flywheel_server.engine_api import (
 )
 from flywheel_server.errors import Overloaded
 from flywheel_server.llama_decoder import LlamaDecoder, unsupported_reason
-from flywheel_server.sampling import sample
+from flywheel_server.sampling import forbid_token, sample
 from flywheel_server.torch_adapters import LoadedAdapters
 
 log = logging.getLogger(__name__)
@@ -368,6 +368,8 @@ class TorchEngine:
         def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
+        ending = [not r.sampling.may_end(len(r.tokens)) for r in rows]
+        logits = forbid_token(logits, self.tokenizer.eos_token_id, ending)
         return sample(
             logits,
             column([r.sampling.temperature for r in rows], torch.float32),

@@ -28,6 +28,8 @@ class RawSampling:
     max_tokens: int | None = None
     stop: str | Sequence[str] | None = None
     seed: int | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
 
 
 def number(field: str, value: Any) -> float:
@@ -70,7 +72,16 @@ def sampling(raw: RawSampling, *, max_tokens_limit: int) -> Sampling:
             )
     if raw.seed is not None and not 0 <= integer("seed", raw.seed, -(1 << 64), 1 << 64) < 1 << 63:
         raise InvalidRequest(f"seed must be between 0 and 2**63 - 1, got {raw.seed}", field="seed")
-    return Sampling(temperature, top_p, top_k, max_tokens, stops, raw.seed)
+    min_tokens = (
+        0 if raw.min_tokens is None else integer("min_tokens", raw.min_tokens, 0, max_tokens)
+    )
+    if raw.ignore_eos is not None and not isinstance(raw.ignore_eos, bool):
+        raise InvalidRequest(
+            f"ignore_eos must be true or false, got {raw.ignore_eos!r}", field="ignore_eos"
+        )
+    return Sampling(
+        temperature, top_p, top_k, max_tokens, stops, raw.seed, min_tokens, bool(raw.ignore_eos)
+    )
 
 
 def integer(field: str, value: Any, low: int, high: int) -> int:

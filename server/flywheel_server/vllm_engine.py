@@ -242,6 +242,10 @@ def completion_body(model: str, request: EngineRequest) -> dict[str, Any]:
         body["stop"] = list(s.stop)
     if s.seed is not None:
         body["seed"] = s.seed
+    if s.min_tokens:
+        body["min_tokens"] = s.min_tokens
+    if s.ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 

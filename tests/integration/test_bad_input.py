@@ -755,7 +755,7 @@ def test_unknown_id_is_not_found_type(server, grpc_client):
             {"response_format": {"type": "json_object"}}, "response_format", "not supported",
             id="response_format",
         ),
-        pytest.param({"ignore_eos": True}, "ignore_eos", "not supported", id="ignore_eos"),
+        pytest.param({"min_p": 0.2}, "min_p", "not supported", id="min_p"),
         pytest.param({"temprature": 0.5}, "temprature", "not an OpenAI field", id="typo"),
     ],
 )  # fmt: skip

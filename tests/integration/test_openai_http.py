@@ -132,3 +132,21 @@ def test_stream_usage_when_asked(server):
     chunks = list(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.both_backends
+def test_benchmark_knobs_ignore_eos_and_min_tokens(server):
+    """What `vllm bench serve` sends so every answer is max_tokens long, on either backend."""
+    chat = client_for(server).chat.completions.create(
+        model="policy",
+        messages=[{"role": "user", "content": "add: 2 + 2"}],
+        n=2,
+        max_tokens=8,
+        extra_body={"ignore_eos": True, "min_tokens": 8},
+    )
+    assert [c.finish_reason for c in chat.choices] == ["length", "length"]
+    assert chat.usage is not None and chat.usage.completion_tokens == 16
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client_for(server).completions.create(
+            model="policy", prompt="x", max_tokens=4, extra_body={"min_tokens": 5}
+        )

@@ -21,7 +21,7 @@ def test_declared_passive_null_and_default_fields_are_taken() -> None:
         ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "frequency_penalty": -0.5}, "frequency_penalty"),
-        ({"prompt": "x", "min_tokens": 3}, "min_tokens"),
+        ({"prompt": "x", "min_p": 0.1}, "min_p"),
         ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "temprature": 0.5}, "temprature"),

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from flywheel_server.sampling import filter_logits, find_stop, safe_prefix_length, sample
+from flywheel_server.sampling import (
+    filter_logits,
+    find_stop,
+    forbid_token,
+    safe_prefix_length,
+    sample,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -178,3 +184,26 @@ def test_safe_prefix_length_holds_back_a_partial_stop(
     text: str, stops: tuple[str, ...], expected: int
 ) -> None:
     assert safe_prefix_length(text, stops) == expected
+
+
+def test_a_top_p_below_float32s_range_keeps_the_most_likely_token() -> None:
+    """1e-46 arrives as 0.0 in float32: every token would be dropped, and sampling gives NaN."""
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    top_p = torch.tensor([1e-46], dtype=torch.float32)
+    assert top_p.item() == 0.0
+    filtered = filter_logits(logits, torch.tensor([0]), top_p)
+    assert filtered[0].isfinite().tolist() == [False, True, False]
+    assert sample(logits, torch.tensor([1.0]), torch.tensor([0]), top_p, [None]).item() == 1
+
+
+def test_forbid_token_masks_it_only_in_the_rows_asked() -> None:
+    logits = torch.tensor([[3.0, 1.0], [3.0, 1.0]])
+    out = forbid_token(logits, 0, [True, False])
+    assert out[0].tolist() == [-math.inf, 1.0] and out[1].tolist() == [3.0, 1.0]
+    assert logits[0, 0] == 3.0  # the caller's logits are left alone
+    assert forbid_token(logits, 0, [False, False]) is logits
+    assert forbid_token(logits, None, [True, True]) is logits  # a tokenizer without eos
+    greedy = sample(
+        out, torch.tensor([0.0, 0.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), [None, None]
+    )
+    assert greedy.tolist() == [1, 0]

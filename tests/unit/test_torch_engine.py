@@ -507,3 +507,17 @@ async def test_within_the_stream_interval_tokens_wait_but_the_first_and_the_end_
     merged = [ev for batch in deliveries for ev in batch]
     assert texts(merged, 2) == texts(one_by_one, 2)
     assert [ev.completion_tokens for ev in finals(merged, 2)] == [TOKENS, TOKENS]
+
+
+async def test_ignore_eos_and_min_tokens_hold_off_the_end(engine: TorchEngine) -> None:
+    """As benchmarks ask: with ignore_eos every row runs to max_tokens; with min_tokens none
+    ends before it. The same seed without them ends some rows early, so the knobs are what
+    held the end off."""
+    n, limit = 64, 12
+    hot = {"n": n, "temperature": 10.0, "seed": 3, "max_tokens": limit}  # near uniform draws
+    free = finals(await events(engine, request(engine, **hot)), n)
+    assert any(e.finish_reason == "stop" and e.completion_tokens < 6 for e in free)
+    held = await events(engine, request(engine, **hot, ignore_eos=True))
+    assert {(e.finish_reason, e.completion_tokens) for e in finals(held, n)} == {("length", limit)}
+    floor = await events(engine, request(engine, **hot, min_tokens=6))
+    assert all(e.completion_tokens >= 6 for e in finals(floor, n))

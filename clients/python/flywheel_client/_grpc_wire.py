@@ -40,10 +40,18 @@ def sampling(
     max_tokens: int | None = None,
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
+    min_tokens: int | None = None,
+    ignore_eos: bool | None = None,
 ) -> pb.SamplingParams:
     """Only the fields given are set, so the server's defaults apply to the rest."""
     params = pb.SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_tokens=max_tokens,
+        seed=seed,
+        min_tokens=min_tokens,
+        ignore_eos=ignore_eos,
     )
     if stop is not None:
         params.stop.extend([stop] if isinstance(stop, str) else stop)

@@ -43,6 +43,8 @@ def _sampling_fields(
     max_tokens: int | None = None,
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
+    min_tokens: int | None = None,
+    ignore_eos: bool | None = None,
 ) -> Json:
     """Only the fields given, so the server's defaults apply to the rest."""
     fields: Json = {
@@ -52,6 +54,8 @@ def _sampling_fields(
         "max_tokens": max_tokens,
         "stop": [stop] if isinstance(stop, str) else (None if stop is None else list(stop)),
         "seed": seed,
+        "min_tokens": min_tokens,
+        "ignore_eos": ignore_eos,
     }
     return {k: v for k, v in fields.items() if v is not None}
 

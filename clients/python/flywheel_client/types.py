@@ -179,7 +179,8 @@ class ServerInfo:
 
 class SamplingOptions(TypedDict, total=False):
     """Keyword arguments every generation method accepts; unset ones take the server's defaults
-    (temperature 1, top_p 1, top_k 0 = off, max_tokens 64)."""
+    (temperature 1, top_p 1, top_k 0 = off, max_tokens 64; min_tokens 0 and ignore_eos off:
+    no end of sequence before min_tokens tokens, or none at all, as benchmarks want)."""
 
     temperature: float
     top_p: float
@@ -187,3 +188,5 @@ class SamplingOptions(TypedDict, total=False):
     max_tokens: int
     stop: str | Sequence[str]
     seed: int
+    min_tokens: int
+    ignore_eos: bool
