@@ -8,6 +8,8 @@ Each line is one comparison, in either of the two common shapes (detected per li
     {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}   (Anthropic HH-RLHF)
         whole transcripts: everything up to and including the last "\\n\\nAssistant:" is the
         prompt (it must be the same in both), the rest of each transcript is its response.
+    {"prompt": "...", "ranking": [["best", "tied with best"], ["next"], ...]}
+        a K-way ranking with ties, as `flywheel export --format rankings` writes it.
 
 The result is the shape `reward.fit_reward_model` takes: (prompt, ((chosen,), (rejected,))).
 Pure parsing, stdlib only; a .gz file is read through gzip.
@@ -26,8 +28,9 @@ Ranking = tuple[str, tuple[tuple[str, ...], ...]]
 
 HH_ASSISTANT = "\n\nAssistant:"
 FORMATS = (
-    '{"prompt", "chosen", "rejected"} (responses as strings or chat message lists) '
-    'or HH-RLHF {"chosen", "rejected"} (whole "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts)'
+    '{"prompt", "chosen", "rejected"} (responses as strings or chat message lists), '
+    'HH-RLHF {"chosen", "rejected"} (whole "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts) '
+    'or {"prompt", "ranking": [[best, ...], [next, ...], ...]}'
 )
 
 
@@ -78,6 +81,8 @@ def iter_preferences(
 
 def _parse_record(record: dict[str, Any]) -> Ranking:
     """One decoded line -> (prompt, ((chosen,), (rejected,))); raises _BadLine if unusable."""
+    if "ranking" in record:
+        return _parse_ranking(record)
     missing = [key for key in ("chosen", "rejected") if key not in record]
     if missing:
         raise _BadLine(
@@ -98,6 +103,23 @@ def _parse_record(record: dict[str, Any]) -> Ranking:
     if chosen == rejected:
         raise _BadLine("'chosen' and 'rejected' are the same response; a pair needs two")
     return prompt, ((chosen,), (rejected,))
+
+
+def _parse_ranking(record: dict[str, Any]) -> Ranking:
+    """{"prompt", "ranking": [[texts of the best tier], [next], ...]} -> (prompt, tiers)."""
+    prompt, ranking = record.get("prompt"), record["ranking"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _BadLine(f"'prompt' must be a non-empty string, got {_show(prompt)}")
+    ok = isinstance(ranking, list) and all(
+        isinstance(tier, list) and tier and all(isinstance(t, str) for t in tier)
+        for tier in ranking
+    )
+    if not ok or len(ranking) < 2:
+        raise _BadLine(
+            f"'ranking' must be a list of at least 2 tiers, each a non-empty list of response "
+            f"strings, best first; got {_show(ranking)}"
+        )
+    return prompt, tuple(tuple(tier) for tier in ranking)
 
 
 def _response(key: str, value: Any) -> str:

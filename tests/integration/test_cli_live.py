@@ -54,3 +54,32 @@ def test_unknown_id_is_a_clear_error(server):
     result = cli(server, "rank", "cmpl-nope", "cmpl-nada")
     assert result.returncode == 1  # NOT_FOUND is the server's answer, not a usage error
     assert "unknown completion id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_writes_datasets_that_import_reads_back(server, tmp_path):
+    from flywheel_learner.preference_data import read_preferences
+
+    [comparison] = json_lines(
+        cli(server, "compare", "sort: cba", "--k", "3", "--max-tokens", "4", "--json")
+    )
+    c = {x["id"]: x["text"] for x in comparison["candidates"]}
+    ids = list(c)
+    cli(server, "rank", ids[0], f"{ids[1]}={ids[2]}", "--labeler", "exporter", "--json")
+    for fmt in ("pairs", "rankings"):
+        out = tmp_path / f"{fmt}.jsonl"
+        [summary] = json_lines(cli(server, "export", "--format", fmt, "--out", str(out), "--json"))
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert summary["lines"] == len(records) and summary["rankings"] >= 1
+        mine = [r for r in records if r["labeler"] == "exporter"]
+        back = [r for r in read_preferences(out) if r[0] == mine[0]["prompt"]]
+        if fmt == "pairs":  # the best over each of the tied two; none between the tied
+            assert {(r["chosen"], r["rejected"]) for r in mine} == {
+                (c[ids[0]], c[ids[1]]), (c[ids[0]], c[ids[2]])
+            }  # fmt: skip
+            assert len(back) == 2
+        else:
+            [ranking] = mine
+            assert ranking["ranking"][0] == [c[ids[0]]]
+            assert sorted(ranking["ranking"][1]) == sorted([c[ids[1]], c[ids[2]]])
+            assert [[list(t) for t in r[1]] for r in back] == [ranking["ranking"]]
+    assert not list(tmp_path.glob(".*.partial"))

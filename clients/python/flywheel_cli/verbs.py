@@ -11,8 +11,10 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+from flywheel_cli import export
 from flywheel_cli.args import (
     UsageError,
     add_connection,
@@ -190,6 +192,20 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
         help="comma-separated versions; candidate i comes from the (i mod count)-th",
     )
     sub.set_defaults(func=_simulate)
+
+    sub = commands.add_parser(
+        "export",
+        parents=[client],
+        help="write the rankings as a JSONL dataset (admin key)",
+        description=export.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("--format", choices=export.FORMATS, default="pairs", help="(default: pairs)")
+    sub.add_argument("--out", required=True, metavar="FILE", help="the JSONL file to write")
+    sub.add_argument(
+        "--after", type=non_negative_int, default=0, metavar="CURSOR", help="rankings after this"
+    )
+    sub.set_defaults(func=_export)
 
 
 # With auth on the server records feedback under the key's name, and refuses another unless
@@ -376,6 +392,23 @@ def _policies(args: argparse.Namespace) -> int:
             f"rankings, promotes if lower > {c.promote_above:g}, retires if upper < "
             f"{c.retire_below:g}"
         )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Write to a temporary file beside --out, then rename: a failed export leaves no half file."""
+    out = Path(args.out)
+    partial = out.with_name(f".{out.name}.partial")
+    rankings = written = 0
+    with _client(args) as client, partial.open("w") as f:
+        for record in client.iter_rankings(args.after):
+            rankings += 1
+            for line in export.lines([record], args.format):
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                written += 1
+    partial.replace(out)
+    summary = {"rankings": rankings, "lines": written, "format": args.format, "out": str(out)}
+    print(json.dumps(summary) if args.json else f"{rankings} rankings -> {written} lines in {out}")
     return 0
 
 
