@@ -57,6 +57,7 @@ class PromptRecord:
     kind: Literal["text", "chat"]
     created_at: float = field(default_factory=now)
     challenge: int | None = None  # the challenge whose blind comparison this prompt is
+    user: str = ""  # OpenAI's `user`: the end user the caller says it asks for
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class RankingExport:
     completions: tuple[RankedCompletion, ...]
     labeler: str
     created_at: float
+    user: str = ""  # of the prompt: the end user it was asked for
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class PromptExport:
     prompt_id: str
     prompt: str
     created_at: float
+    user: str = ""
 
 
 @dataclass(frozen=True)

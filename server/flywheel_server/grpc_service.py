@@ -242,6 +242,7 @@ class Servicer:
             n=request.n or 1,
             sampling=raw_sampling(request.sampling),
             policy=request.policy,
+            user=request.user,
         )
         return pb.GenerateResponse(
             prompt_id=result.prompt_id, completions=[completion_pb(c) for c in result.completions]
@@ -255,6 +256,7 @@ class Servicer:
             n=request.n or 1,
             sampling=raw_sampling(request.sampling),
             policy=request.policy,
+            user=request.user,
         )
         async for e in stream:
             yield pb.GenerateChunk(
@@ -328,6 +330,7 @@ class Servicer:
                 prompt=r.prompt,
                 labeler=r.labeler,
                 created_at=r.created_at,
+                user=r.user,
                 completions=[
                     pb.RankedCompletion(
                         completion_id=c.completion_id, text=c.text, policy=c.policy, tier=c.tier
@@ -341,7 +344,11 @@ class Servicer:
     ) -> AsyncIterator[pb.PromptRecord]:
         for p in await self.service.export_prompts(request.after, request.limit):
             yield pb.PromptRecord(
-                cursor=p.cursor, prompt_id=p.prompt_id, prompt=p.prompt, created_at=p.created_at
+                cursor=p.cursor,
+                prompt_id=p.prompt_id,
+                prompt=p.prompt,
+                created_at=p.created_at,
+                user=p.user,
             )
 
     async def ExportDemonstrations(

@@ -117,6 +117,7 @@ class _OpenAI(_Sampling):
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    user: str | None = None  # stored with the prompt: feedback and traffic by end user
 
 
 class CompletionBody(_OpenAI):
@@ -442,7 +443,9 @@ def challenge_json(status: ChallengeStatus) -> dict[str, Any]:
 async def _generate(
     service: FlywheelService, b: _OpenAI, prompt: PromptInput, *, chat: bool
 ) -> Response:
-    stream = service.generate_stream(prompt, n=b.n, sampling=b.raw_sampling(), policy=b.model)
+    stream = service.generate_stream(
+        prompt, n=b.n, sampling=b.raw_sampling(), policy=b.model, user=b.user or ""
+    )
     if b.stream:
         # Pull the first events before answering, so overload and engine errors get a status code.
         batches = stream.batches()

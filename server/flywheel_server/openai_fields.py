@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 # Fields that change nothing in what is generated: taken and not used.
-PASSIVE = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+PASSIVE = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls"})
 
 
 def _is(value: object) -> Callable[[Any], bool]:

@@ -93,15 +93,29 @@ class FlywheelService:
         return validation.sampling(raw, max_tokens_limit=self.max_tokens_limit)
 
     async def generate(
-        self, prompt: PromptInput, *, n: int, sampling: validation.RawSampling, policy: str = ""
+        self,
+        prompt: PromptInput,
+        *,
+        n: int,
+        sampling: validation.RawSampling,
+        policy: str = "",
+        user: str = "",
     ) -> Generation:
-        return await self.generate_stream(prompt, n=n, sampling=sampling, policy=policy).finish()
+        stream = self.generate_stream(prompt, n=n, sampling=sampling, policy=policy, user=user)
+        return await stream.finish()
 
     def generate_stream(
-        self, prompt: PromptInput, *, n: int, sampling: validation.RawSampling, policy: str = ""
+        self,
+        prompt: PromptInput,
+        *,
+        n: int,
+        sampling: validation.RawSampling,
+        policy: str = "",
+        user: str = "",
     ) -> GenerationStream:
         """Validate now (errors raise before any event), then stream as the caller iterates.
-        `sampling` comes as the transport read it; the service checks it."""
+        `sampling` comes as the transport read it; the service checks it. `user`: the end user
+        the caller asks for (OpenAI's field), stored with the prompt."""
         self._admit()
         checked = self._sampling(sampling)
         n = validation.integer("n", n, 1, self.config.max_n)
@@ -112,7 +126,7 @@ class FlywheelService:
             self.engine,
             self.registry,
             self.recorder,
-            PromptRecord(new_id("prm"), text, kind),
+            PromptRecord(new_id("prm"), text, kind, user=_user(user)),
             self._encode_prompt(text, checked),
             checked,
             rows,
@@ -254,3 +268,7 @@ class FlywheelService:
     @staticmethod
     def _page(limit: int) -> int:
         return validation.integer("limit", limit or EXPORT_PAGE, 1, 10 * EXPORT_PAGE)
+
+
+def _user(user: str) -> str:
+    return validation.text("user", user, max_chars=validation.MAX_LABEL_CHARS, allow_empty=True)

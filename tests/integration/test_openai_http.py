@@ -150,3 +150,21 @@ def test_benchmark_knobs_ignore_eos_and_min_tokens(server):
         client_for(server).completions.create(
             model="policy", prompt="x", max_tokens=4, extra_body={"min_tokens": 5}
         )
+
+
+def test_the_end_user_is_stored_with_the_prompt_and_exported(server):
+    from flywheel_client import FlywheelClient
+
+    made = client_for(server).chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "add: 1 + 1"}], n=2, max_tokens=2,
+        user="end-user-7",
+    )  # fmt: skip
+    ids = [c.model_extra["completion_id"] for c in made.choices]
+    assert server.post("/v1/feedback", {"ranking": ids, "labeler": "u-test"})[0] == 201
+    with FlywheelClient(server.grpc) as client:
+        prompts = client.export_prompts()
+        rankings = client.export_rankings()
+    assert [p.user for p in prompts if p.user == "end-user-7"] == ["end-user-7"]
+    assert [r.user for r in rankings if r.labeler == "u-test"] == ["end-user-7"]
+    long = {"model": "policy", "prompt": "x", "max_tokens": 1, "user": "u" * 201}
+    assert server.post("/v1/completions", long)[0] == 400

@@ -19,7 +19,7 @@ def record(*texts_and_tiers: tuple[str, int]) -> RankingRecord:
         RankedCompletion(f"cmp-{i}", text, "policy-v1", tier)
         for i, (text, tier) in enumerate(texts_and_tiers)
     )
-    return RankingRecord(7, "rnk-1", "prm-1", "Q?", completions, "ann", 5.0)
+    return RankingRecord(7, "rnk-1", "prm-1", "Q?", completions, "ann", 5.0, user="u-9")
 
 
 def test_pairs_take_every_better_worse_pair_and_none_within_a_tie() -> None:
@@ -36,8 +36,8 @@ def test_pairs_take_every_better_worse_pair_and_none_within_a_tie() -> None:
         ("c", "a"),
     ]
     first = next(iter(lines([ranked], "pairs")))
-    assert {k: first[k] for k in ("prompt", "labeler", "ranking_id", "created_at")} == {
-        "prompt": "Q?", "labeler": "ann", "ranking_id": "rnk-1", "created_at": 5.0
+    assert {k: first[k] for k in ("prompt", "labeler", "user", "ranking_id", "created_at")} == {
+        "prompt": "Q?", "labeler": "ann", "user": "u-9", "ranking_id": "rnk-1", "created_at": 5.0
     }  # fmt: skip
 
 

@@ -4,7 +4,7 @@ from flywheel_server.openai_fields import unsupported
 
 pytestmark = pytest.mark.unit
 
-DECLARED = {"prompt", "temperature", "max_tokens"}
+DECLARED = {"prompt", "temperature", "max_tokens", "user"}
 
 
 def test_declared_passive_null_and_default_fields_are_taken() -> None:

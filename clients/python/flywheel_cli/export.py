@@ -6,8 +6,9 @@
     rankings  one line per ranking: {"prompt", "ranking": [[best, tied], [next], ...]}, the
               K-way ranking with its ties, as InstructGPT trains on it.
 
-Both carry "labeler", "ranking_id" and "created_at", and `flywheel learn --import-preferences`
-reads both back. The prompt is the text the policy saw (a chat already in its template).
+Both carry "labeler", "user" (the end user the prompt was asked for), "ranking_id" and
+"created_at", and `flywheel learn --import-preferences` reads both back. The prompt is the text
+the policy saw (a chat already in its template).
 Pure functions of the exported records; the command writes them.
 """
 
@@ -37,6 +38,7 @@ def lines(records: Iterable[RankingRecord], fmt: str) -> Iterator[dict[str, Any]
     for record in records:
         about = {
             "labeler": record.labeler,
+            "user": record.user,
             "ranking_id": record.ranking_id,
             "created_at": record.created_at,
         }

@@ -188,12 +188,17 @@ def ranking_record(r: pb.RankingRecord) -> t.RankingRecord:
         ),
         labeler=r.labeler,
         created_at=r.created_at,
+        user=r.user,
     )
 
 
 def prompt_record(r: pb.PromptRecord) -> t.PromptRecord:
     return t.PromptRecord(
-        cursor=r.cursor, prompt_id=r.prompt_id, prompt=r.prompt, created_at=r.created_at
+        cursor=r.cursor,
+        prompt_id=r.prompt_id,
+        prompt=r.prompt,
+        created_at=r.created_at,
+        user=r.user,
     )
 
 

@@ -137,6 +137,7 @@ class RankingRecord:
     completions: tuple[RankedCompletion, ...]
     labeler: str
     created_at: float
+    user: str = ""  # the end user the prompt was asked for (OpenAI's `user`)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class PromptRecord:
     prompt_id: str
     prompt: str
     created_at: float
+    user: str = ""
 
 
 @dataclass(frozen=True)

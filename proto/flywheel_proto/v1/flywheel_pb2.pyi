@@ -67,16 +67,18 @@ class Completion(_message.Message):
     def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "n", "sampling", "policy")
+    __slots__ = ("prompt", "n", "sampling", "policy", "user")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     n: int
     sampling: SamplingParams
     policy: str
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., n: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
+    user: str
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., n: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("prompt_id", "completions")
@@ -297,7 +299,7 @@ class RankedCompletion(_message.Message):
     def __init__(self, completion_id: _Optional[str] = ..., text: _Optional[str] = ..., policy: _Optional[str] = ..., tier: _Optional[int] = ...) -> None: ...
 
 class RankingRecord(_message.Message):
-    __slots__ = ("cursor", "ranking_id", "prompt_id", "prompt", "completions", "labeler", "created_at")
+    __slots__ = ("cursor", "ranking_id", "prompt_id", "prompt", "completions", "labeler", "created_at", "user")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     RANKING_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +307,7 @@ class RankingRecord(_message.Message):
     COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     LABELER_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     ranking_id: str
     prompt_id: str
@@ -312,19 +315,22 @@ class RankingRecord(_message.Message):
     completions: _containers.RepeatedCompositeFieldContainer[RankedCompletion]
     labeler: str
     created_at: float
-    def __init__(self, cursor: _Optional[int] = ..., ranking_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[RankedCompletion, _Mapping]]] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+    user: str
+    def __init__(self, cursor: _Optional[int] = ..., ranking_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[RankedCompletion, _Mapping]]] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ..., user: _Optional[str] = ...) -> None: ...
 
 class PromptRecord(_message.Message):
-    __slots__ = ("cursor", "prompt_id", "prompt", "created_at")
+    __slots__ = ("cursor", "prompt_id", "prompt", "created_at", "user")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     prompt_id: str
     prompt: str
     created_at: float
-    def __init__(self, cursor: _Optional[int] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+    user: str
+    def __init__(self, cursor: _Optional[int] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., created_at: _Optional[float] = ..., user: _Optional[str] = ...) -> None: ...
 
 class DemonstrationRecord(_message.Message):
     __slots__ = ("cursor", "demonstration_id", "prompt", "response", "labeler", "created_at")

@@ -49,6 +49,7 @@ class PromptRow(Base):
     text: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[float] = mapped_column(Double)
+    user: Mapped[str] = mapped_column(KEY, server_default="")
 
 
 class CompletionRow(Base):

@@ -246,13 +246,13 @@ class Store:
         _check_page(after, limit)
         with self._read() as s:
             rows = s.execute(
-                select(RankingRow, PromptRow.text)
+                select(RankingRow, PromptRow.text, PromptRow.user)
                 .join(PromptRow, PromptRow.id == RankingRow.prompt_id)
                 .where(RankingRow.seq > after)
                 .order_by(RankingRow.seq)
                 .limit(limit)
             ).all()
-            ranked = self._ranked_completions(s, [r.id for r, _ in rows])
+            ranked = self._ranked_completions(s, [r.id for r, _, _ in rows])
             return [
                 RankingExport(
                     cursor=r.seq,
@@ -262,8 +262,9 @@ class Store:
                     completions=tuple(ranked.get(r.id, [])),
                     labeler=r.labeler,
                     created_at=r.created_at,
+                    user=user,
                 )
-                for r, prompt_text in rows
+                for r, prompt_text, user in rows
             ]
 
     @staticmethod
@@ -290,7 +291,13 @@ class Store:
         query = select(PromptRow).where(PromptRow.seq > after).order_by(PromptRow.seq).limit(limit)
         with self._read() as s:
             return [
-                PromptExport(cursor=p.seq, prompt_id=p.id, prompt=p.text, created_at=p.created_at)
+                PromptExport(
+                    cursor=p.seq,
+                    prompt_id=p.id,
+                    prompt=p.text,
+                    created_at=p.created_at,
+                    user=p.user,
+                )
                 for p in s.scalars(query)
             ]
 
@@ -566,7 +573,7 @@ def _outage() -> Iterator[None]:
 
 
 def _prompt_row(p: PromptRecord) -> PromptRow:
-    return PromptRow(id=p.id, text=p.text, kind=p.kind, created_at=p.created_at)
+    return PromptRow(id=p.id, text=p.text, kind=p.kind, created_at=p.created_at, user=p.user)
 
 
 def _completion_row(c: CompletionRecord) -> CompletionRow:

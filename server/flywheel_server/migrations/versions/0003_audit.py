@@ -1,4 +1,5 @@
-"""The audit trail: who published, promoted, rolled back or challenged what, and when.
+"""The audit trail: who published, promoted, rolled back or challenged what, and when; and the
+end user (OpenAI's `user`) a prompt was asked for.
 
 Revision ID: 0003
 Revises: 0002
@@ -28,7 +29,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq", name="pk_audit"),
         sqlite_autoincrement=True,
     )
+    op.add_column("prompts", sa.Column("user", sa.String(256), nullable=False, server_default=""))
 
 
 def downgrade() -> None:
+    op.drop_column("prompts", "user")
     op.drop_table("audit")
