@@ -234,7 +234,11 @@ async def watch_store(runtime: Runtime, health: Any, interval: float = 1.0) -> N
 
     while True:
         await asyncio.sleep(interval)
-        ok = await asyncio.to_thread(runtime.service.store.ping)
+        try:
+            ok = await asyncio.to_thread(runtime.service.store.ping)
+        except Exception:  # whatever the ping raised, the database did not answer
+            log.exception("database ping failed")
+            ok = False
         if ok != runtime.store_ok:
             runtime.store_ok = ok
             log.warning("the database %s", "answers again" if ok else "does not answer")

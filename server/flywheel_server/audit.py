@@ -30,8 +30,13 @@ class AuditTrail:
         self.refusals: Callable[[], Refusals] = dict  # the app points it at the authenticator
 
     async def record(self, action: str, target: str, detail: str = "", actor: str = "") -> None:
+        """Best effort: the change it records has committed, so a failure here is logged, never
+        raised (a caller told to retry would publish or roll back a second time)."""
         entry = AuditEntry(actor or auth.CALLER.get(), action, target, detail)
-        await asyncio.to_thread(self.store.add_audit, [entry])
+        try:
+            await asyncio.to_thread(self.store.add_audit, [entry])
+        except Exception:
+            log.exception("audit record lost: %s", entry)
 
     async def flush(self) -> None:
         """Write the refusals tallied since the last flush."""

@@ -122,6 +122,8 @@ class Authenticator:
         names = [k.name for k in keys]
         if len(set(names)) != len(names):
             raise ValueError(f"API key names must be unique (limits go by name); got {names}")
+        if any("/" in name for name in names):  # "team/alice" is a sub-labeler's name
+            raise ValueError(f"API key names may not contain '/'; got {names}")
         self.keys = keys
         self._refused: Counter[tuple[str, str]] = Counter()  # drained by the audit trail
         self._buckets = {k.name: TokenBucket(k.limit, clock) for k in keys if k.limit}
@@ -182,7 +184,8 @@ class Authenticator:
             return f"{key.name}/{requested}"
         self._refused[(key.name, "PermissionDenied")] += 1
         raise PermissionDenied(
-            f"API key {key.name!r} records feedback as labeler {key.name!r}, not {requested!r}: "
+            f"API key {key.name!r} records feedback as labeler {key.name!r}, not "
+            f"{requested[:80]!r}: "
             'omit labeler, or give the key "sub_labelers": true in the keys file (a shared '
             "labeling-team key, recorded as name/labeler)",
             field="labeler",

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flywheel_server import metrics
 from flywheel_server.domain import CompletionRecord, PromptRecord, Sampling
@@ -207,7 +207,7 @@ class GenerationStream:
         s = self.sampling
         if s.seed is None or first_index == 0:
             return s
-        return Sampling(s.temperature, s.top_p, s.top_k, s.max_tokens, s.stop, s.seed + first_index)
+        return replace(s, seed=s.seed + first_index)
 
     def _apply(self, row: Row, event: TokenEvent) -> StreamEvent:
         row.text += event.delta

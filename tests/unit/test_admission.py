@@ -57,3 +57,25 @@ def test_at_capacity_a_request_is_refused_before_rendering_or_tokenising(tmp_pat
     engine.admitted = 3  # one place left: the request goes on to be rendered and tokenised
     busy.generate_stream(chat, n=1, sampling=RawSampling(max_tokens=8))
     assert engine.calls == ["render_chat", "encode"]
+
+
+def test_each_candidate_group_keeps_every_sampling_field() -> None:
+    """Groups after the first get their own seed, and nothing else changes (ignore_eos too)."""
+    from types import SimpleNamespace
+
+    from flywheel_server.domain import Sampling
+    from flywheel_server.generation import GenerationStream
+
+    asked = Sampling(temperature=0.7, max_tokens=9, seed=5, min_tokens=4, ignore_eos=True)
+    group = GenerationStream._group_sampling(SimpleNamespace(sampling=asked), 3)  # type: ignore[arg-type]
+    assert group == Sampling(temperature=0.7, max_tokens=9, seed=8, min_tokens=4, ignore_eos=True)
+
+
+async def test_a_lost_audit_record_does_not_fail_the_change(tmp_path: Path) -> None:
+    from flywheel_server.audit import AuditTrail
+
+    class Broken:
+        def add_audit(self, entries: object) -> None:
+            raise RuntimeError("database gone")
+
+    await AuditTrail(Broken()).record("rollback", "policy-v2")  # type: ignore[arg-type]  # logged, not raised

@@ -340,3 +340,9 @@ def test_refusals_are_tallied_by_key_and_reason_until_drained() -> None:
         ("(no key)", "Unauthenticated"): 1,
     }
     assert auth.drain_refusals() == {}
+
+
+def test_key_names_may_not_hold_a_slash() -> None:
+    """ "team/alice" is how a sub-labeler of key "team" is recorded: no key may take that name."""
+    with pytest.raises(ValueError, match="may not contain '/'"):
+        Authenticator([ApiKey("team/alice", "x" * 8, frozenset({"feedback"}))])

@@ -275,3 +275,10 @@ def test_upload_chunks_checks_chunk_size_eagerly(tmp_path: Path) -> None:
     archive = pack_adapter(_adapter(tmp_path / "adapter", b"w"))
     with pytest.raises(ValueError, match="chunk_size"):
         upload_chunks(archive, name="policy", base_model="fp", chunk_size=0)
+
+
+def test_binary_trailing_metadata_is_left_alone() -> None:
+    """Proxies and rich-status servers add -bin entries; only the keys read are decoded."""
+    trailing = (("grpc-status-details-bin", b"\x08\xff\xfe"), ("field", b"top_p"))
+    error = e.from_grpc_error(FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "bad", trailing))
+    assert type(error) is e.InvalidArgument and error.field == "top_p"

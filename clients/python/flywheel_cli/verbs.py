@@ -205,6 +205,10 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
     sub.add_argument(
         "--after", type=non_negative_int, default=0, metavar="CURSOR", help="rankings after this"
     )
+    sub.add_argument(
+        "--page", type=non_negative_int, default=0, metavar="N",
+        help="rankings per request (default: the server's page, 500)",
+    )  # fmt: skip
     sub.set_defaults(func=_export)
 
 
@@ -400,13 +404,18 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     partial = out.with_name(f".{out.name}.partial")
     rankings = written = 0
-    with _client(args) as client, partial.open("w") as f:
-        for record in client.iter_rankings(args.after):
-            rankings += 1
-            for line in export.lines([record], args.format):
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                written += 1
-    partial.replace(out)
+    try:
+        with _client(args) as client, partial.open("w", encoding="utf-8") as f:
+            after = args.after
+            while page := client.export_rankings(after, args.page):  # page by page, to the end
+                after = page[-1].cursor
+                rankings += len(page)
+                for line in export.lines(page, args.format):
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    written += 1
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     summary = {"rankings": rankings, "lines": written, "format": args.format, "out": str(out)}
     print(json.dumps(summary) if args.json else f"{rankings} rankings -> {written} lines in {out}")
     return 0

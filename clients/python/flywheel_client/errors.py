@@ -122,8 +122,11 @@ def from_grpc_error(error: grpc.RpcError) -> FlywheelError:
     trailing = (
         error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
     )
+    wanted = (FIELD_METADATA_KEY, RETRY_AFTER_KEY)  # others may be binary (-bin) entries
     values = {
-        key: value if isinstance(value, str) else value.decode() for key, value in trailing or ()
+        key: value if isinstance(value, str) else value.decode("utf-8", "replace")
+        for key, value in trailing or ()
+        if key in wanted
     }
     cls = GRPC_ERRORS.get(code, FlywheelError) if code is not None else FlywheelError
     name = code.name if code is not None else None

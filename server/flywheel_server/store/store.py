@@ -5,6 +5,7 @@ Every public method is one transaction. The async server calls them through asyn
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import uuid
@@ -54,6 +55,8 @@ from flywheel_server.store.schema import (
     RankingItemRow,
     RankingRow,
 )
+
+log = logging.getLogger("flywheel.store")
 
 MAX_KEY_CHARS = 256  # matches schema.KEY
 ADAPTER_STATES: tuple[str, ...] = get_args(AdapterState)
@@ -562,10 +565,9 @@ def _outage() -> Iterator[None]:
     try:
         yield
     except (OperationalError, InterfaceError) as e:
-        reason = str(e.orig or e).strip().splitlines()[0][:200]
-        raise Unavailable(
-            f"the database is unavailable ({reason}); retry later, with the same "
-            "idempotency_key for feedback"
+        log.error("database unavailable: %s", str(e.orig or e).strip().splitlines()[0][:300])
+        raise Unavailable(  # the driver's text (host, user) stays in the log
+            "the database is unavailable; retry later, with the same idempotency_key for feedback"
         ) from e
 
 
