@@ -145,6 +145,7 @@ async def serve(
         else None
     )
     service.adapters.audit.refusals = auth.drain_refusals
+    service.charge = auth.charge
     auditor = asyncio.create_task(service.adapters.audit.run())
     watcher = asyncio.create_task(watch_store(runtime, health))
     stop = stop or _stop_on_signals()

@@ -5,7 +5,9 @@ Variable: "KEY1=generate+feedback,KEY2=admin". The admin scope implies the other
 With no keys at all, auth is off and the server refuses to bind anything but loopback.
 
 A key in the file may carry a request limit, "rate_per_s" (and "burst", default a second's
-worth): past it, its requests get 429 with Retry-After before their body is read (`limits`).
+worth): past it, its requests get 429 with Retry-After before their body is read (`limits`);
+and a token budget, "tokens_per_min": each generation or comparison spends n x max_tokens of
+it, once its body is checked and before any work.
 
 With auth on, a key's name is the labeler its rankings and demonstrations are recorded under: a
 body that names another labeler is refused, unless the key says "sub_labelers": true (a
@@ -40,6 +42,7 @@ class ApiKey:
     scopes: frozenset[str]
     limit: Limit | None = None  # None: only the server's global admission queue bounds it
     sub_labelers: bool = False  # may record feedback as "<name>/<labeler>"
+    tokens: Limit | None = None  # tokens it may ask to generate: per second, and at once
 
 
 def _scopes(raw: object, where: str) -> frozenset[str]:
@@ -89,6 +92,7 @@ def parse_file(path: Path) -> list[ApiKey]:
                 _scopes(entry.get("scopes"), f"{path}: keys[{i}]"),
                 _limit(entry, f"{path}: keys[{i}]"),
                 _flag(entry, "sub_labelers", f"{path}: keys[{i}]"),
+                _token_budget(entry, f"{path}: keys[{i}]"),
             )
         )
     return keys
@@ -99,6 +103,15 @@ def _flag(entry: Mapping[str, object], name: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{where}: {name} must be true or false, got {value!r}")
     return value
+
+
+def _token_budget(entry: Mapping[str, object], where: str) -> Limit | None:
+    per_min = entry.get("tokens_per_min")
+    if per_min is None:
+        return None
+    if isinstance(per_min, bool) or not isinstance(per_min, int) or per_min < 1:
+        raise ValueError(f"{where}: tokens_per_min must be a whole number >= 1, got {per_min!r}")
+    return Limit(per_min / 60, per_min)  # a minute's worth at once
 
 
 def _limit(entry: Mapping[str, object], where: str) -> Limit | None:
@@ -127,6 +140,7 @@ class Authenticator:
         self.keys = keys
         self._refused: Counter[tuple[str, str]] = Counter()  # drained by the audit trail
         self._buckets = {k.name: TokenBucket(k.limit, clock) for k in keys if k.limit}
+        self._budgets = {k.name: TokenBucket(k.tokens, clock) for k in keys if k.tokens}
 
     @classmethod
     def load(cls, path: Path | None, environ: Mapping[str, str]) -> Authenticator:
@@ -190,6 +204,29 @@ class Authenticator:
             "labeling-team key, recorded as name/labeler)",
             field="labeler",
             key=key.name,
+        )
+
+    def charge(self, caller: str, tokens: int) -> None:
+        """Spend `tokens` of `caller`'s token budget (a name `check` returned; none: free)."""
+        bucket = self._budgets.get(caller)
+        wait = bucket.take(tokens) if bucket else 0.0
+        if wait == 0:
+            return
+        assert bucket is not None
+        per_min = bucket.limit.burst
+        self._refused[(caller, "RateLimited")] += 1
+        if wait == float("inf"):
+            raise RateLimited(
+                f"n x max_tokens = {tokens} is more than API key {caller!r} may ask for at once "
+                f"({per_min} tokens per minute); ask for fewer",
+                key=caller,
+                retry_after=60.0,
+            )
+        raise RateLimited(
+            f"API key {caller!r} has spent its {per_min} tokens per minute; {tokens} more are "
+            f"there in {wait:.1f} s",
+            key=caller,
+            retry_after=wait,
         )
 
     def _limit(self, key: ApiKey) -> None:

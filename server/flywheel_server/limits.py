@@ -36,8 +36,9 @@ class Limit:
 
 
 class TokenBucket:
-    """`take()` spends one token and returns 0.0, or spends nothing and returns the seconds
-    until a token is there. Thread-safe: both transports share it."""
+    """`take(cost)` spends `cost` tokens and returns 0.0, or spends nothing and returns the
+    seconds until they are there (inf when `cost` exceeds the bucket). Thread-safe: both
+    transports share it."""
 
     def __init__(self, limit: Limit, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
@@ -46,13 +47,15 @@ class TokenBucket:
         self._stamp = clock()
         self._lock = threading.Lock()
 
-    def take(self) -> float:
+    def take(self, cost: float = 1.0) -> float:
+        if cost > self.limit.burst:
+            return math.inf
         with self._lock:
             now = self._clock()
             elapsed = max(0.0, now - self._stamp)
             self._tokens = min(self.limit.burst, self._tokens + elapsed * self.limit.rate_per_s)
             self._stamp = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            if self._tokens >= cost:
+                self._tokens -= cost
                 return 0.0
-            return (1.0 - self._tokens) / self.limit.rate_per_s
+            return (cost - self._tokens) / self.limit.rate_per_s

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Literal
 
+from flywheel_server import auth, metrics, validation
 from flywheel_server import challenge as challenge_math
-from flywheel_server import metrics, validation
 from flywheel_server.config import ServerConfig
 from flywheel_server.domain import (
     AdapterVersion,
@@ -61,6 +61,8 @@ class FlywheelService:
         # A request may not ask for more tokens than the model has positions for.
         self.max_tokens_limit = min(config.max_tokens_limit, engine.max_positions - 1)
         self.recorder = GroupCommit(store)
+        # Spends the caller's token budget (`auth.Authenticator.charge`; the app sets it).
+        self.charge: Callable[[str, int], None] = lambda caller, tokens: None
         self._rng = random.Random()  # seats of a challenge's candidates
 
     # -- generation -------------------------------------------------------------------------
@@ -119,6 +121,7 @@ class FlywheelService:
         self._admit()
         checked = self._sampling(sampling)
         n = validation.integer("n", n, 1, self.config.max_n)
+        self.charge(auth.CALLER.get(), n * checked.max_tokens)
         kind, text = self.render(prompt)
         policy_id, adapter = self.registry.resolve(policy, kind="policy", field="policy")
         rows = [Row(new_id("cmpl"), i, policy_id, adapter) for i in range(n)]
@@ -146,6 +149,7 @@ class FlywheelService:
         self._admit()
         checked = self._sampling(sampling)
         k = validation.integer("k", k or DEFAULT_K, 2, self.config.max_n)
+        self.charge(auth.CALLER.get(), k * checked.max_tokens)
         kind, text = self.render(prompt)
         challenge = None if policies else self.adapters.draw_challenge()
         if challenge is None:

@@ -24,6 +24,7 @@ ADMIN = "admin-key-0123456789"
 APP = "app-key-0123456789"
 LABELER = "labeler-key-0123456789"
 GREEDY = "greedy-key-0123456789"  # two requests at once, then one per 20 s
+BUDGET = "budget-key-0123456789"  # 12 tokens a minute
 TEAM = "team-key-0123456789"  # a labeling team's shared key: labeler "alice" is "team/alice"
 
 
@@ -37,6 +38,12 @@ def guarded(tiny_model, tmp_path_factory):
                 "keys": [
                     {"name": "app", "key": APP, "scopes": ["generate"]},
                     {"name": "ops", "key": ADMIN, "scopes": ["admin"]},
+                    {
+                        "name": "budget",
+                        "key": BUDGET,
+                        "scopes": ["generate"],
+                        "tokens_per_min": 12,
+                    },
                     {
                         "name": "team",
                         "key": TEAM,
@@ -97,6 +104,19 @@ def fresh_ids(server: ServerProcess) -> list[str]:
     status, generated = server.post("/v1/completions", body, bearer(APP))
     assert status == 200
     return [c["completion_id"] for c in generated["choices"]]
+
+
+def test_a_token_budget_limits_what_a_key_may_ask_to_generate(guarded):
+    body = {"prompt": "add: 1 + 1", "max_tokens": 8}
+    assert guarded.post("/v1/completions", body, bearer(BUDGET))[0] == 200  # 4 of 12 left
+    with httpx.Client(timeout=60) as http:
+        url = f"{guarded.http}/v1/completions"
+        spent = http.post(url, json=body, headers=bearer(BUDGET))
+        assert spent.status_code == 429 and 1 <= int(spent.headers["retry-after"]) <= 60
+        assert "spent its 12 tokens per minute" in spent.json()["error"]["message"]
+        too_big = http.post(url, json={**body, "n": 2}, headers=bearer(BUDGET))
+        assert too_big.status_code == 429 and "ask for fewer" in too_big.json()["error"]["message"]
+        assert http.post(url, json=body, headers=bearer(APP)).status_code == 200  # APP: no budget
 
 
 def test_feedback_is_recorded_under_the_keys_name(guarded):

@@ -1,4 +1,5 @@
-"""A full server refuses before any work: no chat template rendered, nothing tokenised."""
+"""A full server, or a key over its token budget, is refused before any work: no chat template
+rendered, nothing tokenised."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flywheel_server.config import ServerConfig
-from flywheel_server.errors import Overloaded
+from flywheel_server.errors import Overloaded, RateLimited
 from flywheel_server.generation import PromptInput
 from flywheel_server.service import FlywheelService
 from flywheel_server.store import Store
@@ -45,6 +46,14 @@ def service(engine: BusyEngine, tmp_path: Path) -> FlywheelService:
     return FlywheelService(engine, Store.open("sqlite://"), config)  # type: ignore[arg-type]
 
 
+spent: list[tuple[str, int]] = []
+
+
+def over_budget(caller: str, tokens: int) -> None:
+    spent.append((caller, tokens))
+    raise RateLimited("spent", key=caller, retry_after=1.0)
+
+
 def test_at_capacity_a_request_is_refused_before_rendering_or_tokenising(tmp_path: Path) -> None:
     engine = BusyEngine(admitted=4)
     busy = service(engine, tmp_path)
@@ -54,7 +63,13 @@ def test_at_capacity_a_request_is_refused_before_rendering_or_tokenising(tmp_pat
     with pytest.raises(Overloaded, match="at capacity"):
         busy.generate_stream(PromptInput(text="hi"), n=1, sampling=RawSampling())
     assert engine.calls == []
-    engine.admitted = 3  # one place left: the request goes on to be rendered and tokenised
+    engine.admitted = 3  # one place left, but no tokens left in the caller's budget
+    busy.charge = over_budget
+    with pytest.raises(RateLimited, match="spent"):
+        busy.generate_stream(chat, n=2, sampling=RawSampling(max_tokens=8))
+    assert engine.calls == [] and spent[-1][1] == 16  # n x max_tokens, before any work
+    busy.charge = lambda caller, tokens: None
+    # the request goes on to be rendered and tokenised
     busy.generate_stream(chat, n=1, sampling=RawSampling(max_tokens=8))
     assert engine.calls == ["render_chat", "encode"]
 

@@ -346,3 +346,29 @@ def test_key_names_may_not_hold_a_slash() -> None:
     """ "team/alice" is how a sub-labeler of key "team" is recorded: no key may take that name."""
     with pytest.raises(ValueError, match="may not contain '/'"):
         Authenticator([ApiKey("team/alice", "x" * 8, frozenset({"feedback"}))])
+
+
+def test_a_token_budget_is_spent_by_what_is_asked_and_refills() -> None:
+    clock = Clock()
+    budget = ApiKey("bench", "b" * 8, frozenset({"generate"}), tokens=Limit(60 / 60, 60))
+    auth = Authenticator([budget, ApiKey("free", "f" * 8, frozenset({"generate"}))], clock)
+    auth.charge("bench", 40)
+    with pytest.raises(RateLimited, match="spent its 60 tokens per minute") as e:
+        auth.charge("bench", 40)  # 20 left: 20 more come in 20 s
+    assert e.value.retry_after == pytest.approx(20.0) and e.value.key == "bench"
+    with pytest.raises(RateLimited, match="more than API key 'bench' may ask for at once"):
+        auth.charge("bench", 61)
+    auth.charge("free", 10**9)  # no budget configured
+    auth.charge("anonymous", 10**9)  # auth off
+    clock.now += 20.0
+    auth.charge("bench", 40)
+
+
+def test_parse_file_reads_a_token_budget(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    entry = {"key": "k" * 8, "scopes": ["generate"], "tokens_per_min": 6000}
+    path.write_text(json.dumps({"keys": [entry]}))
+    assert parse_file(path)[0].tokens == Limit(100.0, 6000)
+    path.write_text(json.dumps({"keys": [{**entry, "tokens_per_min": 0}]}))
+    with pytest.raises(ValueError, match="tokens_per_min must be a whole number >= 1"):
+        parse_file(path)
