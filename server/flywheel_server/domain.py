@@ -32,6 +32,11 @@ class Sampling:
     # of sequence before min_tokens tokens, or none at all (stop strings still stop).
     min_tokens: int = 0
     ignore_eos: bool = False
+    # OpenAI's: subtract presence_penalty once from the logit of every token already generated,
+    # frequency_penalty once per time it was; add logit_bias[token] to its logit.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +48,9 @@ class Sampling:
             "seed": self.seed,
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {str(t): b for t, b in self.logit_bias},
         }
 
     def may_end(self, generated: int) -> bool:

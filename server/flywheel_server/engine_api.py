@@ -40,6 +40,7 @@ class Engine(Protocol):
     device: str
     base_model: str
     max_positions: int
+    vocab_size: int  # token ids a logit_bias may name
 
     def encode(self, text: str) -> list[int]: ...
     def render_chat(self, messages: list[dict[str, str]]) -> str: ...

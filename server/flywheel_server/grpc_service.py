@@ -178,6 +178,9 @@ def raw_sampling(s: pb.SamplingParams) -> RawSampling:
         opt("seed"),
         opt("min_tokens"),
         opt("ignore_eos"),
+        opt("presence_penalty"),
+        opt("frequency_penalty"),
+        {str(token): bias for token, bias in s.logit_bias.items()},
     )
 
 

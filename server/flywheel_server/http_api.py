@@ -94,6 +94,9 @@ class _Sampling(BaseModel):
     seed: int | None = None
     min_tokens: int | None = None  # vLLM's benchmark knobs
     ignore_eos: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def raw_sampling(self) -> RawSampling:
         return RawSampling(
@@ -105,6 +108,9 @@ class _Sampling(BaseModel):
             self.seed,
             self.min_tokens,
             self.ignore_eos,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.logit_bias,
         )
 
 

@@ -23,10 +23,7 @@ def _is(value: object) -> Callable[[Any], bool]:
 # Fields that would change the result, taken only at the value that changes nothing (what a
 # client sends when it spells out the default). null is always that value.
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": _is(0),
-    "frequency_penalty": _is(0),
     "repetition_penalty": _is(1),
-    "logit_bias": _is({}),
     "logprobs": _is(False),
     "top_logprobs": _is(0),
     "echo": _is(False),

@@ -6,6 +6,9 @@ can belong to different requests.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 
@@ -82,4 +85,27 @@ def forbid_token(logits: torch.Tensor, token: int | None, rows: list[bool]) -> t
     out = logits.clone()
     mask = torch.tensor(rows, dtype=torch.bool, device=logits.device)
     out[mask, token] = float("-inf")
+    return out
+
+
+def adjust_logits(logits: torch.Tensor, rows: Sequence[tuple[Sequence[int], Any]]) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over each row's generated tokens, and its
+    logit_bias. rows: (generated token ids, sampling) per row of logits; a copy when any applies.
+    """
+    touched = [
+        i for i, (_, s) in enumerate(rows)
+        if s.presence_penalty or s.frequency_penalty or s.logit_bias
+    ]  # fmt: skip
+    if not touched:
+        return logits
+    out = logits.clone()
+    vocab = logits.shape[-1]
+    for i in touched:
+        tokens, s = rows[i]
+        if tokens and (s.presence_penalty or s.frequency_penalty):
+            ids = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(ids, minlength=vocab)[:vocab].to(out.dtype)
+            out[i] -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(out.dtype)
+        for token, bias in s.logit_bias:
+            out[i, token] += bias
     return out

@@ -92,7 +92,9 @@ class FlywheelService:
         return tuple(ids)
 
     def _sampling(self, raw: validation.RawSampling) -> Sampling:
-        return validation.sampling(raw, max_tokens_limit=self.max_tokens_limit)
+        return validation.sampling(
+            raw, max_tokens_limit=self.max_tokens_limit, vocab_size=self.engine.vocab_size
+        )
 
     async def generate(
         self,

@@ -37,7 +37,7 @@ from flywheel_server.engine_api import (
 )
 from flywheel_server.errors import Overloaded
 from flywheel_server.llama_decoder import LlamaDecoder, unsupported_reason
-from flywheel_server.sampling import forbid_token, sample
+from flywheel_server.sampling import adjust_logits, forbid_token, sample
 from flywheel_server.torch_adapters import LoadedAdapters
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class TorchEngine:
         model, self.tokenizer = loading.load_base(self.model_dir, device=self.device)
         self.hidden_size: int = model.config.hidden_size
         self.max_positions: int = getattr(model.config, "max_position_embeddings", 2048)
+        self.vocab_size: int = model.get_output_embeddings().weight.shape[0]
         self.loaded = LoadedAdapters(
             model, self.tokenizer, device=self.device, base_model=self.base_model,
             max_length=self.max_positions, in_use=self._adapters_in_use,
@@ -370,6 +371,7 @@ class TorchEngine:
 
         ending = [not r.sampling.may_end(len(r.tokens)) for r in rows]
         logits = forbid_token(logits, self.tokenizer.eos_token_id, ending)
+        logits = adjust_logits(logits, [(r.tokens, r.sampling) for r in rows])
         return sample(
             logits,
             column([r.sampling.temperature for r in rows], torch.float32),

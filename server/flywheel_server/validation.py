@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ from flywheel_server.errors import InvalidRequest
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
+MAX_LOGIT_BIAS = 300  # OpenAI's bound
 MAX_LABEL_CHARS = 200
 MAX_TEXT_CHARS = 32_768
 MAX_RANKING_IDS = 64
@@ -30,6 +31,9 @@ class RawSampling:
     seed: int | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Mapping[str, float] | None = None  # token id (as OpenAI writes it) -> bias
 
 
 def number(field: str, value: Any) -> float:
@@ -38,7 +42,7 @@ def number(field: str, value: Any) -> float:
     return float(value)
 
 
-def sampling(raw: RawSampling, *, max_tokens_limit: int) -> Sampling:
+def sampling(raw: RawSampling, *, max_tokens_limit: int, vocab_size: int = 1 << 31) -> Sampling:
     defaults = Sampling()
     temperature = (
         defaults.temperature if raw.temperature is None else number("temperature", raw.temperature)
@@ -79,9 +83,47 @@ def sampling(raw: RawSampling, *, max_tokens_limit: int) -> Sampling:
         raise InvalidRequest(
             f"ignore_eos must be true or false, got {raw.ignore_eos!r}", field="ignore_eos"
         )
+    penalties = [
+        0.0 if value is None else number(name, value)
+        for name, value in (
+            ("presence_penalty", raw.presence_penalty),
+            ("frequency_penalty", raw.frequency_penalty),
+        )
+    ]
+    for name, value in zip(("presence_penalty", "frequency_penalty"), penalties, strict=True):
+        if not -2 <= value <= 2:  # also refuses NaN
+            raise InvalidRequest(f"{name} must be between -2 and 2, got {value}", field=name)
+    presence, frequency = penalties
     return Sampling(
-        temperature, top_p, top_k, max_tokens, stops, raw.seed, min_tokens, bool(raw.ignore_eos)
-    )
+        temperature, top_p, top_k, max_tokens, stops, raw.seed, min_tokens,
+        bool(raw.ignore_eos), presence, frequency, _logit_bias(raw.logit_bias, vocab_size),
+    )  # fmt: skip
+
+
+def _logit_bias(raw: Mapping[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """{token id: bias} as OpenAI sends it: ids as strings, within the vocabulary, biases in
+    [-100, 100], at most MAX_LOGIT_BIAS of them."""
+    if not raw:
+        return ()
+    if not isinstance(raw, Mapping) or len(raw) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases", field="logit_bias"
+        )
+    out = {}
+    for key, value in raw.items():
+        text = str(key)
+        if not (text.isascii() and text.isdigit()) or int(text) >= vocab_size:
+            raise InvalidRequest(
+                f"logit_bias names token {text[:20]!r}; token ids are 0 to {vocab_size - 1}",
+                field="logit_bias",
+            )
+        bias = number("logit_bias", value)
+        if not -100 <= bias <= 100:
+            raise InvalidRequest(
+                f"logit_bias values must be between -100 and 100, got {value}", field="logit_bias"
+            )
+        out[int(text)] = bias
+    return tuple(sorted(out.items()))
 
 
 def integer(field: str, value: Any, low: int, high: int) -> int:

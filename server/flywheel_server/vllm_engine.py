@@ -61,6 +61,7 @@ class VllmEngine:
         self.model_dir = scorer.model_dir
         self.base_model = scorer.base_model
         self.hidden_size = scorer.hidden_size
+        self.vocab_size = scorer.vocab_size
         self.max_pending = max_pending
         self.base_name, served_len = served_base_model(self.url)
         self.max_positions = min(scorer.max_positions, served_len)
@@ -246,6 +247,12 @@ def completion_body(model: str, request: EngineRequest) -> dict[str, Any]:
         body["min_tokens"] = s.min_tokens
     if s.ignore_eos:
         body["ignore_eos"] = True
+    if s.presence_penalty:
+        body["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty:
+        body["frequency_penalty"] = s.frequency_penalty
+    if s.logit_bias:
+        body["logit_bias"] = {str(t): b for t, b in s.logit_bias}
     return body
 
 

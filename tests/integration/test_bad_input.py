@@ -749,8 +749,11 @@ def test_unknown_id_is_not_found_type(server, grpc_client):
     ("extra", "field", "substring"),
     [
         pytest.param({"logprobs": 2}, "logprobs", "not supported", id="logprobs"),
-        pytest.param({"presence_penalty": 0.5}, "presence_penalty", "not supported", id="penalty"),
-        pytest.param({"logit_bias": {"5": -100}}, "logit_bias", "not supported", id="logit_bias"),
+        pytest.param({"presence_penalty": 2.5}, "presence_penalty", "between -2 and 2", id="penalty"),
+        pytest.param(
+            {"logit_bias": {"99999999": 5}}, "logit_bias", "token ids are 0 to", id="logit_bias"
+        ),
+        pytest.param({"logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100", id="bias"),
         pytest.param(
             {"response_format": {"type": "json_object"}}, "response_format", "not supported",
             id="response_format",

@@ -168,3 +168,12 @@ def test_the_end_user_is_stored_with_the_prompt_and_exported(server):
     assert [r.user for r in rankings if r.labeler == "u-test"] == ["end-user-7"]
     long = {"model": "policy", "prompt": "x", "max_tokens": 1, "user": "u" * 201}
     assert server.post("/v1/completions", long)[0] == 400
+
+
+@pytest.mark.both_backends
+def test_penalties_and_logit_bias_are_taken(server):
+    result = client_for(server).completions.create(
+        model="policy", prompt="reverse: abc", max_tokens=4, temperature=0,
+        presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"0": -100},
+    )  # fmt: skip
+    assert result.choices[0].finish_reason in ("stop", "length")

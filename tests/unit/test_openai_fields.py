@@ -9,7 +9,7 @@ DECLARED = {"prompt", "temperature", "max_tokens", "user"}
 
 def test_declared_passive_null_and_default_fields_are_taken() -> None:
     body = {"prompt": "x", "temperature": 2.0, "user": "u", "store": False, "logprobs": None,
-            "presence_penalty": 0.0, "echo": False, "logit_bias": {}, "tools": [],
+            "echo": False, "tools": [],
             "response_format": {"type": "text"}, "best_of": 1}  # fmt: skip
     assert unsupported(body, DECLARED) is None
 
@@ -20,7 +20,7 @@ def test_declared_passive_null_and_default_fields_are_taken() -> None:
         ({"prompt": "x", "logprobs": 0}, "logprobs"),  # 0 asks for the chosen tokens' log-probs
         ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "echo": True}, "echo"),
-        ({"prompt": "x", "frequency_penalty": -0.5}, "frequency_penalty"),
+        ({"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
         ({"prompt": "x", "min_p": 0.1}, "min_p"),
         ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
         ({"prompt": "x", "best_of": 3}, "best_of"),

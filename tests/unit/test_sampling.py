@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flywheel_server.sampling import (
+    adjust_logits,
     filter_logits,
     find_stop,
     forbid_token,
@@ -207,3 +208,21 @@ def test_forbid_token_masks_it_only_in_the_rows_asked() -> None:
         out, torch.tensor([0.0, 0.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), [None, None]
     )
     assert greedy.tolist() == [1, 0]
+
+
+def test_penalties_and_logit_bias_follow_openais_definition() -> None:
+    from flywheel_server.domain import Sampling
+
+    logits = torch.zeros(3, 4)
+    rows = [
+        ([1, 1, 2], Sampling(presence_penalty=0.5, frequency_penalty=0.25)),
+        ([1, 1, 2], Sampling(logit_bias=((0, 3.0), (3, -100.0)))),
+        ([1], Sampling()),
+    ]
+    out = adjust_logits(logits, rows)
+    # token 1 twice: 0.5 + 2 x 0.25; token 2 once: 0.5 + 0.25; tokens 0 and 3 never
+    assert out[0].tolist() == [0.0, -1.0, -0.75, 0.0]
+    assert out[1].tolist() == [3.0, 0.0, 0.0, -100.0]
+    assert out[2].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert adjust_logits(logits, [([1], Sampling())] * 3) is logits  # nothing asked: no copy
+    assert logits.eq(0).all()

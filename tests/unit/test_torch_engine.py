@@ -521,3 +521,20 @@ async def test_ignore_eos_and_min_tokens_hold_off_the_end(engine: TorchEngine) -
     assert {(e.finish_reason, e.completion_tokens) for e in finals(held, n)} == {("length", limit)}
     floor = await events(engine, request(engine, **hot, min_tokens=6))
     assert all(e.completion_tokens >= 6 for e in finals(floor, n))
+
+
+async def test_logit_bias_and_penalties_steer_decoding(
+    engine: TorchEngine, base_greedy: tuple[list[int], str]
+) -> None:
+    tokens, text = base_greedy
+    favourite = tokens[0]
+    forced = request(engine, temperature=0, max_tokens=6, logit_bias=((favourite, 100.0),))
+    assert texts(await events(engine, forced)) == [
+        engine.tokenizer.decode([favourite] * 6, skip_special_tokens=True)
+    ]
+    banned = request(engine, temperature=0, logit_bias=((favourite, -100.0),))
+    assert favourite not in engine.encode(texts(await events(engine, banned))[0])
+    # The base's greedy answer repeats a token; penalised, it may not repeat the same way.
+    assert len(set(tokens)) < len(tokens)
+    penalised = request(engine, temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
+    assert texts(await events(engine, penalised)) != [text]

@@ -241,3 +241,25 @@ def test_label_is_text_of_at_most_200_characters() -> None:
     assert validation.label("labeler", "a" * 200) == "a" * 200
     with pytest.raises(InvalidRequest, match=r"^labeler must be at most 200 characters, got 201$"):
         validation.label("labeler", "a" * 201)
+
+
+def test_penalties_and_logit_bias_are_checked_and_kept() -> None:
+    raw = RawSampling(presence_penalty=-2, frequency_penalty=1.5, logit_bias={"7": 5, "2": -100})
+    s = validation.sampling(raw, max_tokens_limit=16, vocab_size=8)
+    assert (s.presence_penalty, s.frequency_penalty, s.logit_bias) == (
+        -2.0,
+        1.5,
+        ((2, -100.0), (7, 5.0)),
+    )
+    for bad, field, message in [
+        (RawSampling(presence_penalty=2.01), "presence_penalty", "between -2 and 2"),
+        (RawSampling(frequency_penalty=float("nan")), "frequency_penalty", "between -2 and 2"),
+        (RawSampling(logit_bias={"8": 1}), "logit_bias", "token ids are 0 to 7"),
+        (RawSampling(logit_bias={"-1": 1}), "logit_bias", "token ids are 0 to 7"),
+        (RawSampling(logit_bias={"a": 1}), "logit_bias", "token ids are 0 to 7"),
+        (RawSampling(logit_bias={"1": 100.5}), "logit_bias", "between -100 and 100"),
+        (RawSampling(logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "at most 300"),
+    ]:
+        with pytest.raises(InvalidRequest, match=message) as e:
+            validation.sampling(bad, max_tokens_limit=16, vocab_size=8)
+        assert e.value.field == field

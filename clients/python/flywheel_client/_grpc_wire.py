@@ -42,6 +42,9 @@ def sampling(
     seed: int | None = None,
     min_tokens: int | None = None,
     ignore_eos: bool | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> pb.SamplingParams:
     """Only the fields given are set, so the server's defaults apply to the rest."""
     params = pb.SamplingParams(
@@ -52,6 +55,9 @@ def sampling(
         seed=seed,
         min_tokens=min_tokens,
         ignore_eos=ignore_eos,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=dict(logit_bias or {}),
     )
     if stop is not None:
         params.stop.extend([stop] if isinstance(stop, str) else stop)

@@ -45,6 +45,9 @@ def _sampling_fields(
     seed: int | None = None,
     min_tokens: int | None = None,
     ignore_eos: bool | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Json:
     """Only the fields given, so the server's defaults apply to the rest."""
     fields: Json = {
@@ -56,6 +59,9 @@ def _sampling_fields(
         "seed": seed,
         "min_tokens": min_tokens,
         "ignore_eos": ignore_eos,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "logit_bias": None if logit_bias is None else {str(t): b for t, b in logit_bias.items()},
     }
     return {k: v for k, v in fields.items() if v is not None}
 

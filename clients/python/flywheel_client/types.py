@@ -192,3 +192,6 @@ class SamplingOptions(TypedDict, total=False):
     seed: int
     min_tokens: int
     ignore_eos: bool
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Mapping[int, float]  # token id -> bias
