@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, make_adapter
+from tests.support import ServerProcess, server_with_reward
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_START_S = 600  # vLLM's first start on 2 busy cores takes minutes; the torch server seconds
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,7 +53,7 @@ def server(request: pytest.FixtureRequest) -> ServerProcess:
 def torch_server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    yield from _server_with_reward(tiny_model, tmp_path_factory)
+    yield from server_with_reward(tiny_model, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -76,31 +75,7 @@ def vllm_server(
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env`")
     args = ["--backend", "vllm", "--vllm-python", str(VLLM_PYTHON)]
-    yield from _server_with_reward(vllm_model, tmp_path_factory, args=args)
-
-
-def _server_with_reward(
-    model: Path, tmp_path_factory: pytest.TempPathFactory, *, args: list[str] = ()
-) -> Iterator[ServerProcess]:
-    """A server with a reward model published and live."""
-    from flywheel_client import FlywheelClient
-    from flywheel_model import loading
-
-    proc = ServerProcess(
-        model, tmp_path_factory.mktemp("server"), args=args, start_timeout_s=VLLM_START_S
-    ).start()
-    try:
-        adapters = tmp_path_factory.mktemp("adapters")
-        with FlywheelClient(proc.grpc) as client:
-            client.publish_adapter(
-                make_adapter(model, adapters / "reward", reward=True),
-                name="reward",
-                base_model=loading.base_fingerprint(model),
-                promote=True,
-            )
-        yield proc
-    finally:
-        proc.stop()
+    yield from server_with_reward(vllm_model, tmp_path_factory, args=args)
 
 
 @pytest.fixture

@@ -4,7 +4,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bench.harness import FLYWHEEL, ServerProcess, free_port, make_adapter
 
@@ -15,8 +19,11 @@ __all__ = [
     "ServerProcess",
     "free_port",
     "make_adapter",
+    "server_with_reward",
     "tiny_causal_lm",
 ]
+
+VLLM_START_S = 600  # vLLM's first start on 2 busy cores takes minutes; the torch server seconds
 
 
 TINY_VOCAB = 96
@@ -40,3 +47,27 @@ def tiny_causal_lm(model_type: str = "llama", **extra: object) -> Any:
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, **extra,
     )  # fmt: skip
     return AutoModelForCausalLM.from_config(config)
+
+
+def server_with_reward(
+    model: Path, tmp_path_factory: pytest.TempPathFactory, *, args: list[str] = ()
+) -> Iterator[ServerProcess]:
+    """A server with a reward model published and live."""
+    from flywheel_client import FlywheelClient
+    from flywheel_model import loading
+
+    proc = ServerProcess(
+        model, tmp_path_factory.mktemp("server"), args=args, start_timeout_s=VLLM_START_S
+    ).start()
+    try:
+        adapters = tmp_path_factory.mktemp("adapters")
+        with FlywheelClient(proc.grpc) as client:
+            client.publish_adapter(
+                make_adapter(model, adapters / "reward", reward=True),
+                name="reward",
+                base_model=loading.base_fingerprint(model),
+                promote=True,
+            )
+        yield proc
+    finally:
+        proc.stop()

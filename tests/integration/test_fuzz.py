@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from flywheel_server import openapi
 from flywheel_server.http_api import create_app
-from tests.support import ServerProcess, make_adapter
+from tests.support import ServerProcess, server_with_reward
 
 pytestmark = pytest.mark.integration
 
@@ -46,23 +46,7 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def fuzzed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A bounded server with a live reward model, so /rewards scores rather than refuses."""
-    from flywheel_client import FlywheelClient
-    from flywheel_model import loading
-
-    proc = ServerProcess(tiny_model, tmp_path_factory.mktemp("fuzz"), args=ARGS).start()
-    try:
-        with FlywheelClient(proc.grpc) as client:
-            client.publish_adapter(
-                make_adapter(
-                    tiny_model, tmp_path_factory.mktemp("adapters") / "reward", reward=True
-                ),
-                name="reward",
-                base_model=loading.base_fingerprint(tiny_model),
-                promote=True,
-            )
-        yield proc
-    finally:
-        proc.stop()
+    yield from server_with_reward(tiny_model, tmp_path_factory, args=ARGS)
 
 
 def served_routes() -> set[str]:
