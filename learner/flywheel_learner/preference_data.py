@@ -97,9 +97,11 @@ def _parse_record(record: dict[str, Any]) -> Ranking:
         rejected = _response("rejected", record["rejected"])
     else:
         prompt, chosen, rejected = _split_transcripts(record["chosen"], record["rejected"])
-    for key, response in (("chosen", chosen), ("rejected", rejected)):
-        if not response.strip():
-            raise _BadLine(f"{key!r} has an empty response")
+        # An empty response given as such is data (a labeler ranked an empty completion); in a
+        # transcript it means the split went wrong.
+        for key, response in (("chosen", chosen), ("rejected", rejected)):
+            if not response.strip():
+                raise _BadLine(f"{key!r} has an empty response")
     if chosen == rejected:
         raise _BadLine("'chosen' and 'rejected' are the same response; a pair needs two")
     return prompt, ((chosen,), (rejected,))

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flywheel_client import FlywheelError, NotFound
+from flywheel_client import Conflict, FlywheelError, NotFound
 
 pytestmark = pytest.mark.integration
 
@@ -451,9 +451,6 @@ def test_malformed_json(server, path, raw, substrings):
             "/v1/feedback", {"ranking": [1, 2], "labeler": "t"}, "ranking", id="ranking-numbers"
         ),
         pytest.param(
-            "/v1/feedback", {"ranking": ["cmpl-a", "cmpl-b"]}, "labeler", id="labeler-missing"
-        ),
-        pytest.param(
             "/v1/feedback",
             {"ranking": ["cmpl-a", "cmpl-b"], "labeler": "t", "rank": 1},
             "rank",
@@ -656,12 +653,17 @@ def test_replayed_ranking_key_http(server, issued):
 
     # The same key with a different (valid) ranking: still the first result, nothing new.
     for other in ([issued["A3"], issued["A1"]], [issued["B1"], issued["B0"]]):
-        status, replay = server.post(
-            "/v1/feedback", {**first_body, "ranking": other, "labeler": "someone-else"}
-        )
+        status, replay = server.post("/v1/feedback", {**first_body, "ranking": other})
         assert status == 200, replay
         assert replay == {**first, "duplicate": True}
         assert server.counts() == stored
+    # Another labeler's use of the key is no replay of theirs: 409, nothing stored.
+    status, error = server.post("/v1/feedback", {**first_body, "labeler": "someone-else"})
+    assert status == 409 and error["error"]["param"] == "idempotency_key", error
+    assert server.counts() == stored
+    # Without auth, a labeler must still be named.
+    status, error = server.post("/v1/feedback", {"ranking": first_body["ranking"]})
+    assert status == 400 and error["error"]["param"] == "labeler", error
 
 
 def test_replayed_ranking_key_grpc(server, grpc_client, issued):
@@ -685,8 +687,10 @@ def test_replayed_ranking_key_grpc(server, grpc_client, issued):
     )
     assert server.counts() == stored
 
+    with pytest.raises(Conflict, match="another labeler"):
+        grpc_client.rank([issued["A0"], issued["A3"]], labeler="someone-else", idempotency_key=key)
     for other in ([issued["A0"], issued["A3"]], [issued["B0"], issued["B1"]]):
-        replay = grpc_client.rank(other, labeler="someone-else", idempotency_key=key)
+        replay = grpc_client.rank(other, labeler="bad-input", idempotency_key=key)
         assert (replay.ranking_id, replay.prompt_id, replay.pairs, replay.duplicate) == (
             first.ranking_id,
             first.prompt_id,

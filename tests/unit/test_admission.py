@@ -22,6 +22,7 @@ class BusyEngine:
 
     base_model = "fake-base"
     max_positions = 64
+    vocab_size = 100
     device = "cpu"
 
     def __init__(self, admitted: int) -> None:

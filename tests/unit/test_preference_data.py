@@ -85,7 +85,10 @@ def test_gzip_file(tmp_path: Path) -> None:
         ({"prompt": "p", "chosen": "a"}, "missing key 'rejected'"),
         ({"text": "a"}, "missing key 'chosen', 'rejected'"),
         ({"prompt": "p", "chosen": "same", "rejected": "same"}, "same response"),
-        ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "'chosen' has an empty response"),
+        (
+            {"chosen": "\n\nHuman: q\n\nAssistant: ", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+            "'chosen' has an empty response",
+        ),
         ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' must be a non-empty string"),
         ({"prompt": "p", "chosen": 3, "rejected": "b"}, "must be a string or a list"),
         (

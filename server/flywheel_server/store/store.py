@@ -596,6 +596,7 @@ def _completion_row(c: CompletionRecord) -> CompletionRow:
 def _completion_record(row: CompletionRow) -> CompletionRecord:
     sampling = dict(row.sampling)
     sampling["stop"] = tuple(sampling.get("stop", ()))
+    sampling["logit_bias"] = tuple((int(t), b) for t, b in sampling.get("logit_bias", {}).items())
     return CompletionRecord(
         id=row.id,
         prompt_id=row.prompt_id,
