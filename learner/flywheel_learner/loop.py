@@ -206,7 +206,7 @@ class Learner:
             self.finish_round(number)
             return False
         models = self.train_policy(reward_dir, number)
-        metrics = self.evaluate(models, judge_dir)
+        metrics = self.evaluate(models, judge_dir, held)
         passed, reasons = gate(metrics, self.config.gate)
         live = self.publish_policy(models, metrics, passed, reasons, number)
         self.finish_round(number)
@@ -355,7 +355,9 @@ class Learner:
         save_state(self.work_dir, self.state)
         return models
 
-    def evaluate(self, models: SharedBaseModels, judge_dir: Path) -> EvalMetrics:
+    def evaluate(
+        self, models: SharedBaseModels, judge_dir: Path, held: Sequence[RankingText]
+    ) -> EvalMetrics:
         """Candidate vs live on held-out prompts, sampled and greedy: scored by the reward
         model PPO optimised, and by the judge fitted on the held-out rankings (`judge`)."""
         ppo = self.config.ppo
@@ -377,7 +379,7 @@ class Learner:
         judged = {k: float(models.rewards(prompts, v, JUDGE).mean()) for k, v in answers.items()}
         judge_gain = (judged["candidate"] - judged["live"]
                       + judged["candidate_greedy"] - judged["live_greedy"]) / 2  # fmt: skip
-        human = self.human_verdicts(models)
+        human = self.human_verdicts(models, held)
         candidate_ptx = base_ptx = None
         if self.pretraining:
             batch = next(ptx_batches(models.tokenizer, self.pretraining, ppo.ptx_batch,
@@ -389,11 +391,10 @@ class Learner:
         log.info(kv("evaluated", prompts=len(prompts), **metrics.as_dict()))
         return metrics
 
-    def human_verdicts(self, models: SharedBaseModels) -> Verdicts:
+    def human_verdicts(self, models: SharedBaseModels, held: Sequence[RankingText]) -> Verdicts:
         """The labelers' verdicts (`anchor`) on the greedy answers of the candidate and the live
-        policy to the newest held-out ranked prompts, where they differ and a ranking holds both.
+        policy to the newest of the round's held-out rankings, where they differ and a ranking holds both.
         Held out: on the rankings the reward model trained on, PPO can copy what it memorised."""
-        _, held = self.split()
         prompts = newest_prompts(held, self.config.eval_prompts)
         if not prompts:
             return NO_VERDICTS

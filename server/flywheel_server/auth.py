@@ -138,6 +138,7 @@ class Authenticator:
         if any("/" in name for name in names):  # "team/alice" is a sub-labeler's name
             raise ValueError(f"API key names may not contain '/'; got {names}")
         self.keys = keys
+        self._by_name = {k.name: k for k in keys}
         self._refused: Counter[tuple[str, str]] = Counter()  # drained by the audit trail
         self._buckets = {k.name: TokenBucket(k.limit, clock) for k in keys if k.limit}
         self._budgets = {k.name: TokenBucket(k.tokens, clock) for k in keys if k.tokens}
@@ -189,7 +190,7 @@ class Authenticator:
 
     def labeler(self, caller: str, requested: str) -> str:
         """The labeler feedback from `caller` (a name `check` returned) is recorded under."""
-        key = next((k for k in self.keys if k.name == caller), None)
+        key = self._by_name.get(caller)
         if key is None:  # auth is off: the body names its labeler
             return requested
         if not requested.strip() or requested == key.name:

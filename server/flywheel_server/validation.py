@@ -83,21 +83,19 @@ def sampling(raw: RawSampling, *, max_tokens_limit: int, vocab_size: int = 1 << 
         raise InvalidRequest(
             f"ignore_eos must be true or false, got {raw.ignore_eos!r}", field="ignore_eos"
         )
-    penalties = [
-        0.0 if value is None else number(name, value)
-        for name, value in (
-            ("presence_penalty", raw.presence_penalty),
-            ("frequency_penalty", raw.frequency_penalty),
-        )
-    ]
-    for name, value in zip(("presence_penalty", "frequency_penalty"), penalties, strict=True):
-        if not -2 <= value <= 2:  # also refuses NaN
-            raise InvalidRequest(f"{name} must be between -2 and 2, got {value}", field=name)
-    presence, frequency = penalties
+    presence = _penalty("presence_penalty", raw.presence_penalty)
+    frequency = _penalty("frequency_penalty", raw.frequency_penalty)
     return Sampling(
         temperature, top_p, top_k, max_tokens, stops, raw.seed, min_tokens,
         bool(raw.ignore_eos), presence, frequency, _logit_bias(raw.logit_bias, vocab_size),
     )  # fmt: skip
+
+
+def _penalty(field: str, value: float | None) -> float:
+    penalty = 0.0 if value is None else number(field, value)
+    if not -2 <= penalty <= 2:  # also refuses NaN
+        raise InvalidRequest(f"{field} must be between -2 and 2, got {penalty}", field=field)
+    return penalty
 
 
 def _logit_bias(raw: Mapping[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
