@@ -23,6 +23,7 @@ from flywheel_server.auth import Authenticator
 from flywheel_server.backends import open_engine
 from flywheel_server.config import ServerConfig
 from flywheel_server.store import Store
+from flywheel_server.write_timeout import with_write_timeout
 
 if TYPE_CHECKING:  # the service imports prometheus-client, which must wait for prepare_process
     from flywheel_server.service import FlywheelService
@@ -106,7 +107,7 @@ async def serve(
             bento_service.Flywheel.to_asgi(),  # type: ignore[attr-defined]  # added by @bentoml.service
             host=config.host,
             port=config.http_port,
-            http="httptools",
+            http=with_write_timeout(config.write_timeout_s),
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=30,

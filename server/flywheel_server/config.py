@@ -94,6 +94,11 @@ class ServerConfig:
         "write per decode step)",
         default=20,
     )
+    write_timeout_s: float = _opt(
+        "HTTP: a connection whose client reads nothing for this long while a response waits "
+        "to be written (a stalled stream) is aborted, and its generation cancelled",
+        default=30.0,
+    )
     keep_versions: int = _opt(
         "retired versions per adapter kept loaded (pinnable, instant rollback); older ones are "
         "unloaded once drained",
@@ -159,6 +164,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        if not 0 < self.write_timeout_s <= 3600:
+            raise ValueError(
+                f"write_timeout_s must be in (0, 3600] seconds, got {self.write_timeout_s}"
+            )
         for name in ("challenger_share", "challenger_promote_above", "challenger_retire_below"):
             value = getattr(self, name)
             if not 0 <= value <= 1:

@@ -58,6 +58,11 @@ class Unavailable(FlywheelError):
     """A backend the server depends on (the vLLM sidecar) is down: UNAVAILABLE / 503."""
 
 
+class StalledClient(FlywheelError):
+    """The client read nothing of a streamed answer for the write timeout: DEADLINE_EXCEEDED
+    (an HTTP connection in that state is aborted instead, `write_timeout`)."""
+
+
 class Unauthenticated(FlywheelError):
     """Missing or unknown API key: UNAUTHENTICATED / 401."""
 

@@ -38,6 +38,7 @@ STATUS: list[tuple[type[errors.FlywheelError], grpc.StatusCode]] = [
     (errors.Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.StalledClient, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
@@ -86,10 +87,27 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return dict(context.invocation_metadata() or ()).get("authorization")
 
 
+async def _write(context: grpc.aio.ServicerContext, item: Any, timeout_s: float) -> None:
+    """Send one message of a server stream, or fail if the client has not made room for it
+    (read anything) within timeout_s: a stalled client would hold the stream forever."""
+    try:
+        await asyncio.wait_for(context.write(item), timeout_s)
+    except TimeoutError:
+        metrics.STALLED_STREAMS.labels("grpc").inc()
+        raise errors.StalledClient(
+            f"the client read nothing for {timeout_s:g} s; the stream was cut off"
+        ) from None
+
+
 def _guard(
-    fn: Callable[..., Any], auth: Authenticator, scope: str, request_stream: bool
+    fn: Callable[..., Any],
+    auth: Authenticator,
+    scope: str,
+    request_stream: bool,
+    write_timeout_s: float,
 ) -> Callable[..., Any]:
-    """Auth, malformed-input check and error mapping around one handler (unary or streaming)."""
+    """Auth, malformed-input check and error mapping around one handler (unary or streaming).
+    A streaming handler's messages are written with a write timeout (`_write`)."""
 
     @contextlib.asynccontextmanager
     async def boundary(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -111,11 +129,11 @@ def _guard(
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
             async with boundary(context):
                 auth.check(_authorization(context), scope)
                 async for item in fn(_check(request), context):
-                    yield item
+                    await _write(context, item, write_timeout_s)
 
         return stream
 
@@ -133,13 +151,15 @@ def _guard(
     return unary
 
 
-def handlers(servicer: Any, auth: Authenticator) -> list[grpc.GenericRpcHandler]:
+def handlers(
+    servicer: Any, auth: Authenticator, write_timeout_s: float
+) -> list[grpc.GenericRpcHandler]:
     out = []
     for short, scope in SCOPES.items():
         service = pb.DESCRIPTOR.services_by_name[short]
         methods = {}
         for m in service.methods:
-            fn = _guard(getattr(servicer, m.name), auth, scope, m.client_streaming)
+            fn = _guard(getattr(servicer, m.name), auth, scope, m.client_streaming, write_timeout_s)
             parse = _parser(getattr(pb, m.input_type.name))
             serialize = getattr(pb, m.output_type.name).SerializeToString
             if m.client_streaming:
@@ -449,7 +469,9 @@ async def start_grpc(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    server.add_generic_rpc_handlers(handlers(Servicer(service), auth))
+    server.add_generic_rpc_handlers(
+        handlers(Servicer(service), auth, service.config.write_timeout_s)
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -118,6 +118,12 @@ CHALLENGER_WIN_RATE = Gauge(
     ["estimate"],
     multiprocess_mode="livemostrecent",
 )
+STALLED_STREAMS = Counter(
+    "flywheel_stalled_streams_total",
+    "Responses cut off because the client read nothing for --write-timeout-s while they waited "
+    "to be written (HTTP: the connection aborted; gRPC: the call ended DEADLINE_EXCEEDED).",
+    ["transport"],
+)
 REJECTED = Counter(
     "flywheel_rejected_total",
     "Requests refused at a transport's error boundary, by error class.",
