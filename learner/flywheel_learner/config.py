@@ -13,6 +13,7 @@ from flywheel_learner.reward_refit import (
     Validation,
 )
 from flywheel_model import adapters
+from flywheel_model.precision import Precision, check_names, resolve
 
 if TYPE_CHECKING:
     pass
@@ -60,6 +61,8 @@ class LearnerConfig:
         promoted or retired by live labelers' blind comparisons, instead of promoting it.
     threads: torch CPU threads (0 = one per core). `flywheel up` gives the learner the cores
         its server does not use.
+    device, dtype: where the base weights live and their precision (`flywheel_model.precision`:
+        auto = CUDA in bfloat16 when present, else CPU in float32); what trains stays float32.
     """
 
     server: str
@@ -106,6 +109,8 @@ class LearnerConfig:
     seed: int = 0
     timeout_s: float = 120.0
     threads: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -139,6 +144,7 @@ class LearnerConfig:
                 f"({self.gate.max_kl}), or every candidate PPO aims for is refused"
             )
         Validation(self.rm_min_accuracy, self.rm_min_held_out_pairs)  # raises when out of range
+        check_names(self.device, self.dtype)
         if self.anchor_prompts < 0:
             raise ValueError(f"anchor_prompts must be >= 0, got {self.anchor_prompts}")
         if self.rm_held_out_window < 1:
@@ -156,6 +162,11 @@ class LearnerConfig:
     @property
     def tls(self) -> bool:
         return any(p is not None for p in (self.tls_ca, self.tls_cert, self.tls_key))
+
+    @property
+    def precision(self) -> Precision:
+        """device and dtype made concrete on this machine (`flywheel_model.precision`)."""
+        return resolve(self.device, self.dtype)
 
     @property
     def stop_kl(self) -> float:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flywheel_learner.reward import RewardConfig
 from flywheel_learner.reward_refit import Refit, refit
+from flywheel_model.precision import FLOAT32_CPU, Precision
 from flywheel_model.scoring import RankingText
 
 
@@ -34,10 +35,11 @@ def fit_judge(
     window: int,
     base_model: str,
     progress: bool = False,
+    precision: Precision = FLOAT32_CPU,
 ) -> Refit:
     """A fresh reward model on `held`, measured on the newest `window` of `train`, saved in
     `out_dir` with its scores unit-scaled like the PPO reward model's."""
     return refit(
         base_dir, held, train[-window:], config, out_dir, prior=None, base_model=base_model,
-        progress=progress,
+        progress=progress, precision=precision,
     )  # fmt: skip

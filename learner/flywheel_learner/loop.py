@@ -251,6 +251,7 @@ class Learner:
             self.config.model_dir, train, held, config,
             self.work_dir / "adapters" / f"reward-r{number:04d}", prior=prior,
             base_model=self.base_model, progress=self.progress.tty,
+            precision=self.config.precision,
         )  # fmt: skip
         problem = self.config.validation.problem(fit.score)
         metrics = {"held_out_accuracy": fit.score.accuracy, "held_out_pairs": float(fit.score.pairs),
@@ -259,7 +260,8 @@ class Learner:
         for start, score in fit.candidates.items():
             metrics[f"{start}_accuracy"] = score.accuracy
         if self.config.reward_init is not None and held:
-            init = score_saved(self.config.model_dir, self.config.reward_init, held, config)
+            init = score_saved(self.config.model_dir, self.config.reward_init, held, config,
+                               self.config.precision)  # fmt: skip
             metrics["init_accuracy"] = init.accuracy  # a drift from the prior shows here
         log.info(kv("reward_fit", round=number, kept=fit.start, steps=fit.steps,
                     seconds=fit.seconds, **metrics))  # fmt: skip
@@ -286,7 +288,8 @@ class Learner:
         previous = self.state.reward_dir
         if not previous or Path(previous) == refit.directory or not Path(previous).is_dir():
             return None, why
-        score = score_saved(self.config.model_dir, Path(previous), held, self.config.reward)
+        score = score_saved(self.config.model_dir, Path(previous), held, self.config.reward,
+                            self.config.precision)  # fmt: skip
         problem = self.config.validation.problem(score)
         if problem is not None:
             return None, f"{why}; nor is the last validated one ({previous}): {problem}"
@@ -310,7 +313,7 @@ class Learner:
             self.config.model_dir, held, train, self.config.reward,
             self.work_dir / "adapters" / f"judge-r{number:04d}",
             window=self.config.rm_held_out_window, base_model=self.base_model,
-            progress=self.progress.tty,
+            progress=self.progress.tty, precision=self.config.precision,
         )  # fmt: skip
         problem = self.config.validation.problem(fit.score)
         log.info(kv("judge_fit", round=number, rankings=len(held), accuracy=fit.score.accuracy,
@@ -323,7 +326,8 @@ class Learner:
         """`ppo_steps_per_round` PPO-ptx steps on prompts drawn from the logged prompts."""
         ppo = self.config.ppo
         torch.manual_seed(self.config.seed + number)
-        models = SharedBaseModels.build(self.config.model_dir, reward_dir, ppo)
+        models = SharedBaseModels.build(self.config.model_dir, reward_dir, ppo,
+                                        self.config.precision)  # fmt: skip
         self._continue_from_live(models)
         optimizer = make_optimizer(models, ppo)
         kl_ctl = ppo.kl_controller(self.state.kl_beta or None)

@@ -20,6 +20,7 @@ from flywheel_learner.ppo_math import (
     ptx_loss,
 )
 from flywheel_model import adapters, loading, scoring
+from flywheel_model.precision import FLOAT32_CPU, Precision
 from flywheel_model.scoring import make_batch, score_batch
 
 if TYPE_CHECKING:
@@ -50,8 +51,10 @@ class SharedBaseModels:
         reward_head: scoring.ScoreHead,
         value_head: scoring.ScoreHead,
         config: PPOConfig,
+        precision: Precision = FLOAT32_CPU,
     ) -> None:
         self.peft = peft_model
+        self.precision = precision
         self.tokenizer = tokenizer
         self.reward_head = reward_head.requires_grad_(False)
         self.value_head = value_head.requires_grad_(True)
@@ -67,17 +70,24 @@ class SharedBaseModels:
 
     @classmethod
     def build(
-        cls, base_dir: str | Path, reward_dir: str | Path, config: PPOConfig
+        cls,
+        base_dir: str | Path,
+        reward_dir: str | Path,
+        config: PPOConfig,
+        precision: Precision = FLOAT32_CPU,
     ) -> SharedBaseModels:
         """Load the base once, add the three adapters, copy the reward head into the value head.
 
         The value adapter is a trainable copy of the reward adapter (its own rank and alpha,
-        not the policy's), so value and reward LoRA always match in shape.
+        not the policy's), so value and reward LoRA always match in shape. The base is loaded
+        on `precision.device` in `precision.dtype`; adapters and heads are float32 there.
         """
         from peft import LoraConfig, PeftModel
 
         adapters.read_adapter_config(reward_dir)  # a clear error when it is not an adapter
-        base, tokenizer = loading.load_base(base_dir)
+        base, tokenizer = loading.load_base(
+            base_dir, device=precision.device, dtype=precision.dtype
+        )
         if config.final_norm_lr > 0 and not _has_module(base, adapters.FINAL_NORM):
             raise ValueError(
                 f"final_norm_lr > 0 trains the policy's own {adapters.FINAL_NORM}, which this "
@@ -97,11 +107,12 @@ class SharedBaseModels:
         )
         torch.manual_seed(config.seed)  # LoRA A is random; B = 0 keeps policy == base at start
         model.add_adapter(POLICY, lora)
+        _float32_trainables(model)
         model.eval()
         hidden = model.config.hidden_size
-        reward_head = scoring.ScoreHead.load(Path(reward_dir), hidden)
-        value_head = scoring.ScoreHead.load(Path(reward_dir), hidden)
-        return cls(model, tokenizer, reward_head, value_head, config)
+        reward_head = scoring.ScoreHead.load(Path(reward_dir), hidden).to(precision.device)
+        value_head = scoring.ScoreHead.load(Path(reward_dir), hidden).to(precision.device)
+        return cls(model, tokenizer, reward_head, value_head, config, precision)
 
     def use(self, adapter: str) -> None:
         self.peft.set_adapter(adapter)
@@ -122,13 +133,14 @@ class SharedBaseModels:
         """ids, attention: (B, L). Position ids follow the attention mask, as in generate, so
         left-padded prompts see the same positions when sampled and when scored."""
         positions = (attention.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
-        return self.peft(
-            input_ids=ids,
-            attention_mask=attention,
-            position_ids=positions,
-            logits_to_keep=keep,
-            output_hidden_states=hidden,
-        )
+        with self.precision.autocast():
+            return self.peft(
+                input_ids=ids,
+                attention_mask=attention,
+                position_ids=positions,
+                logits_to_keep=keep,
+                output_hidden_states=hidden,
+            )
 
     def _logprobs(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
         width = ids.shape[1] - start  # R
@@ -164,28 +176,29 @@ class SharedBaseModels:
         sampling = (
             {} if greedy else {"temperature": self.config.temperature, "top_k": 0, "top_p": 1.0}
         )
-        return self.peft.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            do_sample=not greedy,
-            **sampling,
-            max_new_tokens=self.config.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with self.precision.autocast():
+            return self.peft.generate(
+                input_ids=ids.to(self.precision.device),
+                attention_mask=attention.to(self.precision.device),
+                do_sample=not greedy,
+                **sampling,
+                max_new_tokens=self.config.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
 
     def values(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
         """V of the state before each token of ids[:, start:]. (B, L) -> (B, R)."""
         self.use(VALUE)
         out = self._forward(ids, attention, keep=1, hidden=True)
         states = out.hidden_states[-1][:, start - 1 : -1]  # (B, R, H)
-        return self.value_head(states)  # (B, R)
+        return self.value_head(states.float())  # (B, R), in float32 as the head
 
     def add_scorer(self, name: str, directory: Path) -> None:
         """Load another saved reward model beside the four roles, frozen (the gate's judge)."""
         self.peft.load_adapter(str(directory), adapter_name=name, is_trainable=False)
         head = scoring.ScoreHead.load(directory, self.peft.config.hidden_size)
-        self._heads[name] = head.requires_grad_(False)
+        self._heads[name] = head.to(self.precision.device).requires_grad_(False)
 
     @torch.no_grad()
     def rewards(
@@ -199,13 +212,26 @@ class SharedBaseModels:
         self.use(scorer)
         rows = [(p, [[r]]) for p, r in zip(prompts, responses, strict=True)]
         batch = make_batch(self.tokenizer, rows, self.config.reward_max_length)
-        return score_batch(self.peft, self._heads[scorer], batch)
+        with self.precision.autocast():
+            return score_batch(self.peft, self._heads[scorer], batch).float()
 
     def pretraining_nll(self, batch: PtxBatch) -> torch.Tensor:
         """Per-token NLL of a pretraining batch under the policy (the ptx term). -> scalar"""
         self.use(POLICY)
-        logits = self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        batch = PtxBatch(*(t.to(self.precision.device) for t in batch))
+        with self.precision.autocast():
+            logits = self.peft(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).logits
         return ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:])
+
+
+def _float32_trainables(model: torch.nn.Module) -> None:
+    """Adapter weights (LoRA, and a policy's own copy of the final norm) in float32 over a
+    half-precision base: peft already keeps LoRA there; the norm copy starts as the base's."""
+    for name, p in model.named_parameters():
+        if (".lora_" in name or "modules_to_save" in name) and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _has_module(model: torch.nn.Module, name: str) -> bool:

@@ -29,6 +29,7 @@ from flywheel_learner.reward import (
     normalise_head_scale,
 )
 from flywheel_model import adapters, loading, scoring
+from flywheel_model.precision import FLOAT32_CPU, Precision
 from flywheel_model.scoring import RankingText
 
 SCALE_SAMPLE = 1024  # the newest ranked responses the reward scale is measured on
@@ -102,16 +103,21 @@ class Refit(NamedTuple):
 
 
 def score_saved(
-    base_dir: Path, reward_dir: Path, held: Sequence[RankingText], config: RewardConfig
+    base_dir: Path,
+    reward_dir: Path,
+    held: Sequence[RankingText],
+    config: RewardConfig,
+    precision: Precision = FLOAT32_CPU,
 ) -> HeldOutScore:
     """A saved reward model's score on `held` (its own LoRA shape, whatever `config` says)."""
     from peft import PeftModel
 
-    base, tokenizer = loading.load_base(base_dir)
+    base, tokenizer = loading.load_base(base_dir, device=precision.device, dtype=precision.dtype)
     model = PeftModel.from_pretrained(base, str(reward_dir), adapter_name="reward")
     model.eval()
     head = scoring.ScoreHead.load(Path(reward_dir), model.config.hidden_size)
-    return held_out_score(model, head, tokenizer, held, config)
+    with precision.autocast():
+        return held_out_score(model, head.to(precision.device), tokenizer, held, config)
 
 
 def refit(
@@ -124,26 +130,31 @@ def refit(
     prior: Path | None,
     base_model: str,
     progress: bool = False,
+    precision: Precision = FLOAT32_CPU,
 ) -> Refit:
     """Fit from `prior` (when given) and from scratch; save the better into `out_dir`.
 
     Better = higher held-out accuracy, then lower held-out loss (NaN ranks last). Without
-    held-out pairs there is nothing to compare on and the warm start is kept.
+    held-out pairs there is nothing to compare on and the warm start is kept. The base is
+    loaded as `precision` says; the adapter and head train in float32 under its autocast.
     """
     fits: dict[str, tuple[Path, HeldOutScore, float, int, float]] = {}
     starts = [("warm", prior)] if prior is not None else []
     for start, init in [*starts, ("fresh", None)]:
-        base, tokenizer = loading.load_base(base_dir)
-        fit = fit_reward_model(
-            base, tokenizer, train, config, init=init, held_out=held, progress=progress
+        base, tokenizer = loading.load_base(
+            base_dir, device=precision.device, dtype=precision.dtype
         )
-        # Unit scale over the ranked responses, then centred on the best-ranked ones: what a
-        # good response earns scores 0 (InstructGPT's normalisation).
-        every = [(prompt, text) for prompt, tiers in train for tier in tiers for text in tier]
-        normalise_head_scale(fit.model, fit.head, tokenizer, every[-SCALE_SAMPLE:],
-                             max_length=config.max_length)  # fmt: skip
-        best = [(prompt, tiers[0][0]) for prompt, tiers in train if tiers and tiers[0]]
-        normalise_head_bias(fit.model, fit.head, tokenizer, best, max_length=config.max_length)
+        with precision.autocast():
+            fit = fit_reward_model(
+                base, tokenizer, train, config, init=init, held_out=held, progress=progress
+            )
+            # Unit scale over the ranked responses, then centred on the best-ranked ones: what
+            # a good response earns scores 0 (InstructGPT's normalisation).
+            every = [(prompt, text) for prompt, tiers in train for tier in tiers for text in tier]
+            normalise_head_scale(fit.model, fit.head, tokenizer, every[-SCALE_SAMPLE:],
+                                 max_length=config.max_length)  # fmt: skip
+            best = [(prompt, tiers[0][0]) for prompt, tiers in train if tiers and tiers[0]]
+            normalise_head_bias(fit.model, fit.head, tokenizer, best, max_length=config.max_length)
         directory = adapters.save_adapter(
             fit.model, fit.adapter_name, out_dir.with_name(f"{out_dir.name}-{start}"),
             head=fit.head, base_model=base_model,

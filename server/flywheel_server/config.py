@@ -60,7 +60,11 @@ class ServerConfig:
         "PEM CA bundle: with --tls-cert, both transports require a client certificate signed by "
         "it (mutual TLS, e.g. between the learner and the server)"
     )
-    device: str = _opt("torch device for the engine: cpu, cuda, or auto", default="auto")
+    device: str = _opt(
+        "torch device for the engine (and, under `flywheel up`, the learner): cpu, cuda[:N], or "
+        "auto (CUDA when present)",
+        default="auto",
+    )
     backend: str = _opt(
         "what generates: 'torch' (the embedded batching engine) or 'vllm' (a vLLM OpenAI server "
         "behind this one; reward scoring stays on the torch engine)",

@@ -247,3 +247,25 @@ def test_a_candidate_that_passes_runs_as_the_challenger_when_asked(
         assert (challenge.challenger, challenge.champion) == (newest.id, live)
     finally:
         client.stop_challenge()
+
+
+def test_a_whole_round_runs_with_a_bfloat16_base_on_cpu(
+    server: ServerProcess, tiny_model: Path, client: FlywheelClient, tmp_path: Path
+) -> None:
+    """--dtype bfloat16: refit, judge, PPO-ptx, gate and publish on a half-precision base; the
+    adapters it ships are float32, as peft and the server load them."""
+    from safetensors.torch import load_file
+
+    label(client, "e2e-bf16", seed=13)
+    before = {v.id for v in client.versions().versions}
+    config = dataclasses.replace(tiny_config(server, tiny_model, tmp_path), dtype="bfloat16")
+    assert config.precision.dtype == torch.bfloat16
+    assert one_round(config) is True
+    new = [v for v in client.versions().versions if v.id not in before]
+    assert sorted(v.name for v in new) == ["policy", "reward"], new
+    policy = next(v for v in new if v.name == "policy")
+    assert client.versions().live["policy"] == policy.id  # loaded and served
+    weights = load_file(
+        str(next((tmp_path / "adapters").glob("policy-r*")) / "adapter_model.safetensors")
+    )
+    assert weights and {t.dtype for t in weights.values()} == {torch.float32}

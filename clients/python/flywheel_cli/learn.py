@@ -158,6 +158,18 @@ def add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         help="torch CPU threads (default: 0, one per core; `flywheel up` passes the cores its "
         "server leaves free)",
     )
+    sub.add_argument(
+        "--device",
+        default="auto",
+        help="where the base weights live: auto (CUDA when present), cpu, or cuda[:N] "
+        "(default: %(default)s)",
+    )
+    sub.add_argument(
+        "--dtype",
+        default="auto",
+        help="the base weights' precision: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+        "bfloat16 or float16; LoRA, heads and optimiser state stay float32 (default: %(default)s)",
+    )
     sub.add_argument("--seed", type=non_negative_int, default=0, help="default: %(default)s")
     sub.set_defaults(func=_learn)
 
@@ -199,7 +211,10 @@ def _learn(args: argparse.Namespace) -> int:
             reward_init=Path(args.reward_init) if args.reward_init else None,
             seed=args.seed,
             threads=args.threads,
+            device=args.device,
+            dtype=args.dtype,
         )
+        config.precision  # noqa: B018  # a CUDA device that is not there fails here, not mid-round
     except ValueError as e:
         raise UsageError(str(e)) from e
     logging.basicConfig(level=logging.INFO, format="ts=%(asctime)s level=%(levelname)s %(message)s")
