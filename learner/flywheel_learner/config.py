@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 # and unit-scale rewards the KL grew round by round to 11.7-25.5 nats under `longer` and
 # `contains:x`. A horizon of 1,024 samples lets beta move up to 2.6-fold in a round of 20 steps.
 LEARNER_PPO = PPOConfig(beta=0.1, adaptive_kl=True, kl_target=10.0, kl_horizon=1024)
+# The refit's budget grows with the data (8 passes, up to 400 steps) and stops early on the
+# held-out loss, after a fresh head is probed on the frozen features (see LearnerConfig.reward).
+LEARNER_REWARD = RewardConfig(
+    steps=400, max_epochs=8.0, eval_every=25, patience=3, held_out=0.2, probe_steps=200
+)
 
 
 @dataclass(frozen=True)
@@ -76,16 +81,11 @@ class LearnerConfig:
     interval_s: float = 120.0
     poll_s: float = 5.0
     max_rounds: int | None = None
-    # The budget grows with the data (8 passes, up to 400 steps) and stops early on the
-    # held-out loss, after a fresh head is probed on the frozen features. The old cap of 100
+    # LEARNER_REWARD. The old cap of 100
     # steps warm-started from the demo's reward model never overruled it: after 2,000 rankings
     # of another preference its accuracy was 0.33 (issue 15). On 500 live `incorrect` rankings
     # the probe takes held-out accuracy from 0.62 to 0.92, warm or fresh.
-    reward: RewardConfig = field(
-        default_factory=lambda: RewardConfig(
-            steps=400, max_epochs=8.0, eval_every=25, patience=3, held_out=0.2, probe_steps=200
-        )
-    )
+    reward: RewardConfig = field(default_factory=lambda: LEARNER_REWARD)
     ppo: PPOConfig = field(default_factory=lambda: LEARNER_PPO)
     ppo_steps_per_round: int = 20
     # Within a round the KL can outrun the controller: under `longer`, one refit's reward model

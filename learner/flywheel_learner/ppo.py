@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from flywheel_learner import distributed
+from flywheel_learner import distributed, token_budget
 from flywheel_learner.ppo_math import (
     KLController,
     gae,
@@ -28,6 +28,7 @@ from flywheel_learner.ppo_math import (
     kl_shaped_rewards,
     leave_one_out,
     masked_whiten,
+    microbatch_weight,
     policy_loss,
     ppo_objective,
     token_weighted_microbatches,
@@ -82,6 +83,50 @@ class Rollout(NamedTuple):
             self.scores[r], self.beta,
         )  # fmt: skip
 
+    def trimmed(self) -> Rollout:
+        """Without the columns no row of this micro-batch attends: prompt padding on the left,
+        response padding past every row's eos on the right. The same losses over fewer tokens
+        (positions follow the attention mask), for short rows cut from a batch with a long one."""
+        cut, width = window(self.attention, self.mask, self.start)
+        c = slice(0, width)
+        return Rollout(
+            self.ids[:, cut : self.start + width], self.attention[:, cut : self.start + width],
+            self.start - cut, self.mask[:, c], self.logp[:, c], self.ref_logp[:, c],
+            self.values[:, c], self.advantages[:, c], self.returns[:, c], self.scores, self.beta,
+        )  # fmt: skip
+
+
+def window(attention: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[int, int]:
+    """(first attended prompt column, response columns up to the last eos) of these rows.
+    attention: (B, L); mask: (B, R) -> (cut, width), width >= 1."""
+    attended = attention[:, :start].bool().any(dim=0).nonzero()
+    cut = int(attended[0]) if len(attended) else start
+    width = max(1, int(mask.sum(dim=1).max())) if len(mask) else 1
+    return min(cut, start - 1), width
+
+
+def row_tokens(attention: torch.Tensor, mask: torch.Tensor, start: int) -> list[int]:
+    """Tokens each row's forward holds: its prompt without padding, plus its response."""
+    return (attention[:, :start].sum(dim=1) + mask.sum(dim=1)).tolist()
+
+
+def by_budget(
+    fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], s: Samples, budget: int
+) -> torch.Tensor:
+    """fn(ids, attention, start) -> (B, R) over all rows, in forwards of at most `budget`
+    padded tokens (`token_budget.pack`, each part trimmed to its `window`); 0: one forward.
+    Columns past a row's eos are 0 when split (they are masked wherever they are read)."""
+    if budget <= 0:
+        return fn(s.ids, s.attention, s.start)
+    out = torch.zeros(s.mask.shape, device=s.ids.device)
+    for group in token_budget.pack(row_tokens(s.attention, s.mask, s.start), budget):
+        rows = torch.tensor(group, device=s.ids.device)
+        cut, width = window(s.attention[rows], s.mask[rows], s.start)
+        end = s.start + width
+        part = fn(s.ids[rows, cut:end], s.attention[rows, cut:end], s.start - cut)
+        out[rows, :width] = part.to(out.dtype)
+    return out
+
 
 def response_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Mark each row's tokens up to and including its first eos. tokens: (B, R) -> (B, R) bool."""
@@ -128,9 +173,10 @@ def score_rollout(models: SharedBaseModels, s: Samples, config: PPOConfig, beta:
     """
     scores = models.rewards(s.prompts, s.responses)  # (B,)
     baselined = leave_one_out(scores, config.samples_per_prompt)  # (B,)
-    logp = models.policy_logprobs(s.ids, s.attention, s.start)  # (B, R)
-    ref_logp = models.reference_logprobs(s.ids, s.attention, s.start)  # (B, R)
-    values = models.values(s.ids, s.attention, s.start)  # (B, R)
+    budget = config.max_tokens_per_microbatch
+    logp = by_budget(models.policy_logprobs, s, budget)  # (B, R)
+    ref_logp = by_budget(models.reference_logprobs, s, budget)  # (B, R)
+    values = by_budget(models.values, s, budget)  # (B, R)
     rewards = kl_shaped_rewards(baselined, logp, ref_logp, s.mask, beta, config.kl_estimator)
     adv = gae(rewards, values, s.mask, config.gae_gamma, config.gae_lambda)  # (B, R) each
     advantages = masked_whiten(adv.advantages, s.mask, all_sum=distributed.all_sum)  # (B, R)
@@ -171,18 +217,32 @@ def ppo_losses(
     return ppo_objective(pol, val, config.vf_coef), Metrics(*(float(m.detach()) for m in metrics))
 
 
-def _microbatches(mask: torch.Tensor, n: int) -> list[tuple[slice, float]]:
-    """Micro-batches of this rank's rows, weighted by their share of the global tokens."""
+def _microbatches(
+    mask: torch.Tensor, lengths: torch.Tensor, config: PPOConfig
+) -> Sequence[tuple[slice | torch.Tensor, float]]:
+    """Micro-batches of this rank's rows, weighted by their share of the global tokens:
+    `config.micro_batches` equal parts, or under `max_tokens_per_microbatch` rows packed by
+    their `lengths` (tokens a row's forward holds) so no part pads past the budget."""
     total = int(distributed.all_sum(mask.bool().sum()))
     rows = mask.shape[0]
-    return token_weighted_microbatches(mask, min(n, rows), total) if rows else []
+    if not rows:
+        return []
+    if config.max_tokens_per_microbatch <= 0:
+        return token_weighted_microbatches(mask, min(config.micro_batches, rows), total)
+    groups = token_budget.pack(lengths.tolist(), config.max_tokens_per_microbatch)
+    parts = [torch.tensor(g) for g in groups]
+    return [(part, microbatch_weight(mask[part], total)) for part in parts]
 
 
 def accumulate_ppo(models: SharedBaseModels, mb: Rollout, config: PPOConfig) -> Metrics:
     """Backward of the minibatch's token-mean loss, in token-weighted micro-batches."""
     weighted = torch.zeros(len(Metrics._fields) - 1, dtype=torch.double)  # all but ptx_loss
-    for rows, weight in _microbatches(mb.mask, config.micro_batches):
-        loss, metrics = ppo_losses(models, mb.select(rows), config)
+    lengths = torch.tensor(row_tokens(mb.attention, mb.mask, mb.start))
+    for rows, weight in _microbatches(mb.mask, lengths, config):
+        part = mb.select(rows)
+        if config.max_tokens_per_microbatch > 0:  # packed by length: drop the shared padding
+            part = part.trimmed()
+        loss, metrics = ppo_losses(models, part, config)
         (weight * loss).backward()
         weighted += weight * torch.tensor(metrics[:-1], dtype=torch.double)
     return Metrics(*distributed.all_sum(weighted).tolist())
@@ -196,8 +256,11 @@ def accumulate_ptx(models: SharedBaseModels, batch: PtxBatch, config: PPOConfig)
     batch = batch.select(slice(*distributed.bounds(batch.input_ids.shape[0], *distributed.world())))
     total = torch.zeros((), dtype=torch.double)
     scored = batch.loss_mask[:, 1:]  # (B, T-1), the labels ptx_loss reads
-    for rows, weight in _microbatches(scored, config.micro_batches):
-        nll = models.pretraining_nll(batch.select(rows))
+    for rows, weight in _microbatches(scored, batch.attention_mask.sum(dim=1), config):
+        part = batch.select(rows)
+        if config.max_tokens_per_microbatch > 0:
+            part = part.trimmed()
+        nll = models.pretraining_nll(part)
         (config.gamma_ptx * weight * nll).backward()
         total += weight * float(nll.detach())
     return float(distributed.all_sum(total))

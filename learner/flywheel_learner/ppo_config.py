@@ -49,6 +49,9 @@ class PPOConfig:
     gae_gamma, gae_lambda: GAE (Schulman et al. 2016 eq. 16); gamma 1 as rewards are episodic.
     epochs, minibatches, micro_batches: passes over a rollout, optimiser steps per pass, and
         gradient-accumulation chunks per minibatch (micro_batches only saves memory).
+    max_tokens_per_microbatch: when > 0, micro-batches are sized in tokens instead
+        (`token_budget.pack`: rows by length, count x longest within it, padding trimmed),
+        for the PPO and the ptx forwards alike; micro_batches is then unused.
     rollout_batch: prompts sampled per step, one epoch over them in 4 minibatches of 64: near
         the paper's 512 / 64. On CPU sampling is cheap (32 responses in 0.06 s, scoring them
         0.14 s, against 1 s for 4 epochs of updates), so 8x the samples per step cost little:
@@ -87,6 +90,7 @@ class PPOConfig:
     epochs: int = 1
     minibatches: int = 4
     micro_batches: int = 1
+    max_tokens_per_microbatch: int = 0
     lr: float = 1e-3
     max_grad_norm: float = 1.0
     samples_per_prompt: int = 1
@@ -125,7 +129,7 @@ class PPOConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("beta", "gamma_ptx", "vf_coef", "final_norm_lr"):
+        for name in ("beta", "gamma_ptx", "vf_coef", "final_norm_lr", "max_tokens_per_microbatch"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("gae_gamma", "gae_lambda"):

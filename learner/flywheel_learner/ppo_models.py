@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flywheel_learner import token_budget
 from flywheel_learner.ppo_math import (
     ptx_loss,
 )
 from flywheel_model import adapters, loading, scoring
 from flywheel_model.precision import FLOAT32_CPU, Precision
-from flywheel_model.scoring import make_batch, score_batch
+from flywheel_model.scoring import make_batch, reward_tokens, score_batch
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -211,9 +212,16 @@ class SharedBaseModels:
         """
         self.use(scorer)
         rows = [(p, [[r]]) for p, r in zip(prompts, responses, strict=True)]
-        batch = make_batch(self.tokenizer, rows, self.config.reward_max_length)
-        with self.precision.autocast():
-            return score_batch(self.peft, self._heads[scorer], batch).float()
+        limit, budget = self.config.reward_max_length, self.config.max_tokens_per_microbatch
+        pairs = list(zip(prompts, responses, strict=True))
+        lengths = [len(ids) for ids, _ in reward_tokens(self.tokenizer, pairs, limit)]
+        out = torch.empty(len(rows), device=self.precision.device)
+        for group in token_budget.pack(lengths, budget):  # one group when there is no budget
+            batch = make_batch(self.tokenizer, [rows[i] for i in group], limit)
+            with self.precision.autocast():
+                scores = score_batch(self.peft, self._heads[scorer], batch)
+            out[torch.tensor(group, device=out.device)] = scores.float()
+        return out
 
     def pretraining_nll(self, batch: PtxBatch) -> torch.Tensor:
         """Per-token NLL of a pretraining batch under the policy (the ptx term). -> scalar"""

@@ -53,6 +53,12 @@ def shared_prefix(ranking: EncodedRanking) -> int:
     return n
 
 
+def packed_length(ranking: EncodedRanking) -> int:
+    """Tokens of the ranking's row in `collate`: the shared prompt once, then each completion."""
+    shared = shared_prefix(ranking)
+    return shared + sum(len(ids) - shared for ids, _, _ in ranking)
+
+
 def collate(encoded: Sequence[EncodedRanking], pad_id: int) -> SharedBatch:
     """One row per ranking; completions in the ranking's order, as `reward.collate_rankings`."""
     rows: list[list[int]] = []

@@ -27,6 +27,12 @@ class PtxBatch(NamedTuple):
     def select(self, rows: torch.Tensor | slice) -> PtxBatch:
         return PtxBatch(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows])
 
+    def trimmed(self) -> PtxBatch:
+        """Without the columns past every row's last token (its right padding)."""
+        width = max(1, int(self.attention_mask.sum(dim=1).max())) if len(self.input_ids) else 1
+        c = (slice(None), slice(0, width))
+        return PtxBatch(self.input_ids[c], self.attention_mask[c], self.loss_mask[c])
+
 
 def read_pretraining_texts(path: str | Path) -> list[PtxText]:
     """Documents from a .jsonl file ({"text": ...} per line) or a .txt file.

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flywheel_learner import distributed, prompt_sharing
+from flywheel_learner import distributed, prompt_sharing, token_budget
 from flywheel_learner.losses import pairwise_accuracy, ranking_loss
 from flywheel_learner.sft import warmup_cosine
 from flywheel_model import adapters, llama, scoring
 from flywheel_model.scoring import (
     Batch,
+    EncodedRanking,
     RankingText,
     collate_rankings,
     encode_rankings,
@@ -60,6 +61,9 @@ class RewardConfig:
         what the users prefer while its old head reads them the other way round; a few
         hundred gradient steps through the whole model turn such a head only slowly
         (0 = keep the initial head).
+    max_tokens_per_microbatch: when > 0, a step's rankings are forwarded in parts of at most
+        this many (padded) tokens (`token_budget.pack`), their gradients accumulated with each
+        part's share of the ranked prompts: the update of the whole batch in bounded memory.
     """
 
     steps: int = 300
@@ -78,6 +82,7 @@ class RewardConfig:
     max_epochs: float | None = None
     eval_every: int = 0
     patience: int = 3
+    max_tokens_per_microbatch: int = 0
     probe_steps: int = 0
     probe_lr: float = 0.05
 
@@ -106,6 +111,11 @@ class RewardConfig:
             raise ValueError(f"batch_rankings must be >= 1, got {self.batch_rankings}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.max_tokens_per_microbatch < 0:
+            raise ValueError(
+                f"max_tokens_per_microbatch must be >= 0 (0 = no bound), got "
+                f"{self.max_tokens_per_microbatch}"
+            )
         if not 0.0 <= self.held_out < 1.0:
             raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
         if not 0 <= self.warmup < self.steps:
@@ -285,22 +295,15 @@ def fit_reward_model(
         peft_model.train()
         chosen = rng.sample(encoded, min(config.batch_rankings, len(encoded)))
         local = distributed.shard(chosen, rank, size)
-        batch: Batch | prompt_sharing.SharedBatch
-        if weights is None:
-            batch = collate_rankings(local, pad_id)
-            rewards = score_batch(peft_model, head, batch)  # (N,)
-        else:
-            batch = prompt_sharing.collate(local, pad_id)
-            rewards = prompt_sharing.score(peft_model, weights, head, batch)
-        loss = ranking_loss(rewards, batch.tiers.to(device), batch.group.to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = ranking_step(peft_model, head, weights, local, pad_id,
+                            config.max_tokens_per_microbatch)  # fmt: skip
         # The loss is a mean over rankings: weight each rank by its share of the global batch.
         distributed.average_gradients(params, len(local) / len(chosen))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        losses.append(loss)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if stopper is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
             peft_model.eval()
@@ -316,6 +319,51 @@ def fit_reward_model(
         peft_model, head, adapter_name, sum(tail) / len(tail), score.accuracy, len(losses),
         seconds, warm, score,
     )  # fmt: skip
+
+
+def ranking_step(
+    model: nn.Module,
+    head: scoring.ScoreHead,
+    weights: llama.Weights | None,
+    rankings: Sequence[EncodedRanking],
+    pad_id: int,
+    budget: int = 0,
+) -> float:
+    """Backward of the K-way ranking loss (its mean over ranked prompts) of `rankings`; with a
+    token `budget`, in parts of at most that many padded tokens, each weighted by its share
+    of the ranked prompts. -> the loss. `weights`: the lean forward's (prompt_sharing: one
+    row per ranking), or None (one row per completion)."""
+    device = head.linear.weight.device
+
+    def loss_of(part: Sequence[EncodedRanking]) -> torch.Tensor:
+        batch: Batch | prompt_sharing.SharedBatch
+        if weights is None:
+            batch = collate_rankings(part, pad_id)
+            rewards = score_batch(model, head, batch)  # (N,)
+        else:
+            batch = prompt_sharing.collate(part, pad_id)
+            rewards = prompt_sharing.score(model, weights, head, batch)
+        return ranking_loss(rewards, batch.tiers.to(device), batch.group.to(device))
+
+    if budget <= 0:
+        loss = loss_of(rankings)
+        loss.backward()
+        return loss.item()
+    if weights is None:  # K rows each, padded to the longest completion
+        lengths = [max(len(ids) for ids, _, _ in r) for r in rankings]
+        rows = [len(r) for r in rankings]
+    else:  # one packed row each
+        lengths = [prompt_sharing.packed_length(r) for r in rankings]
+        rows = None
+    ranked = [len({tier for _, _, tier in r}) > 1 for r in rankings]
+    total, out = sum(ranked), 0.0
+    for group in token_budget.pack(lengths, budget, rows):
+        share = sum(ranked[i] for i in group) / max(total, 1)
+        if share:
+            loss = loss_of([rankings[i] for i in group])
+            (share * loss).backward()
+            out += share * loss.item()
+    return out
 
 
 @torch.no_grad()

@@ -170,6 +170,15 @@ def add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         help="the base weights' precision: auto (bfloat16 on CUDA, float32 on CPU), float32, "
         "bfloat16 or float16; LoRA, heads and optimiser state stay float32 (default: %(default)s)",
     )
+    sub.add_argument(
+        "--max-tokens-per-microbatch",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="bound each forward of the reward refit and of PPO-ptx to N padded tokens: a "
+        "step's batch is split by length and its gradients accumulated, the same update in "
+        "bounded memory (default: 0, no bound)",
+    )
     sub.add_argument("--seed", type=non_negative_int, default=0, help="default: %(default)s")
     sub.set_defaults(func=_learn)
 
@@ -179,7 +188,11 @@ def _learn(args: argparse.Namespace) -> int:
     import signal
     from pathlib import Path
 
-    from flywheel_learner.config import LEARNER_PPO, LearnerConfig  # torch: only here
+    from flywheel_learner.config import (  # torch: only here
+        LEARNER_PPO,
+        LEARNER_REWARD,
+        LearnerConfig,
+    )
     from flywheel_learner.gate import GateThresholds
     from flywheel_learner.loop import LearnerError, run
 
@@ -204,6 +217,10 @@ def _learn(args: argparse.Namespace) -> int:
                 LEARNER_PPO,
                 final_norm_lr=args.final_norm_lr,
                 kl_target=args.kl_target or args.max_kl / 2,
+                max_tokens_per_microbatch=args.max_tokens_per_microbatch,
+            ),
+            reward=dataclasses.replace(
+                LEARNER_REWARD, max_tokens_per_microbatch=args.max_tokens_per_microbatch
             ),
             gate=GateThresholds(max_kl=args.max_kl),
             import_preferences=tuple(Path(p) for p in args.import_preferences),
