@@ -44,7 +44,7 @@ from flywheel_learner.reward_refit import (
     score_saved,
     split_rankings,
 )
-from flywheel_model import adapters, loading
+from flywheel_model import adapters, loading, memory
 from flywheel_model.scoring import RankingText
 
 if TYPE_CHECKING:
@@ -269,6 +269,7 @@ class Learner:
             log.warning(kv("reward_not_validated", round=number, reason=problem))
         learner_metrics.reward_train_loss.set(fit.train_loss)
         learner_metrics.reward_accuracy.set(fit.score.accuracy)
+        learner_metrics.peak_memory.set(memory.peak_bytes(self.config.precision.device))
         outcome = "promoted" if problem is None else "refused"
         learner_metrics.versions.labels("reward", outcome).inc()
         self._publish("reward", fit.directory, metrics, problem is None)
@@ -346,6 +347,7 @@ class Learner:
             learner_metrics.ppo_kl.set(stats.kl_mean)
             learner_metrics.ppo_ptx.set(stats.ptx_loss)
             learner_metrics.ppo_clip.set(stats.policy_clip_fraction)
+            learner_metrics.peak_memory.set(memory.peak_bytes(self.config.precision.device))
             self.progress.step(
                 "ppo_step", round=number, step=step + 1, reward=stats.reward_mean,
                 kl=stats.kl_mean, ptx=stats.ptx_loss, policy_loss=stats.policy_loss,

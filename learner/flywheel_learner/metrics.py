@@ -37,6 +37,11 @@ ppo_clip = Gauge(
     "Share of tokens clipped in the last PPO step",
     registry=REGISTRY,
 )
+peak_memory = Gauge(
+    "flywheel_learner_peak_memory_bytes",
+    "Peak memory of the learner: CUDA max allocated on its device, else peak RSS",
+    registry=REGISTRY,
+)
 ppo_steps = Counter("flywheel_learner_ppo_steps_total", "PPO-ptx steps taken", registry=REGISTRY)
 versions = Counter(
     "flywheel_learner_versions_total",

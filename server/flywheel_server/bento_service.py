@@ -12,6 +12,7 @@ from typing import Any
 
 import bentoml
 
+from flywheel_model import memory
 from flywheel_server import metrics
 from flywheel_server.http_api import create_app
 
@@ -48,7 +49,10 @@ def _sample_gauges() -> None:
     if runtime := _runtime.get("current"):
         service = runtime.service
         metrics.sample(
-            service.engine.load, service.registry.live(), service.adapters.last_challenge
+            service.engine.load,
+            service.registry.live(),
+            service.adapters.last_challenge,
+            memory.peak_bytes(str(service.engine.device)),
         )
 
 

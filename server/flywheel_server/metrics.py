@@ -64,6 +64,12 @@ RUNNING_ROWS = Gauge(
     "Rows (completions) in the engine's decode batch.",
     multiprocess_mode="livemostrecent",
 )
+ENGINE_PEAK_MEMORY = Gauge(
+    "flywheel_engine_peak_memory_bytes",
+    "Peak memory of the serving process: CUDA max allocated on the engine's device, else peak "
+    "RSS (a vLLM backend's own process is not counted).",
+    multiprocess_mode="livemax",
+)
 LIVE_POLICY_VERSION = Gauge(
     "flywheel_live_policy_version",
     "Version number of the live policy (0: the bare base model).",
@@ -236,9 +242,14 @@ def hot_swapped(name: str, started: float) -> None:
 
 
 def sample(
-    load: dict[str, int], live: dict[str, str], challenge: ChallengeStatus | None = None
+    load: dict[str, int],
+    live: dict[str, str],
+    challenge: ChallengeStatus | None = None,
+    peak_memory: int = 0,
 ) -> None:
-    """Set the state gauges from `engine.load`, `registry.live()` and the latest challenge tally."""
+    """Set the state gauges from `engine.load`, `registry.live()`, the latest challenge tally
+    and the process's peak memory (`flywheel_model.memory`)."""
+    ENGINE_PEAK_MEMORY.set(peak_memory)
     QUEUE_DEPTH.set(load["waiting"])
     RUNNING_ROWS.set(load["rows"])
     versions = {name: parse_id(i, field="live")[1] or 0 for name, i in live.items()}

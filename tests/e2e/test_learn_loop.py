@@ -144,6 +144,7 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
     for gauge in ("reward_train_loss", "ppo_reward_mean", "ppo_kl_nats", "ppo_ptx_loss"):
         assert sample(f"flywheel_learner_{gauge}") not in (None, 0.0), gauge  # set by the round
     assert 0 <= sample("flywheel_learner_ppo_clip_fraction") <= 1
+    assert sample("flywheel_learner_peak_memory_bytes") > 50 << 20  # a process with torch
 
     # Killed after checkpointing the pending record but with the upload already landed:
     # a restarted learner finds the sha256 on the server and publishes nothing.

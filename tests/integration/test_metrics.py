@@ -57,6 +57,7 @@ def test_traffic_moves_every_series(server, grpc_client, tiny_model, tmp_path):
     for name in ("flywheel_queue_depth", "flywheel_running_rows", "flywheel_rankings_total"):
         assert (name, frozenset()) in before, name
     assert value(before, "flywheel_hot_swaps_total", name="reward") >= 1
+    assert value(before, "flywheel_engine_peak_memory_bytes") > 50 << 20  # a process with torch
 
     status, done = server.post(
         "/v1/completions", {"prompt": "reverse: abc", "n": 2, "max_tokens": 4}
