@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -272,7 +273,9 @@ class Learner:
         learner_metrics.peak_memory.set(memory.peak_bytes(self.config.precision.device))
         outcome = "promoted" if problem is None else "refused"
         learner_metrics.versions.labels("reward", outcome).inc()
-        self._publish("reward", fit.directory, metrics, problem is None)
+        # No held-out pair gives no accuracy (NaN): the version is shown without the figure.
+        shown = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        self._publish("reward", fit.directory, shown, problem is None)
         if problem is None:
             self.state = self.state.replace(reward_dir=str(fit.directory))
             save_state(self.work_dir, self.state)

@@ -11,6 +11,7 @@ from flywheel_learner.ppo_math import (
     KLController,
     KLKind,
 )
+from flywheel_model import adapters
 
 if TYPE_CHECKING:
     pass
@@ -64,11 +65,13 @@ class PPOConfig:
         advantage says which answer was better for this prompt, not which prompt was easier.
     max_new_tokens, temperature: rollout sampling; log-probs use the same temperature so the
         ratio's pi_old is the distribution the samples came from.
-    lora_r, lora_alpha, target_modules: the policy adapter. Dropout is fixed at 0: with it,
-        pi_theta != pi_old before the first update and the ratio starts off 1.
+    lora_r, lora_alpha, target_modules: the policy adapter, by default on every linear layer
+        but the output head (`adapters.ALL_LINEAR`, whatever the family names them). Dropout
+        is fixed at 0: with it, pi_theta != pi_old before the first update and the ratio
+        starts off 1.
     final_norm_lr: learning rate of the policy's own copy of the final norm's weights, trained
         with its LoRA and saved in its adapter (PEFT's `modules_to_save`); 0 keeps the policy
-        LoRA only. The final RMSNorm sets the length of the last hidden state, so LoRA on the
+        LoRA only, as it is for a model without a `model.norm` (GPT-2, GPT-NeoX). The final RMSNorm sets the length of the last hidden state, so LoRA on the
         projections can turn it but not lengthen it: the scale of the logits, the policy's
         temperature, is out of its reach. On the demo (bench/ppo_curve.py) PPO with this
         handle raises temperature-1 accuracy from 0.43 to 0.68 in 20 steps, against 0.51
@@ -102,9 +105,7 @@ class PPOConfig:
     reward_max_length: int = 256
     lora_r: int = 8
     lora_alpha: int = 16
-    target_modules: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    )  # fmt: skip
+    target_modules: tuple[str, ...] = adapters.ALL_LINEAR
     final_norm_lr: float = 3e-2
     kl_estimator: KLKind = "k1"
     seed: int = 0

@@ -10,6 +10,7 @@ One copy of the base weights serves four roles (docs/architecture.md, "Learning"
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from flywheel_learner import token_budget
 from flywheel_learner.ppo_math import (
     ptx_loss,
 )
-from flywheel_model import adapters, loading, scoring
+from flywheel_model import adapters, llama, loading, scoring
 from flywheel_model.precision import FLOAT32_CPU, Precision
 from flywheel_model.scoring import make_batch, reward_tokens, score_batch
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 from flywheel_learner.ppo_config import PPOConfig
 from flywheel_learner.ptx_data import PtxBatch
+
+log = logging.getLogger("flywheel.learner")
 
 POLICY, VALUE, REWARD = "policy", "value", "reward"
 TRAINABLE = (POLICY, VALUE)
@@ -89,11 +92,10 @@ class SharedBaseModels:
         base, tokenizer = loading.load_base(
             base_dir, device=precision.device, dtype=precision.dtype
         )
-        if config.final_norm_lr > 0 and not _has_module(base, adapters.FINAL_NORM):
-            raise ValueError(
-                f"final_norm_lr > 0 trains the policy's own {adapters.FINAL_NORM}, which this "
-                f"{base.config.model_type} model does not have; set final_norm_lr=0"
-            )
+        own_norm = config.final_norm_lr > 0 and _final_norm_problem(base) is None
+        if config.final_norm_lr > 0 and not own_norm:
+            log.warning("the policy trains its LoRA only (final_norm_lr unused): %s",
+                        _final_norm_problem(base))  # fmt: skip
         model = PeftModel.from_pretrained(
             base, str(reward_dir), adapter_name=REWARD, is_trainable=False
         )
@@ -102,8 +104,8 @@ class SharedBaseModels:
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=0.0,
-            target_modules=list(config.target_modules),
-            modules_to_save=[adapters.FINAL_NORM] if config.final_norm_lr > 0 else None,
+            target_modules=adapters.peft_targets(config.target_modules),
+            modules_to_save=[adapters.FINAL_NORM] if own_norm else None,
             task_type="CAUSAL_LM",
         )
         torch.manual_seed(config.seed)  # LoRA A is random; B = 0 keeps policy == base at start
@@ -240,6 +242,15 @@ def _float32_trainables(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         if (".lora_" in name or "modules_to_save" in name) and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def _final_norm_problem(base: Any) -> str | None:
+    """Why a policy may not train its own final norm on this base, or None. The server applies
+    such a norm in its lean decoder only, which takes Llama-shaped models."""
+    if not _has_module(base, adapters.FINAL_NORM):
+        return f"this {base.config.model_type} model has no {adapters.FINAL_NORM}"
+    problem = llama.config_problem(base.config)
+    return None if problem is None else f"the server decodes this model generically: {problem}"
 
 
 def _has_module(model: torch.nn.Module, name: str) -> bool:

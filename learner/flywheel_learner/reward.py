@@ -47,6 +47,7 @@ class RewardConfig:
     """Reward-model hyper-parameters.
 
     batch_rankings: rankings (not completions) per step, so each prompt's pairs stay together.
+    target_modules: where the LoRA goes; by default every linear layer but the output head.
     held_out: share of the rankings kept out of training to report pairwise accuracy on.
     max_epochs: stop after this many passes over the training rankings, even before `steps`
         (None: always `steps`). A warm-started refit on a few rankings needs a few steps, not
@@ -71,9 +72,7 @@ class RewardConfig:
     r: int = 32
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    )  # fmt: skip
+    target_modules: tuple[str, ...] = adapters.ALL_LINEAR
     batch_rankings: int = 32
     max_length: int = 256
     held_out: float = 0.1
@@ -168,7 +167,7 @@ def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
+        target_modules=adapters.peft_targets(config.target_modules),
         task_type="CAUSAL_LM",
     )
     if isinstance(model, PeftModel):

@@ -31,6 +31,15 @@ FLYWHEEL_META = "flywheel.json"
 # own copy (PEFT modules_to_save; the learner's PPOConfig.final_norm_lr): the logits' scale
 # lives there.
 FINAL_NORM = "model.norm"
+# LoRA on every linear layer but the output head (peft's "all-linear"): the seven projections
+# of a Llama-shaped model, a fused qkv_proj and gate_up_proj on Phi-3, c_attn, c_proj and c_fc
+# on GPT-2. Saved adapters list the modules it found, so peft and vLLM read them as any other.
+ALL_LINEAR = ("all-linear",)
+
+
+def peft_targets(targets: tuple[str, ...]) -> str | list[str]:
+    """`target_modules` as peft takes it: its "all-linear" keyword, or the module names."""
+    return "all-linear" if tuple(targets) == ALL_LINEAR else list(targets)
 
 
 def save_adapter(
