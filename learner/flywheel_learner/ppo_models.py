@@ -104,7 +104,7 @@ class SharedBaseModels:
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=0.0,
-            target_modules=adapters.peft_targets(config.target_modules),
+            target_modules=adapters.peft_targets(config.target_modules, base),
             modules_to_save=[adapters.FINAL_NORM] if own_norm else None,
             task_type="CAUSAL_LM",
         )

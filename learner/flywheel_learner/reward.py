@@ -167,7 +167,7 @@ def add_reward_adapter(model: nn.Module, config: RewardConfig, adapter_name: str
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=adapters.peft_targets(config.target_modules),
+        target_modules=adapters.peft_targets(config.target_modules, model),
         task_type="CAUSAL_LM",
     )
     if isinstance(model, PeftModel):

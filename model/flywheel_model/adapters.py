@@ -31,15 +31,30 @@ FLYWHEEL_META = "flywheel.json"
 # own copy (PEFT modules_to_save; the learner's PPOConfig.final_norm_lr): the logits' scale
 # lives there.
 FINAL_NORM = "model.norm"
-# LoRA on every linear layer but the output head (peft's "all-linear"): the seven projections
-# of a Llama-shaped model, a fused qkv_proj and gate_up_proj on Phi-3, c_attn, c_proj and c_fc
-# on GPT-2. Saved adapters list the modules it found, so peft and vLLM read them as any other.
+# LoRA on every linear layer but the output head: the seven projections of a Llama-shaped
+# model, a fused qkv_proj and gate_up_proj on Phi-3, c_attn, c_proj and c_fc on GPT-2.
 ALL_LINEAR = ("all-linear",)
 
 
-def peft_targets(targets: tuple[str, ...]) -> str | list[str]:
-    """`target_modules` as peft takes it: its "all-linear" keyword, or the module names."""
-    return "all-linear" if tuple(targets) == ALL_LINEAR else list(targets)
+def peft_targets(targets: tuple[str, ...], model: Any) -> list[str]:
+    """`target_modules` for peft: the names given, or for ALL_LINEAR the short names of the
+    model's linear layers (GPT-2's Conv1D included) but its output head. Short names, as
+    adapters made elsewhere list them, so two adapters on the same layers have one shape."""
+    if tuple(targets) != ALL_LINEAR:
+        return list(targets)
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear | Conv1D) or module is head:
+            continue
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):  # another adapter's own matrices
+            continue
+        names.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # under another LoRA
+    return sorted(names)
 
 
 def save_adapter(

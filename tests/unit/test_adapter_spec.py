@@ -55,3 +55,23 @@ def test_an_adapter_of_another_base_is_refused(tiny_model: Path, tmp_path: Path)
     with pytest.raises(ValueError, match="adapter policy-v2 was trained on base model"):
         adapters.read_spec(adapter, base_model="another", name="policy-v2")
     assert adapters.read_spec(adapter).base_model  # no base to compare with: read as is
+
+
+@pytest.mark.parametrize(("model_type", "expected"), [
+    ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("phi3", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+    ("gpt2", ["c_attn", "c_fc", "c_proj"]),
+])  # fmt: skip
+def test_all_linear_is_every_linear_layer_but_the_output_head(
+    model_type: str, expected: list[str]
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from tests.support import tiny_causal_lm
+
+    extra = {"gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4}, "phi3": {"pad_token_id": 0}}
+    model = tiny_causal_lm(model_type, **extra.get(model_type, {}))
+    assert adapters.peft_targets(adapters.ALL_LINEAR, model) == expected
+    assert adapters.peft_targets(("q_proj",), model) == ["q_proj"]  # names given: as given
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=expected))
+    assert adapters.peft_targets(adapters.ALL_LINEAR, wrapped) == expected  # not lora_A, ...
