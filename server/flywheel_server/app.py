@@ -191,7 +191,8 @@ def start_learner(
         log.warning("no admin-scope API key configured: the learner cannot export or publish")
     command = [sys.executable, "-m", "flywheel_cli", "learn", "--server",
                f"{host}:{grpc_port}", "--model", str(model), "--work-dir", str(work_dir),
-               "--threads", str(threads), "--device", config.device]  # fmt: skip
+               "--threads", str(threads), "--device", config.device,
+               "--dtype", config.dtype]  # fmt: skip
     if config.reward is not None:  # the first refit starts there
         command += ["--reward-init", str(config.reward)]
     if config.pretraining is not None:

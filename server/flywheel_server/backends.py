@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flywheel_server.config import ServerConfig
 from flywheel_server.engine_api import Engine
-from flywheel_server.torch_engine import TorchEngine, resolve_device
+from flywheel_server.torch_engine import TorchEngine
 
 
 async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:
@@ -17,6 +17,7 @@ async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:
         TorchEngine,
         model_dir,
         device=config.device,
+        dtype=config.dtype,
         max_pending=config.max_pending,
         max_batch=config.max_batch,
         stream_interval_s=config.stream_interval_ms / 1000,
@@ -39,7 +40,7 @@ async def open_engine(config: ServerConfig, model_dir: Path) -> Engine:
                 # the live version, a candidate, and the retired ones kept for rollback
                 max_loras=config.keep_versions + 2,
                 max_model_len=torch_engine.max_positions,
-                cpu=resolve_device(config.device) == "cpu",
+                cpu=torch_engine.device == "cpu",
                 extra=config.vllm_args,
             )
             process = vllm_sidecar.VllmProcess(command, port, config.data_dir / "vllm.log")

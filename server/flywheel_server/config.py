@@ -65,6 +65,11 @@ class ServerConfig:
         "auto (CUDA when present)",
         default="auto",
     )
+    dtype: str = _opt(
+        "the engine's weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
+        "float16",
+        default="auto",
+    )
     backend: str = _opt(
         "what generates: 'torch' (the embedded batching engine) or 'vllm' (a vLLM OpenAI server "
         "behind this one; reward scoring stays on the torch engine)",
@@ -192,6 +197,10 @@ class ServerConfig:
             raise ValueError(f"vllm_url must start with http:// or https://, got {self.vllm_url!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
         if self.reward is not None and not Path(self.reward).is_dir():
             raise ValueError(f"reward must be an adapter directory, got {self.reward}")
         if self.pretraining is not None and not Path(self.pretraining).is_file():

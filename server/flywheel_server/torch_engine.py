@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from flywheel_model import loading
+from flywheel_model import loading, precision
 from flywheel_server.decoding import Decoder, GenericDecoder, Row
 from flywheel_server.engine_api import (
     EngineRequest,
@@ -89,29 +89,28 @@ def merge_events(events: list[TokenEvent]) -> list[TokenEvent]:
     return list(merged.values())
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class TorchEngine:
     def __init__(
         self,
         model_dir: str | Path,
         *,
         device: str = "auto",
+        dtype: str = "auto",
         max_pending: int = 64,
         max_batch: int = 64,
         stream_interval_s: float = 0.0,
         decoder: str = "auto",
     ) -> None:
         """stream_interval_s: least time between two deliveries to one request (0: each step).
-        decoder: "auto" (the lean decoder where the model allows it) or "generic"."""
+        decoder: "auto" (the lean decoder where the model allows it) or "generic".
+        device, dtype: `flywheel_model.precision` (auto: CUDA in bfloat16 when present, else
+        CPU in float32)."""
         self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
+        where = precision.resolve(device, dtype)
+        self.device, self.dtype = where.device, where.dtype
         self.base_model = loading.base_fingerprint(self.model_dir)
-        model, self.tokenizer = loading.load_base(self.model_dir, device=self.device)
+        model, self.tokenizer = loading.load_base(self.model_dir, device=self.device,
+                                                  dtype=self.dtype)  # fmt: skip
         self.hidden_size: int = model.config.hidden_size
         self.max_positions: int = getattr(model.config, "max_position_embeddings", 2048)
         self.vocab_size: int = model.get_output_embeddings().weight.shape[0]

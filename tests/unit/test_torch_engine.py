@@ -8,6 +8,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def decoder(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def open_engine(model_dir: Path, decoder: str, **options: float) -> TorchEngine:
+def open_engine(model_dir: Path, decoder: str, **options: Any) -> TorchEngine:
     choice = "auto" if decoder == "lean" else decoder
     e = TorchEngine(model_dir, device="cpu", decoder=choice, **options)
     assert e.decoder == decoder
@@ -538,3 +539,21 @@ async def test_logit_bias_and_penalties_steer_decoding(
     assert len(set(tokens)) < len(tokens)
     penalised = request(engine, temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
     assert texts(await events(engine, penalised)) != [text]
+
+
+async def test_a_bfloat16_engine_serves_the_base_and_an_adapter(
+    model_dir: Path, decoder: str, adapter_dir: Path
+) -> None:
+    """--dtype bfloat16: the weights in bf16 (the adapter's float32 LoRA cast to them); rows
+    decode to full length, with and without the adapter, and the adapter changes the answer."""
+    e = open_engine(model_dir, decoder, dtype="bfloat16")
+    try:
+        assert e.dtype == torch.bfloat16
+        assert next(e.model.parameters()).dtype == torch.bfloat16
+        await e.load_adapter("policy-v1", adapter_dir, reward=False)
+        for adapter in (None, "policy-v1"):
+            req = request(e, n=2, adapter=adapter, temperature=1.0, seed=1, ignore_eos=True)
+            assert [f.completion_tokens for f in finals(await events(e, req), 2)] == [TOKENS] * 2
+        assert await greedy_text(e, "policy-v1") != await greedy_text(e, None)
+    finally:
+        e.close()
