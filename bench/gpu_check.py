@@ -1,0 +1,293 @@
+"""The GPU check (issue 17): parity with CPU float32, the engine's decode speed and the learner's
+speed and memory at Qwen2.5-1.5B's shape, as one table.
+
+    PYTHONPATH=model:demo:server:learner:clients/python:proto python3 bench/gpu_check.py
+    .venv/bin/python bench/gpu_check.py --device cpu --tiny    # the same code paths, in CI
+
+(a) parity: a tiny Llama's logits, the K-way reward loss of a reward model on fixed rankings,
+    and one PPO-ptx update (`optimise` on one fixed rollout, from the same start) on --device in
+    float32 and bfloat16, against CPU float32, each within a stated tolerance.
+(b) decode: the torch engine in-process, --concurrency requests at once of --tokens tokens each
+    (ignore_eos), tokens/s; beside it transformers' `generate` on one static batch of as many
+    rows, on the same device and model.
+(c) learner: reward-refit steps and one PPO-ptx step on that model, samples/s, with the peak
+    memory of each (CUDA max allocated; peak RSS on CPU).
+
+Uses only torch, transformers, peft, safetensors, tokenizers, tqdm and the repo's packages, so
+it runs on the device image as it is. Random weights: speed and memory need no training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flywheel_demo.model import _task_texts, build_tiny_model, chat_prompt  # noqa: E402
+from flywheel_demo.task import pretraining_texts  # noqa: E402
+from flywheel_demo.tokenizer import train_tokenizer  # noqa: E402
+from flywheel_learner.ppo import collect_rollout, optimise, ppo_step  # noqa: E402
+from flywheel_learner.ppo_config import PPOConfig  # noqa: E402
+from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer  # noqa: E402
+from flywheel_learner.ptx_data import ptx_batches  # noqa: E402
+from flywheel_learner.reward import RewardConfig, add_reward_adapter, fit_reward_model  # noqa: E402
+from flywheel_learner.reward_refit import score_saved  # noqa: E402
+from flywheel_model import adapters, loading, memory, scoring  # noqa: E402
+from flywheel_model.precision import Precision  # noqa: E402
+
+# Qwen2.5-1.5B-Instruct's config.json, as published (weights random here).
+QWEN25_1_5B = dict(
+    model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+    max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)  # fmt: skip
+TINY = dict(
+    model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
+    tie_word_embeddings=True,
+)  # fmt: skip
+# Tolerances against CPU float32: float32 elsewhere differs in summation order only; bfloat16
+# keeps 8 bits of mantissa (0.4% per rounding), a few roundings deep on the tiny model.
+TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+INSTRUCTIONS = ["reverse: abc", "add: 1 + 2", "sort: cba", "capitalise: hi"] * 4
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a tiny model throughout (CI, CPU)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None,
+                   help="default: 1 32 128 (--tiny: 1 4 8)")  # fmt: skip
+    p.add_argument("--tokens", type=int, default=None, help="per request (default 128, tiny 16)")
+    return p.parse_args()
+
+
+Row = tuple[str, str, str, str]  # check, measured, bound, verdict
+
+
+def reset_peak(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- (a) parity ---------------------------------------------------------------------------------
+
+
+def random_reward(base: Path, out: Path) -> Path:
+    model, _ = loading.load_base(base)
+    torch.manual_seed(1)
+    peft = add_reward_adapter(model, RewardConfig(r=4, alpha=8), "reward")
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    head = scoring.ScoreHead(model.config.hidden_size)
+    return adapters.save_adapter(peft, "reward", out, head=head,
+                                 base_model=loading.base_fingerprint(base))  # fmt: skip
+
+
+def relative(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
+    a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def parity(device: str, work: Path) -> list[Row]:
+    base = build_tiny_model(work / "tiny", seed=0)
+    reward = random_reward(base, work / "reward")
+    config = PPOConfig(rollout_batch=16, minibatches=2, max_new_tokens=8, ptx_batch=8,
+                       ptx_max_length=64, lora_r=4, lora_alpha=8)  # fmt: skip
+    reference = SharedBaseModels.build(base, reward, config)
+    prompts = [chat_prompt(reference.tokenizer, i) for i in INSTRUCTIONS]
+    torch.manual_seed(0)
+    rollout = collect_rollout(reference, prompts, config, config.beta)  # sampled once, on CPU
+    rng = random.Random(0)
+    ptx = next(ptx_batches(reference.tokenizer, pretraining_texts(rng, 16), 8, 64, rng))
+    ids = rollout.ids
+    rankings = [(p, [["cba"], ["abc"], ["x"]]) for p in prompts[:4]]
+    rcfg = RewardConfig(r=4, alpha=8)
+
+    def run(precision: Precision) -> dict[str, Any]:
+        models = SharedBaseModels.build(base, reward, config, precision)
+        dev = precision.device
+        with torch.no_grad(), precision.autocast():
+            logits = models.peft(input_ids=ids.to(dev), attention_mask=rollout.attention.to(dev))
+        moved = type(rollout)(*(t.to(dev) if isinstance(t, torch.Tensor) else t for t in rollout))
+        torch.manual_seed(0)
+        metrics = optimise(models, make_optimizer(models, config), moved,
+                           type(ptx)(*(t.to(dev) for t in ptx)), config)  # fmt: skip
+        policy = torch.cat(
+            [p.detach().float().cpu().flatten() for p in models.trainable_groups()[0]]
+        )
+        loss = score_saved(base, reward, rankings, rcfg, precision).loss
+        return {"logits": logits.logits.float().cpu(), "loss": loss, "policy": policy,
+                "update": metrics.policy_loss}  # fmt: skip
+
+    cpu = run(Precision())
+    rows: list[Row] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        got = run(Precision(device, dtype))
+        tol, name = TOL[dtype], str(dtype).removeprefix("torch.")
+        for check, value in (
+            ("logits", relative(got["logits"], cpu["logits"])),
+            ("K-way reward loss", relative(got["loss"], cpu["loss"])),
+            ("PPO-ptx update: policy weights", relative(got["policy"], cpu["policy"])),
+        ):
+            rows.append((f"parity {name}: {check}", f"{value:.2e} rel.", f"<= {tol:g}",
+                         "ok" if value <= tol else "FAIL"))  # fmt: skip
+    return rows
+
+
+# -- (b) decode and (c) learner at size ---------------------------------------------------------
+
+
+def shaped_model(shape: dict[str, Any], device: str, dtype: torch.dtype, out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = train_tokenizer(_task_texts(random.Random(0), 200))
+    shape = dict(shape)
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape,
+                                  bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+    return out
+
+
+def engine_tokens_per_s(model_dir: Path, device: str, dtype: str, rows: int, tokens: int) -> float:
+    from flywheel_server.domain import Sampling
+    from flywheel_server.engine_api import EngineRequest
+    from flywheel_server.torch_engine import TorchEngine
+
+    engine = TorchEngine(model_dir, device=device, dtype=dtype, max_batch=max(rows, 1),
+                         max_pending=rows + 1)  # fmt: skip
+    prompt = tuple(engine.encode(chat_prompt(engine.tokenizer, "reverse: flywheel")))
+    sampling = Sampling(max_tokens=tokens, temperature=1.0, ignore_eos=True)
+
+    async def one() -> int:
+        done = 0
+        async for e in engine.generate(EngineRequest(prompt, 1, sampling, None)):
+            done = max(done, e.completion_tokens)
+        return done
+
+    async def burst() -> int:
+        return sum(await asyncio.gather(*(one() for _ in range(rows))))
+
+    try:
+        asyncio.run(burst())  # warm-up: kernels, caches
+        start = time.perf_counter()
+        generated = asyncio.run(burst())
+        return generated / (time.perf_counter() - start)
+    finally:
+        engine.close()
+
+
+def generate_tokens_per_s(model_dir: Path, device: str, dtype: torch.dtype, rows: int,
+                          tokens: int) -> float:  # fmt: skip
+    model, tokenizer = loading.load_base(model_dir, device=device, dtype=dtype)
+    ids = tokenizer([chat_prompt(tokenizer, "reverse: flywheel")] * rows, return_tensors="pt",
+                    add_special_tokens=False)["input_ids"].to(device)  # fmt: skip
+
+    def run() -> None:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                           max_new_tokens=tokens, min_new_tokens=tokens,
+                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        sync(device)
+
+    run()
+    start = time.perf_counter()
+    run()
+    return rows * tokens / (time.perf_counter() - start)
+
+
+def learner_speed(model_dir: Path, device: str, dtype: torch.dtype, tiny: bool) -> list[Row]:
+    precision = Precision(device, dtype)
+    rows: list[Row] = []
+    base, tokenizer = loading.load_base(model_dir, device=device, dtype=dtype)
+    prompts = [chat_prompt(tokenizer, i) for i in INSTRUCTIONS]
+    rankings = [(p, [["cba"], ["abc"], ["x"], ["abcabc"]]) for p in prompts]
+    steps = 4 if tiny else 10
+    config = RewardConfig(steps=steps, warmup=0, batch_rankings=16, r=16, alpha=16)
+    reset_peak(device)
+    start = time.perf_counter()
+    with precision.autocast():
+        fit = fit_reward_model(base, tokenizer, rankings, config, held_out=rankings[:4],
+                               progress=False)  # fmt: skip
+    sync(device)
+    seconds = time.perf_counter() - start
+    rows.append(("reward refit: completions/s", f"{steps * 16 * 4 / seconds:.1f}", "-", ""))
+    rows.append(("reward refit: peak memory", f"{memory.peak_bytes(device) / 2**30:.2f} GiB",
+                 "-", ""))  # fmt: skip
+    reward_dir = adapters.save_adapter(fit.model, fit.adapter_name, model_dir.parent / "rm",
+                                       head=fit.head, base_model="")  # fmt: skip
+    del base, fit
+    ppo = PPOConfig(rollout_batch=16 if tiny else 64, minibatches=2, max_new_tokens=16 if tiny
+                    else 64, ptx_batch=8, ptx_max_length=64 if tiny else 256, lora_r=8)  # fmt: skip
+    models = SharedBaseModels.build(model_dir, reward_dir, ppo, precision)
+    rng = random.Random(0)
+    ptx = next(ptx_batches(models.tokenizer, pretraining_texts(rng, 32), ppo.ptx_batch,
+                           ppo.ptx_max_length, rng))  # fmt: skip
+    optimizer = make_optimizer(models, ppo)
+    batch = (prompts * 16)[: ppo.rollout_batch]
+    ppo_step(models, optimizer, batch, ptx, ppo, ppo.kl_controller())  # warm-up
+    reset_peak(device)
+    stats = ppo_step(models, optimizer, batch, ptx, ppo, ppo.kl_controller())
+    rows.append((f"PPO-ptx step ({ppo.rollout_batch} x {ppo.max_new_tokens} tokens): samples/s",
+                 f"{stats.samples_per_second:.1f}", "-", ""))  # fmt: skip
+    rows.append(("PPO-ptx step: peak memory", f"{memory.peak_bytes(device) / 2**30:.2f} GiB",
+                 "-", ""))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    concurrency = args.concurrency or ([1, 4, 8] if args.tiny else [1, 32, 128])
+    tokens = args.tokens or (16 if args.tiny else 128)
+    dtype = torch.float32 if torch.device(args.device).type == "cpu" else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    shape = TINY if args.tiny else QWEN25_1_5B
+    label = "tiny Qwen2-shaped" if args.tiny else "Qwen2.5-1.5B-shaped"
+    rows: list[Row] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows += parity(args.device, work)
+        model_dir = shaped_model(shape, args.device, dtype, work / "shaped")
+        for c in concurrency:
+            ours = engine_tokens_per_s(model_dir, args.device, name, c, tokens)
+            theirs = generate_tokens_per_s(model_dir, args.device, dtype, c, tokens)
+            rows.append((f"decode {label} {name}, {c} at once: engine tok/s", f"{ours:.0f}",
+                         f"generate {theirs:.0f}", f"{ours / theirs:.2f}x"))  # fmt: skip
+        rows += learner_speed(model_dir, args.device, dtype, args.tiny)
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"\n{device}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s\n")
+    print("| check | measured | bound / beside | verdict |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if any(r[3] == "FAIL" for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
