@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import random_reward_model  # noqa: E402
 from flywheel_demo.model import _task_texts, build_tiny_model, chat_prompt  # noqa: E402
 from flywheel_demo.task import pretraining_texts  # noqa: E402
 from flywheel_demo.tokenizer import train_tokenizer  # noqa: E402
@@ -40,9 +41,9 @@ from flywheel_learner.ppo import collect_rollout, optimise, ppo_step  # noqa: E4
 from flywheel_learner.ppo_config import PPOConfig  # noqa: E402
 from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer  # noqa: E402
 from flywheel_learner.ptx_data import ptx_batches  # noqa: E402
-from flywheel_learner.reward import RewardConfig, add_reward_adapter, fit_reward_model  # noqa: E402
+from flywheel_learner.reward import RewardConfig, fit_reward_model  # noqa: E402
 from flywheel_learner.reward_refit import score_saved  # noqa: E402
-from flywheel_model import adapters, loading, memory, scoring  # noqa: E402
+from flywheel_model import adapters, loading, memory  # noqa: E402
 from flywheel_model.precision import Precision  # noqa: E402
 
 # Qwen2.5-1.5B-Instruct's config.json, as published (weights random here).
@@ -90,18 +91,6 @@ def sync(device: str) -> None:
 # -- (a) parity ---------------------------------------------------------------------------------
 
 
-def random_reward(base: Path, out: Path) -> Path:
-    model, _ = loading.load_base(base)
-    torch.manual_seed(1)
-    peft = add_reward_adapter(model, RewardConfig(r=4, alpha=8), "reward")
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    head = scoring.ScoreHead(model.config.hidden_size)
-    return adapters.save_adapter(peft, "reward", out, head=head,
-                                 base_model=loading.base_fingerprint(base))  # fmt: skip
-
-
 def relative(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
     a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
@@ -109,7 +98,7 @@ def relative(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
 
 def parity(device: str, work: Path) -> list[Row]:
     base = build_tiny_model(work / "tiny", seed=0)
-    reward = random_reward(base, work / "reward")
+    reward = random_reward_model(base, work / "reward")
     config = PPOConfig(rollout_batch=16, minibatches=2, max_new_tokens=8, ptx_batch=8,
                        ptx_max_length=64, lora_r=4, lora_alpha=8)  # fmt: skip
     reference = SharedBaseModels.build(base, reward, config)

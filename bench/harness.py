@@ -63,6 +63,26 @@ def make_adapter(
     )
 
 
+def random_reward_model(model_dir: Path, out_dir: Path) -> Path:
+    """A reward model (the learner's LoRA shape, r=4) with random, non-zero LoRA and a random
+    score head, saved as the learner saves one: a stand-in where its scores need no meaning."""
+    import torch
+
+    from flywheel_learner.reward import RewardConfig, add_reward_adapter
+    from flywheel_model import adapters, loading, scoring
+
+    model, _ = loading.load_base(model_dir)
+    torch.manual_seed(1)
+    peft = add_reward_adapter(model, RewardConfig(r=4, alpha=8), "reward")
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    head = scoring.ScoreHead(model.config.hidden_size)
+    return adapters.save_adapter(
+        peft, "reward", out_dir, head=head, base_model=loading.base_fingerprint(model_dir)
+    )
+
+
 class ServerProcess:
     """`flywheel serve` in a subprocess, on free loopback ports."""
 

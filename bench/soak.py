@@ -256,7 +256,9 @@ def main() -> None:
         "rss_mib": [(round(t), round(b / 2**20, 1)) for t, b in tally.rss],
     }  # fmt: skip
     print(json.dumps({k: v for k, v in report.items() if k != "rss_mib"}, indent=2))
-    print("| minutes | requests | failed | p50 s | p99 s | RSS MiB |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "| minutes | requests | failed | p50 s | p99 s | RSS MiB |\n|---|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
         print(f"| {r['from_min']:g}-{r['to_min']:g} | {r['requests']} | {r['failed']} | "
               f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['rss_mib']:.0f} |")  # fmt: skip

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.harness import random_reward_model
 from flywheel_demo.model import build_tiny_model, chat_prompt
 from flywheel_demo.task import pretraining_texts
 from flywheel_learner.ppo import Rollout, collect_rollout, optimise, ppo_step, response_mask
 from flywheel_learner.ppo_config import PPOConfig
 from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer, save_policy
 from flywheel_learner.ptx_data import PtxBatch, ptx_batches, read_pretraining_texts
-from flywheel_learner.reward import RewardConfig, add_reward_adapter
-from flywheel_model import adapters, loading, scoring
+from flywheel_model import adapters, loading
 
 pytestmark = pytest.mark.unit
 
@@ -50,17 +50,7 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reward_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random (non-zero) reward LoRA + head in adapters.save_adapter's format."""
-    model, _ = loading.load_base(base_dir)
-    torch.manual_seed(1)
-    peft_model = add_reward_adapter(model, RewardConfig(r=4, alpha=8), "reward")
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    head = scoring.ScoreHead(model.config.hidden_size)
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    return adapters.save_adapter(
-        peft_model, "reward", out, head=head, base_model=loading.base_fingerprint(base_dir)
-    )
+    return random_reward_model(base_dir, tmp_path_factory.mktemp("rm") / "reward")
 
 
 def build(base_dir: Path, reward_dir: Path, config: PPOConfig = CONFIG) -> SharedBaseModels:
