@@ -218,7 +218,7 @@ def ppo_losses(
 
 
 def _microbatches(
-    mask: torch.Tensor, lengths: torch.Tensor, config: PPOConfig
+    mask: torch.Tensor, lengths: Sequence[int], config: PPOConfig
 ) -> Sequence[tuple[slice | torch.Tensor, float]]:
     """Micro-batches of this rank's rows, weighted by their share of the global tokens:
     `config.micro_batches` equal parts, or under `max_tokens_per_microbatch` rows packed by
@@ -229,7 +229,7 @@ def _microbatches(
         return []
     if config.max_tokens_per_microbatch <= 0:
         return token_weighted_microbatches(mask, min(config.micro_batches, rows), total)
-    groups = token_budget.pack(lengths.tolist(), config.max_tokens_per_microbatch)
+    groups = token_budget.pack(lengths, config.max_tokens_per_microbatch)
     parts = [torch.tensor(g) for g in groups]
     return [(part, microbatch_weight(mask[part], total)) for part in parts]
 
@@ -237,7 +237,7 @@ def _microbatches(
 def accumulate_ppo(models: SharedBaseModels, mb: Rollout, config: PPOConfig) -> Metrics:
     """Backward of the minibatch's token-mean loss, in token-weighted micro-batches."""
     weighted = torch.zeros(len(Metrics._fields) - 1, dtype=torch.double)  # all but ptx_loss
-    lengths = torch.tensor(row_tokens(mb.attention, mb.mask, mb.start))
+    lengths = row_tokens(mb.attention, mb.mask, mb.start)
     for rows, weight in _microbatches(mb.mask, lengths, config):
         part = mb.select(rows)
         if config.max_tokens_per_microbatch > 0:  # packed by length: drop the shared padding
@@ -256,7 +256,7 @@ def accumulate_ptx(models: SharedBaseModels, batch: PtxBatch, config: PPOConfig)
     batch = batch.select(slice(*distributed.bounds(batch.input_ids.shape[0], *distributed.world())))
     total = torch.zeros((), dtype=torch.double)
     scored = batch.loss_mask[:, 1:]  # (B, T-1), the labels ptx_loss reads
-    for rows, weight in _microbatches(scored, batch.attention_mask.sum(dim=1), config):
+    for rows, weight in _microbatches(scored, batch.attention_mask.sum(dim=1).tolist(), config):
         part = batch.select(rows)
         if config.max_tokens_per_microbatch > 0:
             part = part.trimmed()

@@ -92,10 +92,11 @@ class SharedBaseModels:
         base, tokenizer = loading.load_base(
             base_dir, device=precision.device, dtype=precision.dtype
         )
-        own_norm = config.final_norm_lr > 0 and _final_norm_problem(base) is None
+        norm_problem = _final_norm_problem(base) if config.final_norm_lr > 0 else "off"
+        own_norm = norm_problem is None
         if config.final_norm_lr > 0 and not own_norm:
             log.warning("the policy trains its LoRA only (final_norm_lr unused): %s",
-                        _final_norm_problem(base))  # fmt: skip
+                        norm_problem)  # fmt: skip
         model = PeftModel.from_pretrained(
             base, str(reward_dir), adapter_name=REWARD, is_trainable=False
         )
@@ -215,10 +216,13 @@ class SharedBaseModels:
         self.use(scorer)
         rows = [(p, [[r]]) for p, r in zip(prompts, responses, strict=True)]
         limit, budget = self.config.reward_max_length, self.config.max_tokens_per_microbatch
-        pairs = list(zip(prompts, responses, strict=True))
-        lengths = [len(ids) for ids, _ in reward_tokens(self.tokenizer, pairs, limit)]
+        groups = [list(range(len(rows)))]
+        if budget > 0:
+            pairs = list(zip(prompts, responses, strict=True))
+            lengths = [len(ids) for ids, _ in reward_tokens(self.tokenizer, pairs, limit)]
+            groups = token_budget.pack(lengths, budget)
         out = torch.empty(len(rows), device=self.precision.device)
-        for group in token_budget.pack(lengths, budget):  # one group when there is no budget
+        for group in groups:
             batch = make_batch(self.tokenizer, [rows[i] for i in group], limit)
             with self.precision.autocast():
                 scores = score_batch(self.peft, self._heads[scorer], batch)

@@ -104,8 +104,9 @@ class ServerConfig:
         default=20,
     )
     write_timeout_s: float = _opt(
-        "HTTP: a connection whose client reads nothing for this long while a response waits "
-        "to be written (a stalled stream) is aborted, and its generation cancelled",
+        "a streamed answer whose client reads nothing for this long while it waits to be "
+        "written is cut off (HTTP: the connection aborted; gRPC: DEADLINE_EXCEEDED) and its "
+        "generation cancelled",
         default=30.0,
     )
     keep_versions: int = _opt(

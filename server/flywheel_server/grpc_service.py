@@ -132,8 +132,11 @@ def _guard(
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
             async with boundary(context):
                 auth.check(_authorization(context), scope)
-                async for item in fn(_check(request), context):
-                    await _write(context, item, write_timeout_s)
+                # closed at once when a write fails or the call is cancelled: that ends the
+                # generation behind it
+                async with contextlib.aclosing(fn(_check(request), context)) as items:
+                    async for item in items:
+                        await _write(context, item, write_timeout_s)
 
         return stream
 

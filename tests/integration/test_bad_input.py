@@ -550,6 +550,8 @@ GARBAGE = [
     pytest.param(b"\xff\xff\xff", id="bad-varint"),
     pytest.param(b"\x0a\x10abc", id="truncated-field"),
     pytest.param(b"\x0f", id="bad-wire-type"),
+    # 10,000 unknown groups, each inside the last: past protobuf's recursion limit (100)
+    pytest.param(b"\x7b" * 10_000 + b"\x7c" * 10_000, id="nested-past-the-recursion-limit"),
 ]
 METHODS = [
     pytest.param(
@@ -598,6 +600,18 @@ def test_malformed_protobuf(server, method, type_name, stream, payload):
         error = raw_call(server, method, payload, stream=stream)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert f"request is not a valid {type_name}" in error.details(), error.details()
+
+
+def test_a_protobuf_past_the_size_limit_is_refused_before_parsing(server):
+    size = 9 << 20  # the server takes at most 8 MiB
+    length = bytes(
+        [(size >> 7 * i & 0x7F) | (0x80 if size >> 7 * (i + 1) else 0) for i in range(4)]
+    )
+    payload = b"\x0a" + length + b"x" * size  # field 1, 9 MiB long
+    with store_unchanged(server):
+        error = raw_call(server, "/flywheel.v1.Feedback/SubmitRanking", payload)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert "larger than max" in error.details(), error.details()
 
 
 @pytest.mark.parametrize(
