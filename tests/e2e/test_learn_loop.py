@@ -111,6 +111,11 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
     stats = labeler.run(demo_prompts(seed=7), count=20)
     assert stats.submitted >= 10, stats
     before = {v.id for v in client.versions().versions}
+    sample = learner_metrics.REGISTRY.get_sample_value  # one registry per process: count deltas
+    promoted = {"kind": "policy", "outcome": "promoted"}
+    counted = {name: sample(name, labels) or 0.0 for name, labels in (
+        ("flywheel_learner_rounds_total", None), ("flywheel_learner_versions_total", promoted),
+        ("flywheel_learner_ppo_steps_total", None))}  # fmt: skip
 
     learner = Learner(tiny_config(server, tiny_model, tmp_path), progress=Progress(tty=False))
     try:
@@ -133,12 +138,13 @@ def test_one_round_publishes_and_resume_does_not_duplicate(
     state = load_state(tmp_path)
     assert state.round == 1 and state.pending is None and state.rankings_cursor > 0
     assert state.kl_beta > 0 and state.kl_beta != 0.05  # the controller moved it; kept for next
-    sample = learner_metrics.REGISTRY.get_sample_value
-    assert sample("flywheel_learner_rounds_total") == 1
-    assert sample("flywheel_learner_versions_total", {"kind": "policy", "outcome": "promoted"}) == 1
+    assert sample("flywheel_learner_rounds_total") == counted["flywheel_learner_rounds_total"] + 1
+    assert (sample("flywheel_learner_versions_total", promoted)
+            == counted["flywheel_learner_versions_total"] + 1)  # fmt: skip
     assert (
         sample("flywheel_learner_ppo_steps_total")
-        == tiny_config(server, tiny_model, tmp_path).ppo_steps_per_round
+        == counted["flywheel_learner_ppo_steps_total"]
+        + tiny_config(server, tiny_model, tmp_path).ppo_steps_per_round
     )
     assert 0 <= sample("flywheel_learner_reward_held_out_accuracy") <= 1
     for gauge in ("reward_train_loss", "ppo_reward_mean", "ppo_kl_nats", "ppo_ptx_loss"):
