@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -61,6 +62,13 @@ def make_adapter(
     return adapters.save_adapter(
         peft, "tmp", out_dir, head=head, base_model=loading.base_fingerprint(model_dir)
     )
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set now, from /proc (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(match.group(1)) * 1024 if match else 0
 
 
 def random_reward_model(model_dir: Path, out_dir: Path) -> Path:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import socket
 import statistics
 import sys
@@ -38,7 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import ServerProcess, make_adapter  # noqa: E402
+from bench.harness import ServerProcess, make_adapter, rss_bytes  # noqa: E402
 from bench.hot_swap import p99  # noqa: E402
 from flywheel_client import FlywheelClient  # noqa: E402
 from flywheel_demo.model import build_random_model  # noqa: E402
@@ -73,12 +72,6 @@ class Tally:
     swaps: list[tuple[float, bool]] = field(default_factory=list)
     misbehaved: dict[str, int] = field(default_factory=lambda: {"dropped": 0, "stalled": 0})
     first_error: str = ""
-
-
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) * 1024 if match else 0
 
 
 async def one_request(client: httpx.AsyncClient, url: str, stream: bool, max_tokens: int) -> None:

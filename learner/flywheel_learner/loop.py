@@ -108,6 +108,7 @@ class Learner:
         progress: Progress | None = None,
     ) -> None:
         self.config = config
+        self.precision = config.precision  # resolved once: device and dtype for every round
         self.work_dir = Path(config.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._owns_client = client is None
@@ -252,7 +253,7 @@ class Learner:
             self.config.model_dir, train, held, config,
             self.work_dir / "adapters" / f"reward-r{number:04d}", prior=prior,
             base_model=self.base_model, progress=self.progress.tty,
-            precision=self.config.precision,
+            precision=self.precision,
         )  # fmt: skip
         problem = self.config.validation.problem(fit.score)
         metrics = {"held_out_accuracy": fit.score.accuracy, "held_out_pairs": float(fit.score.pairs),
@@ -262,7 +263,7 @@ class Learner:
             metrics[f"{start}_accuracy"] = score.accuracy
         if self.config.reward_init is not None and held:
             init = score_saved(self.config.model_dir, self.config.reward_init, held, config,
-                               self.config.precision)  # fmt: skip
+                               self.precision)  # fmt: skip
             metrics["init_accuracy"] = init.accuracy  # a drift from the prior shows here
         log.info(kv("reward_fit", round=number, kept=fit.start, steps=fit.steps,
                     seconds=fit.seconds, **metrics))  # fmt: skip
@@ -270,7 +271,7 @@ class Learner:
             log.warning(kv("reward_not_validated", round=number, reason=problem))
         learner_metrics.reward_train_loss.set(fit.train_loss)
         learner_metrics.reward_accuracy.set(fit.score.accuracy)
-        learner_metrics.peak_memory.set(memory.peak_bytes(self.config.precision.device))
+        learner_metrics.peak_memory.set(memory.peak_bytes(self.precision.device))
         outcome = "promoted" if problem is None else "refused"
         learner_metrics.versions.labels("reward", outcome).inc()
         # No held-out pair gives no accuracy (NaN): the version is shown without the figure.
@@ -293,7 +294,7 @@ class Learner:
         if not previous or Path(previous) == refit.directory or not Path(previous).is_dir():
             return None, why
         score = score_saved(self.config.model_dir, Path(previous), held, self.config.reward,
-                            self.config.precision)  # fmt: skip
+                            self.precision)  # fmt: skip
         problem = self.config.validation.problem(score)
         if problem is not None:
             return None, f"{why}; nor is the last validated one ({previous}): {problem}"
@@ -317,7 +318,7 @@ class Learner:
             self.config.model_dir, held, train, self.config.reward,
             self.work_dir / "adapters" / f"judge-r{number:04d}",
             window=self.config.rm_held_out_window, base_model=self.base_model,
-            progress=self.progress.tty, precision=self.config.precision,
+            progress=self.progress.tty, precision=self.precision,
         )  # fmt: skip
         problem = self.config.validation.problem(fit.score)
         log.info(kv("judge_fit", round=number, rankings=len(held), accuracy=fit.score.accuracy,
@@ -331,7 +332,7 @@ class Learner:
         ppo = self.config.ppo
         torch.manual_seed(self.config.seed + number)
         models = SharedBaseModels.build(self.config.model_dir, reward_dir, ppo,
-                                        self.config.precision)  # fmt: skip
+                                        self.precision)  # fmt: skip
         self._continue_from_live(models)
         optimizer = make_optimizer(models, ppo)
         kl_ctl = ppo.kl_controller(self.state.kl_beta or None)
@@ -350,7 +351,7 @@ class Learner:
             learner_metrics.ppo_kl.set(stats.kl_mean)
             learner_metrics.ppo_ptx.set(stats.ptx_loss)
             learner_metrics.ppo_clip.set(stats.policy_clip_fraction)
-            learner_metrics.peak_memory.set(memory.peak_bytes(self.config.precision.device))
+            learner_metrics.peak_memory.set(memory.peak_bytes(self.precision.device))
             self.progress.step(
                 "ppo_step", round=number, step=step + 1, reward=stats.reward_mean,
                 kl=stats.kl_mean, ptx=stats.ptx_loss, policy_loss=stats.policy_loss,

@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 
+from bench.harness import rss_bytes
 from flywheel_proto.v1 import flywheel_pb2 as pb
 from flywheel_proto.v1 import flywheel_pb2_grpc as pb_grpc
 from tests.support import ServerProcess
@@ -34,11 +35,6 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     directory = tmp_path_factory.mktemp("models") / "long"
     return build_random_model(directory, hidden=32, layers=2, heads=2, max_positions=2048 + 64)
-
-
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
 def stalled_stream(port: int) -> socket.socket:
