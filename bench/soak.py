@@ -53,9 +53,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load", type=float, default=0.8, help="share of the measured capacity")
     p.add_argument("--clients", type=int, default=16, help="closed-loop clients of the probe")
     p.add_argument("--probe-s", type=float, default=30.0)
+    p.add_argument("--rate", type=float, default=None,
+                   help="requests/s to offer; skips the probe (--load is then ignored)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--swap-every-s", type=float, default=60.0)
-    p.add_argument("--misbehave-every-s", type=float, default=30.0)
+    p.add_argument("--swap-every-s", type=float, default=60.0, help="0: no swaps")
+    p.add_argument("--misbehave-every-s", type=float, default=30.0, help="0: no misbehaving")
     p.add_argument("--window-min", type=float, default=5.0)
     p.add_argument("--model", type=Path, default=None,
                    help="a model directory to serve; default: a random 4-layer Llama")  # fmt: skip
@@ -65,9 +67,10 @@ def parse_args() -> argparse.Namespace:
 
 @dataclass
 class Tally:
-    """What the well-behaved clients saw: (arrival time, latency s, ok) per request."""
+    """What the well-behaved clients saw: (arrival time, latency s, outcome) per request, the
+    outcome one of "ok", "refused" (429: the server was past capacity) and "failed"."""
 
-    requests: list[tuple[float, float, bool]] = field(default_factory=list)
+    requests: list[tuple[float, float, str]] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
     swaps: list[tuple[float, bool]] = field(default_factory=list)
     misbehaved: dict[str, int] = field(default_factory=lambda: {"dropped": 0, "stalled": 0})
@@ -140,13 +143,15 @@ async def soak(server: ServerProcess, rate: float, args: argparse.Namespace, tal
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
 
         async def timed(stream: bool) -> None:
-            t0 = time.monotonic()
+            t0, outcome = time.monotonic(), "ok"
             try:
                 await one_request(client, url, stream, args.max_tokens)
-                tally.requests.append((t0 - start, time.monotonic() - t0, True))
             except Exception as e:  # any failure counts, whatever its kind
-                tally.requests.append((t0 - start, time.monotonic() - t0, False))
-                tally.first_error = tally.first_error or f"{type(e).__name__}: {e}"[:200]
+                status = e.response.status_code if isinstance(e, httpx.HTTPStatusError) else 0
+                outcome = "refused" if status == 429 else "failed"
+                if outcome == "failed":
+                    tally.first_error = tally.first_error or f"{type(e).__name__}: {e}"[:200]
+            tally.requests.append((t0 - start, time.monotonic() - t0, outcome))
 
         async def sample_rss() -> None:
             while time.monotonic() < end:
@@ -155,7 +160,7 @@ async def soak(server: ServerProcess, rate: float, args: argparse.Namespace, tal
 
         async def misbehaving() -> None:
             stall = False
-            while time.monotonic() + args.misbehave_every_s < end:
+            while args.misbehave_every_s and time.monotonic() + args.misbehave_every_s < end:
                 await asyncio.sleep(args.misbehave_every_s)
                 task = asyncio.create_task(misbehave(server.http_port, stall, 256))
                 tasks.add(task)
@@ -198,11 +203,12 @@ def windows(tally: Tally, minutes: float, window_min: float) -> list[dict[str, f
     for i in range(max(1, round(minutes / window_min))):
         lo, hi = i * width, (i + 1) * width
         inside = [r for r in tally.requests if lo <= r[0] < hi]
-        latencies = [lat for _, lat, ok in inside if ok]
+        latencies = [lat for _, lat, outcome in inside if outcome == "ok"]
         rss = [b for t, b in tally.rss if t < hi]
         rows.append({
             "from_min": lo / 60, "to_min": hi / 60, "requests": len(inside),
-            "failed": sum(not ok for _, _, ok in inside),
+            "refused": sum(o == "refused" for _, _, o in inside),
+            "failed": sum(o == "failed" for _, _, o in inside),
             "p50_s": statistics.median(latencies) if latencies else float("nan"),
             "p99_s": p99(latencies) if latencies else float("nan"),
             "rss_mib": rss[-1] / 2**20 if rss else float("nan"),
@@ -215,16 +221,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = args.model or build_random_model(root / "model", hidden=128, layers=4, heads=4)
-        swaps = int(args.minutes * 60 // args.swap_every_s)
+        swaps = int(args.minutes * 60 // args.swap_every_s) if args.swap_every_s else 0
         adapters = [make_adapter(model_dir, root / f"adapter-{i}", seed=i) for i in range(swaps)]
         server = ServerProcess(model_dir, root / "data", args=["--write-timeout-s", "5"]).start()
         tally = Tally()
         stop = threading.Event()
         try:
-            capacity = asyncio.run(
-                probe(f"{server.http}/v1/completions", args.clients, args.probe_s, args.max_tokens)
-            )
-            rate = args.load * capacity
+            if args.rate:
+                capacity, rate = float("nan"), args.rate
+            else:
+                capacity = asyncio.run(probe(
+                    f"{server.http}/v1/completions", args.clients, args.probe_s, args.max_tokens
+                ))  # fmt: skip
+                rate = args.load * capacity
             print(f"capacity {capacity:.2f} requests/s; soaking at {rate:.2f}/s for "
                   f"{args.minutes:g} min", flush=True)  # fmt: skip
             swapper = threading.Thread(
@@ -241,7 +250,8 @@ def main() -> None:
     report = {
         "minutes": args.minutes, "capacity_rps": capacity, "rate_rps": rate,
         "max_tokens": args.max_tokens, "requests": len(tally.requests),
-        "failed": sum(not ok for _, _, ok in tally.requests),
+        "refused": sum(o == "refused" for _, _, o in tally.requests),
+        "failed": sum(o == "failed" for _, _, o in tally.requests),
         "swaps": len(tally.swaps), "swaps_failed": sum(not ok for _, ok in tally.swaps),
         "misbehaved": tally.misbehaved, "first_error": tally.first_error,
         "rss_growth_mib": last["rss_mib"] - first["rss_mib"],
@@ -250,11 +260,12 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps({k: v for k, v in report.items() if k != "rss_mib"}, indent=2))
     print(
-        "| minutes | requests | failed | p50 s | p99 s | RSS MiB |\n|---|---:|---:|---:|---:|---:|"
+        "| minutes | requests | refused | failed | p50 s | p99 s | RSS MiB |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
     )
     for r in rows:
-        print(f"| {r['from_min']:g}-{r['to_min']:g} | {r['requests']} | {r['failed']} | "
-              f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['rss_mib']:.0f} |")  # fmt: skip
+        print(f"| {r['from_min']:g}-{r['to_min']:g} | {r['requests']} | {r['refused']} | "
+              f"{r['failed']} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['rss_mib']:.0f} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 

@@ -54,7 +54,8 @@ def read_pretraining_texts(path: str | Path) -> list[PtxText]:
 
 def _read_jsonl_texts(path: Path) -> list[str]:
     texts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    # split at "\n" only: JSON strings may hold U+2028 and the like raw, which splitlines breaks at
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel_cli.export import lines
+from flywheel_cli.export import jsonl, lines
 from flywheel_client.types import RankedCompletion, RankingRecord
 from flywheel_learner.preference_data import read_preferences
 
@@ -54,6 +54,19 @@ def test_rankings_keep_the_tiers_and_both_formats_import_back(tmp_path: Path) ->
         assert read_preferences(path) == expected
     with pytest.raises(ValueError, match="format must be one of"):
         list(lines([ranked], "csv"))
+
+
+def test_a_line_separator_inside_a_completion_does_not_split_its_line(tmp_path: Path) -> None:
+    # JSON leaves U+0085, U+2028 and U+2029 raw in strings; readers that split at every line
+    # break (str.splitlines, many JSONL loaders) would cut the record in two
+    ranked = record(("a\u2028b", 0), ("c\x85d\u2029", 1), ("é", 2))
+    for fmt in ("rankings", "pairs"):
+        text = "".join(jsonl(x) for x in lines([ranked], fmt))
+        assert [json.loads(x) for x in text.splitlines()] == list(lines([ranked], fmt))
+        assert "é" in text  # readable text, not ASCII escapes
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text(text, encoding="utf-8")
+        assert read_preferences(path)[0][1][0] == ("a\u2028b",)
 
 
 def test_import_names_a_malformed_ranking_line(tmp_path: Path) -> None:

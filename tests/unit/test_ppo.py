@@ -323,6 +323,8 @@ def test_pretraining_texts_from_txt_and_jsonl(tmp_path: Path) -> None:
     assert read_pretraining_texts(tmp_path / "a.txt") == ["one doc\nstill one", "second doc"]
     assert read_pretraining_texts(tmp_path / "b.txt") == ["line one", "line two"]
     assert read_pretraining_texts(tmp_path / "c.jsonl") == ["x", "y"]
+    (tmp_path / "u.jsonl").write_text('{"text": "a\u2028b"}\r\n', encoding="utf-8")
+    assert read_pretraining_texts(tmp_path / "u.jsonl") == ["a\u2028b"]  # one record, not two
     with pytest.raises(ValueError, match=r"d\.jsonl:2 must be an object with a string \"text\""):
         read_pretraining_texts(tmp_path / "d.jsonl")
     with pytest.raises(ValueError, match=r"must be a \.txt or \.jsonl file, got e\.csv"):

@@ -15,12 +15,17 @@ Pure functions of the exported records; the command writes them.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flywheel_client.types import RankingRecord
 
 FORMATS = ("pairs", "rankings")
+
+# Characters JSON leaves raw inside strings but str.splitlines (and readers built on it) breaks
+# lines at; generated text holds them now and then. The rest it breaks at are escaped by JSON.
+_ESCAPE_LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
 
 
 def tiers(record: RankingRecord) -> list[list[str]]:
@@ -50,3 +55,9 @@ def lines(records: Iterable[RankingRecord], fmt: str) -> Iterator[dict[str, Any]
             for chosen, rejected in itertools.product(ranked[better], ranked[worse]):
                 if chosen != rejected:  # the same text ranked twice teaches nothing
                     yield {"prompt": record.prompt, "chosen": chosen, "rejected": rejected, **about}
+
+
+def jsonl(record: dict[str, Any]) -> str:
+    """One JSON Lines line, text left readable (not ASCII-escaped) but with every character a
+    line reader might split at escaped: one record is one line for any reader."""
+    return json.dumps(record, ensure_ascii=False).translate(_ESCAPE_LINE_BREAKS) + "\n"

@@ -411,7 +411,7 @@ def _export(args: argparse.Namespace) -> int:
                 after = page[-1].cursor
                 rankings += len(page)
                 for line in export.lines(page, args.format):
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    f.write(export.jsonl(line))
                     written += 1
         partial.replace(out)
     finally:
