@@ -2,8 +2,9 @@
 drops or stalls a stream now and then. Does the server's memory or latency drift?
 
 1. `flywheel serve` on a random model (or --model), with --write-timeout-s 5.
-2. Capacity: --clients closed-loop clients for --probe-s seconds give the completed requests
-   per second the server sustains.
+2. Capacity: --clients closed-loop clients for --probe-s seconds give a first estimate; then
+   open-loop arrivals at 1.5 times it for --probe-s seconds give the completed requests per
+   second the server sustains (what it answers, not what it refuses).
 3. The soak: requests arrive at random (Poisson) at --load times that rate for --minutes, half
    of them streamed. Every --swap-every-s a new random LoRA adapter is published and promoted.
    Every --misbehave-every-s, in turn, a client drops its stream after the first bytes, or opens
@@ -94,7 +95,7 @@ async def one_request(client: httpx.AsyncClient, url: str, stream: bool, max_tok
             raise RuntimeError(f"stream ended without [DONE] (last line {last[:80]!r})")
 
 
-async def probe(url: str, clients: int, seconds: float, max_tokens: int) -> float:
+async def closed_loop(url: str, clients: int, seconds: float, max_tokens: int) -> float:
     """Completed requests per second with `clients` closed-loop clients."""
     done = 0
     stop = time.monotonic() + seconds
@@ -132,12 +133,14 @@ async def misbehave(port: int, stall: bool, max_tokens: int) -> None:
         sock.close()
 
 
-async def soak(server: ServerProcess, rate: float, args: argparse.Namespace, tally: Tally) -> None:
+async def soak(
+    server: ServerProcess, rate: float, seconds: float, args: argparse.Namespace, tally: Tally
+) -> None:
     url = f"{server.http}/v1/completions"
     assert server.proc is not None
     rng = random.Random(0)
     start = time.monotonic()
-    end = start + args.minutes * 60
+    end = start + seconds
     tasks: set[asyncio.Task[None]] = set()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -180,6 +183,24 @@ async def soak(server: ServerProcess, rate: float, args: argparse.Namespace, tal
             n += 1
         await asyncio.gather(*background)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def probe(server: ServerProcess, args: argparse.Namespace) -> float:
+    """What the server completes per second against open-loop arrivals: closed-loop clients
+    overstate it (they never queue behind a burst), so arrivals at 1.5 times their rate for
+    --probe-s seconds, counting the answers that end in its last two thirds."""
+    url = f"{server.http}/v1/completions"
+    estimate = asyncio.run(closed_loop(url, args.clients, args.probe_s, args.max_tokens))
+    quiet = argparse.Namespace(**{**vars(args), "misbehave_every_s": 0})
+    tally = Tally()
+    asyncio.run(soak(server, 1.5 * estimate, args.probe_s, quiet, tally))
+    # answers that ended in the window (by when they ended: a queue still grows meanwhile)
+    lo, hi = args.probe_s / 3, args.probe_s
+    ended = [t + lat for t, lat, outcome in tally.requests if outcome == "ok"]
+    capacity = sum(lo <= t < hi for t in ended) / (hi - lo)
+    print(f"probe: {estimate:.1f}/s closed-loop, {capacity:.1f}/s served of "
+          f"{1.5 * estimate:.1f}/s offered", flush=True)  # fmt: skip
+    return capacity
 
 
 def swap_every(server: ServerProcess, adapters: list[Path], every_s: float,
@@ -227,13 +248,8 @@ def main() -> None:
         tally = Tally()
         stop = threading.Event()
         try:
-            if args.rate:
-                capacity, rate = float("nan"), args.rate
-            else:
-                capacity = asyncio.run(probe(
-                    f"{server.http}/v1/completions", args.clients, args.probe_s, args.max_tokens
-                ))  # fmt: skip
-                rate = args.load * capacity
+            capacity = float("nan") if args.rate else probe(server, args)
+            rate = args.rate or args.load * capacity
             print(f"capacity {capacity:.2f} requests/s; soaking at {rate:.2f}/s for "
                   f"{args.minutes:g} min", flush=True)  # fmt: skip
             swapper = threading.Thread(
@@ -241,7 +257,7 @@ def main() -> None:
                 args=(server, adapters, args.swap_every_s, stop, tally, time.monotonic()),
             )
             swapper.start()
-            asyncio.run(soak(server, rate, args, tally))
+            asyncio.run(soak(server, rate, args.minutes * 60, args, tally))
         finally:
             stop.set()
             server.stop()

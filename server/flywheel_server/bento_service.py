@@ -13,8 +13,10 @@ from typing import Any
 import bentoml
 
 from flywheel_model import memory
-from flywheel_server import metrics
+from flywheel_server import bento_timeout, metrics
 from flywheel_server.http_api import create_app
+
+bento_timeout.install()  # BentoML's own leaks every request's state for the whole timeout
 
 _runtime: dict[str, Any] = {}
 
