@@ -203,6 +203,16 @@ def probe(server: ServerProcess, args: argparse.Namespace) -> float:
     return capacity
 
 
+def stalled_streams(server: ServerProcess) -> float:
+    """Connections the server cut off for not reading (its write timeout), from /metrics."""
+    text = httpx.get(f"{server.http}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("flywheel_stalled_streams_total{")
+    )
+
+
 def swap_every(server: ServerProcess, adapters: list[Path], every_s: float,
                stop: threading.Event, tally: Tally, start: float) -> None:  # fmt: skip
     base = loading.base_fingerprint(server.model)
@@ -258,6 +268,7 @@ def main() -> None:
             )
             swapper.start()
             asyncio.run(soak(server, rate, args.minutes * 60, args, tally))
+            cut_off = stalled_streams(server)
         finally:
             stop.set()
             server.stop()
@@ -270,6 +281,7 @@ def main() -> None:
         "failed": sum(o == "failed" for _, _, o in tally.requests),
         "swaps": len(tally.swaps), "swaps_failed": sum(not ok for _, ok in tally.swaps),
         "misbehaved": tally.misbehaved, "first_error": tally.first_error,
+        "cut_off_by_write_timeout": cut_off,
         "rss_growth_mib": last["rss_mib"] - first["rss_mib"],
         "p99_drift": last["p99_s"] / first["p99_s"], "windows": rows,
         "rss_mib": [(round(t), round(b / 2**20, 1)) for t, b in tally.rss],

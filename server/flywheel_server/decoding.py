@@ -30,6 +30,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters already streamed
     finish_reason: str | None = None
+    logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs not yet streamed
 
     def advance(
         self, token: int, eos: int, decode: Callable[[list[int]], str]

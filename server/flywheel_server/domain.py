@@ -37,6 +37,9 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Return each generated token's log-probability under the model (before temperature,
+    # penalties and filters), with this many most likely alternatives; None: none.
+    logprobs: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class Sampling:
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": {str(t): b for t, b in self.logit_bias},
+            "logprobs": self.logprobs,
         }
 
     def may_end(self, generated: int) -> bool:

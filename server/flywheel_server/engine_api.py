@@ -28,11 +28,22 @@ class EngineRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log-probability, and the most likely alternatives there."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    token_id: int = -1
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     index: int
     delta: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind delta (Sampling.logprobs)
 
 
 class Engine(Protocol):

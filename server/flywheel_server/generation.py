@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from flywheel_server import metrics
 from flywheel_server.domain import CompletionRecord, PromptRecord, Sampling
-from flywheel_server.engine_api import Engine, EngineRequest, TokenEvent
+from flywheel_server.engine_api import Engine, EngineRequest, TokenEvent, TokenLogprob
 from flywheel_server.registry import AdapterRegistry
 from flywheel_server.store import Store
 
@@ -37,6 +37,7 @@ class Generation:
     prompt_id: str
     prompt_tokens: int
     completions: list[CompletionRecord]
+    logprobs: list[tuple[TokenLogprob, ...]]  # per completion, where Sampling.logprobs asked
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class StreamEvent:
     delta: str
     finish_reason: str | None
     policy: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Row:
     text: str = ""
     finish_reason: str = "length"
     tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class GroupCommit:
@@ -199,7 +202,9 @@ class GenerationStream:
         ]
         await self.recorder.record(self.prompt, completions)
         metrics.generated(completions)
-        self.result = Generation(self.prompt.id, len(self.prompt_ids), completions)
+        self.result = Generation(
+            self.prompt.id, len(self.prompt_ids), completions, [r.logprobs for r in self.rows]
+        )
         if held:
             yield held
 
@@ -211,9 +216,11 @@ class GenerationStream:
 
     def _apply(self, row: Row, event: TokenEvent) -> StreamEvent:
         row.text += event.delta
+        row.logprobs += event.logprobs
         row.tokens = event.completion_tokens
         if event.finish_reason is not None:
             row.finish_reason = event.finish_reason
         return StreamEvent(
-            self.prompt.id, row.id, row.index, event.delta, event.finish_reason, row.policy
-        )
+            self.prompt.id, row.id, row.index, event.delta, event.finish_reason, row.policy,
+            event.logprobs,
+        )  # fmt: skip

@@ -23,6 +23,7 @@ from flywheel_server import errors, metrics
 from flywheel_server.domain import AdapterVersion, ChallengeStatus
 from flywheel_server.generation import Generation, GenerationStream, PromptInput, StreamEvent
 from flywheel_server.openai_fields import unsupported
+from flywheel_server.openai_logprobs import chat_logprobs, completion_logprobs
 from flywheel_server.service import FlywheelService
 from flywheel_server.validation import RawSampling
 
@@ -111,7 +112,11 @@ class _Sampling(BaseModel):
             self.presence_penalty,
             self.frequency_penalty,
             self.logit_bias,
+            self.wanted_logprobs(),
         )
+
+    def wanted_logprobs(self) -> int | None:
+        return None
 
 
 class _OpenAI(_Sampling):
@@ -128,11 +133,26 @@ class _OpenAI(_Sampling):
 
 class CompletionBody(_OpenAI):
     prompt: str | list[str]
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatBody(_OpenAI):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def wanted_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise errors.InvalidRequest(
+                    "top_logprobs needs logprobs: true", field="top_logprobs"
+                )
+            return None
+        return self.top_logprobs or 0
 
 
 class _Strict(BaseModel):
@@ -465,16 +485,18 @@ async def _generate(
 
 def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
     choices = []
-    for c in result.completions:
+    for c, entries in zip(result.completions, result.logprobs, strict=True):
         choice: dict[str, Any] = {
             "index": c.index,
             "finish_reason": c.finish_reason,
             "completion_id": c.id,
         }
+        wanted = c.sampling.logprobs is not None
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
+            choice["logprobs"] = chat_logprobs(entries) if wanted else None
         else:
-            choice |= {"text": c.text, "logprobs": None}
+            choice |= {"text": c.text, "logprobs": completion_logprobs(entries) if wanted else None}
         choices.append(choice)
     generated = sum(c.completion_tokens for c in result.completions)
     return {
@@ -509,6 +531,7 @@ async def _sse(
     usage: bool = False,
 ) -> AsyncIterator[bytes]:
     started: set[int] = set()
+    offsets: dict[int, int] = {}  # characters streamed per completion, for text_offset
     created = int(time.time())
 
     def chunk(e: StreamEvent) -> bytes:
@@ -522,8 +545,12 @@ async def _sse(
             if e.index not in started:
                 delta["role"] = "assistant"
             choice["delta"] = delta
+            choice["logprobs"] = chat_logprobs(e.logprobs) if e.logprobs else None
         else:
-            choice |= {"text": e.delta, "logprobs": None}
+            offset = offsets.get(e.index, 0)
+            logprobs = completion_logprobs(e.logprobs, offset) if e.logprobs else None
+            choice |= {"text": e.delta, "logprobs": logprobs}
+            offsets[e.index] = offset + sum(len(x.token) for x in e.logprobs)
         started.add(e.index)
         doc = {
             "id": e.prompt_id,
@@ -540,7 +567,7 @@ async def _sse(
     envelopes: dict[int, tuple[bytes, bytes]] = {}
 
     def fast_chunk(e: StreamEvent) -> bytes:
-        if e.finish_reason is not None or e.index not in started:
+        if e.finish_reason is not None or e.index not in started or e.logprobs:
             return chunk(e)
         if e.index not in envelopes:
             head, _, tail = chunk(_with_delta(e, _MARK)).partition(_MARK_JSON)

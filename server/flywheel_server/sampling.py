@@ -61,6 +61,17 @@ def sample(
     return torch.where(temperature > 0, drawn, greedy)
 
 
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution (no temperature, penalty or filter):
+    each row's chosen token's, and its k most likely tokens with theirs.
+    logits: (B, V); chosen: (B,) -> (B,), (B, k) log-probs, (B, k) token ids"""
+    logp = logits.float().log_softmax(dim=-1)
+    top, ids = logp.topk(k, dim=-1)
+    return logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1), top, ids
+
+
 def find_stop(text: str, stops: tuple[str, ...]) -> int:
     """Index where the earliest stop string starts in text, or -1."""
     hits = [i for s in stops if (i := text.find(s)) >= 0]

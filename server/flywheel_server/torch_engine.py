@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,11 +33,12 @@ from flywheel_server.decoding import Decoder, GenericDecoder, Row
 from flywheel_server.engine_api import (
     EngineRequest,
     TokenEvent,
+    TokenLogprob,
     check_admission,
 )
 from flywheel_server.errors import Overloaded
 from flywheel_server.llama_decoder import LlamaDecoder, unsupported_reason
-from flywheel_server.sampling import adjust_logits, forbid_token, sample
+from flywheel_server.sampling import adjust_logits, forbid_token, sample, token_logprobs
 from flywheel_server.torch_adapters import LoadedAdapters
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,12 @@ def _post(
 
 
 def merge_events(events: list[TokenEvent]) -> list[TokenEvent]:
-    """One event per completion: its deltas joined, its latest count and finish reason."""
+    """One event per completion: its deltas and logprobs joined, its latest count and finish."""
     merged: dict[int, TokenEvent] = {}
     for e in events:
-        seen = merged.get(e.index)
-        merged[e.index] = (
-            e
-            if seen is None
-            else TokenEvent(e.index, seen.delta + e.delta, e.finish_reason, e.completion_tokens)
-        )
+        if (seen := merged.get(e.index)) is not None:
+            e = replace(e, delta=seen.delta + e.delta, logprobs=seen.logprobs + e.logprobs)
+        merged[e.index] = e
     return list(merged.values())
 
 
@@ -122,6 +120,7 @@ class TorchEngine:
         self.max_batch = max_batch  # rows decoded together
         self.stream_interval_s = stream_interval_s
         self._decoder = self._make_decoder(decoder)
+        self._token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
         self.loaded.decoder = self._decoder
         self._rows: list[Row] = []  # running rows, in the decoder's order
         self._next_ids: torch.Tensor | None = None  # (rows,): each row's next input token
@@ -344,7 +343,7 @@ class TorchEngine:
             raise
         for req in reqs:
             req.alive = req.spec.n
-        alive = self._emit(rows, first)
+        alive = self._emit(rows, first, self._logprobs(rows, logits, first))
         ids = first if self._next_ids is None else torch.cat([self._next_ids, first])
         self._keep([*self._rows, *rows], ids, [*range(before), *(before + i for i in alive)])
 
@@ -354,7 +353,7 @@ class TorchEngine:
         rows = self._rows
         logits = self._decoder.step(self._next_ids, [r.adapter for r in rows])
         ids = self._sample(rows, logits)
-        self._keep(rows, ids, self._emit(rows, ids))
+        self._keep(rows, ids, self._emit(rows, ids, self._logprobs(rows, logits, ids)))
 
     def _keep(self, rows: list[Row], ids: torch.Tensor, keep: list[int]) -> None:
         """Go on with the rows at these indices (and their next input tokens)."""
@@ -379,7 +378,33 @@ class TorchEngine:
             [r.generator for r in rows],
         )
 
-    def _emit(self, rows: list[Row], tokens: torch.Tensor) -> list[int]:
+    def _logprobs(
+        self, rows: list[Row], logits: torch.Tensor, ids: torch.Tensor
+    ) -> list[TokenLogprob | None]:
+        """Each row's chosen token with its log-probability (and alternatives), where its
+        request asked for them."""
+        wanted = [r.sampling.logprobs for r in rows]
+        if all(w is None for w in wanted):
+            return [None] * len(rows)
+        chosen, top, top_ids = token_logprobs(logits, ids, max(w or 0 for w in wanted))
+        ids_l, chosen_l, top_l, top_ids_l = (t.tolist() for t in (ids, chosen, top, top_ids))
+        return [
+            None if w is None else TokenLogprob(
+                self._token_text(ids_l[i]), chosen_l[i],
+                tuple(zip(map(self._token_text, top_ids_l[i][:w]), top_l[i][:w], strict=True)),
+                ids_l[i],
+            )
+            for i, w in enumerate(wanted)
+        ]  # fmt: skip
+
+    def _token_text(self, token: int) -> str:
+        if token not in self._token_texts:
+            self._token_texts[token] = str(self.tokenizer.decode([token]))
+        return self._token_texts[token]
+
+    def _emit(
+        self, rows: list[Row], tokens: torch.Tensor, logprobs: list[TokenLogprob | None]
+    ) -> list[int]:
         """Advance every row by its token, send each request its events; indices still running."""
         eos = self.tokenizer.eos_token_id
         events: dict[_Request, list[TokenEvent | None]] = {}
@@ -390,11 +415,14 @@ class TorchEngine:
                 req.alive = 0
                 events.setdefault(req, [])
                 continue
+            if logprobs[i] is not None and token != eos:  # the end adds no text, and no entry
+                row.logprobs.append(logprobs[i])
             delta, finish = row.advance(token, eos, self._decode_text)
             if delta or finish:
                 events.setdefault(req, []).append(
-                    TokenEvent(row.index, delta, finish, len(row.tokens))
+                    TokenEvent(row.index, delta, finish, len(row.tokens), tuple(row.logprobs))
                 )
+                row.logprobs.clear()
             if finish is None:
                 alive.append(i)
             else:

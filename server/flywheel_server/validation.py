@@ -13,6 +13,7 @@ from flywheel_server.errors import InvalidRequest
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's bound
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 MAX_LABEL_CHARS = 200
 MAX_TEXT_CHARS = 32_768
 MAX_RANKING_IDS = 64
@@ -34,6 +35,7 @@ class RawSampling:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: Mapping[str, float] | None = None  # token id (as OpenAI writes it) -> bias
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
 
 
 def number(field: str, value: Any) -> float:
@@ -85,9 +87,11 @@ def sampling(raw: RawSampling, *, max_tokens_limit: int, vocab_size: int = 1 << 
         )
     presence = _penalty("presence_penalty", raw.presence_penalty)
     frequency = _penalty("frequency_penalty", raw.frequency_penalty)
+    logprobs = None if raw.logprobs is None else integer("logprobs", raw.logprobs, 0, MAX_LOGPROBS)
     return Sampling(
         temperature, top_p, top_k, max_tokens, stops, raw.seed, min_tokens,
         bool(raw.ignore_eos), presence, frequency, _logit_bias(raw.logit_bias, vocab_size),
+        logprobs,
     )  # fmt: skip
 
 

@@ -97,6 +97,12 @@ class VllmEngine:
         """Stream vLLM's chunks as token events. Closing the iterator closes the HTTP stream,
         and vLLM aborts the request."""
         model = request.adapter or self.base_name
+        if request.sampling.logprobs is not None:
+            raise InvalidRequest(
+                "logprobs are not served by the vLLM backend yet; leave logprobs out, or serve "
+                "with the torch backend",
+                field="logprobs",
+            )
         if request.adapter is not None and request.adapter not in self._policies:
             raise AdapterNotFound(f"adapter {request.adapter} is not loaded")
         check_admission(self._closed, self._admitted, self.max_pending)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -177,3 +179,60 @@ def test_penalties_and_logit_bias_are_taken(server):
         presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"0": -100},
     )  # fmt: skip
     assert result.choices[0].finish_reason in ("stop", "length")
+
+
+def test_completion_logprobs_unary_and_streamed(server):
+    """Each token with its log-probability and alternatives; the streamed chunks carry the same
+    entries as the unary answer, their text offsets running on across chunks."""
+    body = {"model": "policy", "prompt": "reverse: abcdef", "max_tokens": 8, "temperature": 0,
+            "logprobs": 2}  # fmt: skip
+    status, doc = server.post("/v1/completions", body)
+    assert status == 200, doc
+    [choice] = doc["choices"]
+    lp = choice["logprobs"]
+    tokens = doc["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == tokens > 0
+    assert "".join(lp["tokens"]).startswith(choice["text"])
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(tokens)]
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert len(top) <= 2 and chosen == max(top.values()) <= 0  # greedy: the chosen is best
+
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", f"{server.http}/v1/completions", json=body | {"stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for key, values in (json.loads(line[6:])["choices"][0]["logprobs"] or {}).items():
+                    streamed[key] += values
+    assert streamed == lp
+    assert (
+        client_for(server)
+        .completions.create(model="policy", prompt="x", max_tokens=2)
+        .choices[0]
+        .logprobs
+        is None
+    )  # not asked, none given
+
+
+def test_chat_logprobs_with_top_alternatives(server):
+    chat = client_for(server).chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "sort: cba"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens > 0
+    for entry in content:
+        assert bytes(entry.bytes).decode() == entry.token
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == entry.logprob
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
+    stream = client_for(server).chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "sort: cba"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=3, stream=True,
+    )  # fmt: skip
+    streamed = [e for c in stream for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client_for(server).chat.completions.create(
+            model="policy", messages=[{"role": "user", "content": "x"}], top_logprobs=2
+        )

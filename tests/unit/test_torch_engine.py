@@ -557,3 +557,42 @@ async def test_a_bfloat16_engine_serves_the_base_and_an_adapter(
         assert await greedy_text(e, "policy-v1") != await greedy_text(e, None)
     finally:
         e.close()
+
+
+async def test_logprobs_equal_a_transformers_forward_under_each_adapter(
+    fresh_engine: TorchEngine, adapter_dir: Path
+) -> None:
+    """Each token's log-probability is the model's own (not the tempered, penalised one the
+    sampler drew from), under the row's adapter, with its top alternatives in order."""
+    await fresh_engine.load_adapter("policy-v1", adapter_dir, reward=False)
+    prompt = list(fresh_engine.encode(PROMPT))
+    for adapter in (None, "policy-v1"):
+        req = request(
+            fresh_engine, adapter=adapter, n=2, temperature=2.0, seed=5, logprobs=3,
+            frequency_penalty=1.5,
+        )  # fmt: skip
+        evs = await events(fresh_engine, req)
+        for i in range(2):
+            entries = [x for e in evs if e.index == i for x in e.logprobs]
+            last = finals(evs, 2)[i]
+            assert len(entries) == last.completion_tokens  # one per token of the text
+            assert "".join(x.token for x in entries).startswith(texts(evs, 2)[i])
+            ids = torch.tensor([prompt + [x.token_id for x in entries]])
+            with torch.inference_mode():
+                logits = fresh_engine.loaded.forward([adapter], input_ids=ids).logits[0]
+            logp = logits[len(prompt) - 1 : -1].float().log_softmax(-1)
+            want = logp.gather(-1, ids[0, len(prompt) :].unsqueeze(-1)).squeeze(-1)
+            got = torch.tensor([x.logprob for x in entries])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            top, top_ids = logp.topk(3, dim=-1)
+            for x, lps, tids in zip(entries, top.tolist(), top_ids.tolist(), strict=True):
+                assert [t for t, _ in x.top] == [fresh_engine.tokenizer.decode([t]) for t in tids]
+                torch.testing.assert_close([lp for _, lp in x.top], lps, atol=1e-4, rtol=1e-4)
+
+
+async def test_no_logprobs_unless_asked(engine: TorchEngine) -> None:
+    evs = await events(engine, request(engine, temperature=0))
+    assert all(e.logprobs == () for e in evs)
+    evs = await events(engine, request(engine, temperature=0, logprobs=0))
+    assert all(x.top == () for e in evs for x in e.logprobs)
+    assert sum(len(e.logprobs) for e in evs) == TOKENS
