@@ -188,6 +188,19 @@ class ServerProcess:
         finally:
             store.close()
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the /metrics samples called `name` that carry these labels."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.http + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and labels.items() <= s.labels.items()
+        )
+
     def post(
         self, path: str, body: bytes | dict, headers: dict[str, str] | None = None
     ) -> tuple[int, dict]:

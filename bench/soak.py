@@ -203,16 +203,6 @@ def probe(server: ServerProcess, args: argparse.Namespace) -> float:
     return capacity
 
 
-def stalled_streams(server: ServerProcess) -> float:
-    """Connections the server cut off for not reading (its write timeout), from /metrics."""
-    text = httpx.get(f"{server.http}/metrics", timeout=30).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("flywheel_stalled_streams_total{")
-    )
-
-
 def swap_every(server: ServerProcess, adapters: list[Path], every_s: float,
                stop: threading.Event, tally: Tally, start: float) -> None:  # fmt: skip
     base = loading.base_fingerprint(server.model)
@@ -228,6 +218,10 @@ def swap_every(server: ServerProcess, adapters: list[Path], every_s: float,
                 tally.first_error = tally.first_error or f"swap: {e}"[:200]
 
 
+def count(requests: list[tuple[float, float, str]], outcome: str) -> int:
+    return sum(o == outcome for _, _, o in requests)
+
+
 def windows(tally: Tally, minutes: float, window_min: float) -> list[dict[str, float]]:
     rows = []
     width = window_min * 60
@@ -238,8 +232,7 @@ def windows(tally: Tally, minutes: float, window_min: float) -> list[dict[str, f
         rss = [b for t, b in tally.rss if t < hi]
         rows.append({
             "from_min": lo / 60, "to_min": hi / 60, "requests": len(inside),
-            "refused": sum(o == "refused" for _, _, o in inside),
-            "failed": sum(o == "failed" for _, _, o in inside),
+            "refused": count(inside, "refused"), "failed": count(inside, "failed"),
             "p50_s": statistics.median(latencies) if latencies else float("nan"),
             "p99_s": p99(latencies) if latencies else float("nan"),
             "rss_mib": rss[-1] / 2**20 if rss else float("nan"),
@@ -268,7 +261,8 @@ def main() -> None:
             )
             swapper.start()
             asyncio.run(soak(server, rate, args.minutes * 60, args, tally))
-            cut_off = stalled_streams(server)
+            # connections the server cut off for not reading (its write timeout)
+            cut_off = server.metric("flywheel_stalled_streams_total")
         finally:
             stop.set()
             server.stop()
@@ -277,8 +271,7 @@ def main() -> None:
     report = {
         "minutes": args.minutes, "capacity_rps": capacity, "rate_rps": rate,
         "max_tokens": args.max_tokens, "requests": len(tally.requests),
-        "refused": sum(o == "refused" for _, _, o in tally.requests),
-        "failed": sum(o == "failed" for _, _, o in tally.requests),
+        "refused": count(tally.requests, "refused"), "failed": count(tally.requests, "failed"),
         "swaps": len(tally.swaps), "swaps_failed": sum(not ok for _, ok in tally.swaps),
         "misbehaved": tally.misbehaved, "first_error": tally.first_error,
         "cut_off_by_write_timeout": cut_off,

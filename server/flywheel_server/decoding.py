@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from flywheel_server.domain import Sampling
+from flywheel_server.engine_api import TokenLogprob
 from flywheel_server.sampling import find_stop, safe_prefix_length
 
 
@@ -30,7 +31,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters already streamed
     finish_reason: str | None = None
-    logprobs: list[Any] = field(default_factory=list)  # TokenLogprobs not yet streamed
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet streamed
 
     def advance(
         self, token: int, eos: int, decode: Callable[[list[int]], str]

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 
 from bench.harness import rss_bytes
@@ -65,13 +63,11 @@ def read_to_end(sock: socket.socket) -> bytes:
 def wait_for_stalled(server: ServerProcess, transport: str, count: int) -> None:
     """Until /metrics counts `count` streams of `transport` cut off (at most 4 minutes: on a
     busy machine the engine takes a while to outgrow the socket buffers)."""
-    pattern = rf'^flywheel_stalled_streams_total{{transport="{transport}"}} (\S+)$'
     seen = 0.0
     deadline = time.monotonic() + 240
     while seen < count and time.monotonic() < deadline:
         time.sleep(0.2)
-        match = re.search(pattern, httpx.get(f"{server.http}/metrics", timeout=30).text, re.M)
-        seen = float(match.group(1)) if match else 0.0
+        seen = server.metric("flywheel_stalled_streams_total", transport=transport)
     assert seen == count
 
 
