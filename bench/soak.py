@@ -75,7 +75,7 @@ class Tally:
     rss: list[tuple[float, int]] = field(default_factory=list)
     swaps: list[tuple[float, bool]] = field(default_factory=list)
     misbehaved: dict[str, int] = field(default_factory=lambda: {"dropped": 0, "stalled": 0})
-    first_error: str = ""
+    errors: list[str] = field(default_factory=list)  # every failure: when, what, and its error
 
 
 async def one_request(client: httpx.AsyncClient, url: str, stream: bool, max_tokens: int) -> None:
@@ -153,7 +153,8 @@ async def soak(
                 status = e.response.status_code if isinstance(e, httpx.HTTPStatusError) else 0
                 outcome = "refused" if status == 429 else "failed"
                 if outcome == "failed":
-                    tally.first_error = tally.first_error or f"{type(e).__name__}: {e}"[:200]
+                    kind = "stream" if stream else "unary"
+                    tally.errors.append(f"{t0 - start:.0f}s {kind}: {type(e).__name__}: {e}"[:300])
             tally.requests.append((t0 - start, time.monotonic() - t0, outcome))
 
         async def sample_rss() -> None:
@@ -215,7 +216,7 @@ def swap_every(server: ServerProcess, adapters: list[Path], every_s: float,
                 tally.swaps.append((time.monotonic() - start, True))
             except Exception as e:  # a failed swap is reported, and the soak goes on
                 tally.swaps.append((time.monotonic() - start, False))
-                tally.first_error = tally.first_error or f"swap: {e}"[:200]
+                tally.errors.append(f"{time.monotonic() - start:.0f}s swap: {e}"[:300])
 
 
 def count(requests: list[tuple[float, float, str]], outcome: str) -> int:
@@ -273,7 +274,7 @@ def main() -> None:
         "max_tokens": args.max_tokens, "requests": len(tally.requests),
         "refused": count(tally.requests, "refused"), "failed": count(tally.requests, "failed"),
         "swaps": len(tally.swaps), "swaps_failed": sum(not ok for _, ok in tally.swaps),
-        "misbehaved": tally.misbehaved, "first_error": tally.first_error,
+        "misbehaved": tally.misbehaved, "errors": tally.errors,
         "cut_off_by_write_timeout": cut_off,
         "rss_growth_mib": last["rss_mib"] - first["rss_mib"],
         "p99_drift": last["p99_s"] / first["p99_s"], "windows": rows,

@@ -308,7 +308,8 @@ def decode(
     lora: list[list[tuple[int, torch.Tensor, torch.Tensor]]],
     group_rows: list[torch.Tensor | None],
 ) -> torch.Tensor:
-    """Logits at token `last[r]` of each row r, after writing every token's keys and values.
+    """Logits at token `last[r]` of each row r, after writing every token's keys and values
+    (with `last` of shape (rows, k): at k tokens of each row, (rows, k, vocab)).
 
     ids, positions: (rows, tokens); slots, last: (rows,). `span` is one past the highest position
     attended. `contiguous` says the rows are slots 0..rows-1 (the decode step), so the cache is
@@ -345,10 +346,12 @@ def decode(
     norms = list(zip(weights.norms[0::2], weights.norms[1::2], strict=True))
     heads = Heads(shape.heads, shape.kv_heads, shape.head_dim)
     h = layer_loop(h, norms, shape.eps, heads, (cos, sin), project, attend)
-    h = h[torch.arange(rows, device=ids.device), last]
+    pick = torch.arange(rows, device=ids.device)
+    h = h[pick, last] if last.dim() == 1 else h[pick[:, None], last]
     if weights.norm.dim() == 1:
         return F.linear(torch.rms_norm(h, [hidden], weights.norm, shape.eps), weights.lm_head)
-    return F.linear(torch.rms_norm(h, [hidden], None, shape.eps) * weights.norm, weights.lm_head)
+    norm = weights.norm if last.dim() == 1 else weights.norm[:, None]  # per row
+    return F.linear(torch.rms_norm(h, [hidden], None, shape.eps) * norm, weights.lm_head)
 
 
 def _row_linear(

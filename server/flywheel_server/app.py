@@ -108,6 +108,7 @@ async def serve(
             host=config.host,
             port=config.http_port,
             http=with_write_timeout(config.write_timeout_s),
+            timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type]  # a float works
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=30,

@@ -109,6 +109,13 @@ class ServerConfig:
         "generation cancelled",
         default=30.0,
     )
+    keep_alive_s: float = _opt(
+        "an idle HTTP keep-alive connection is closed after this long; keep it above the idle "
+        "timeout of the clients and load balancers in front (httpx: 5 s, nginx and cloud load "
+        "balancers: 60 s), so that they close first: a request sent as the server closes gets "
+        "a reset",
+        default=75.0,
+    )
     keep_versions: int = _opt(
         "retired versions per adapter kept loaded (pinnable, instant rollback); older ones are "
         "unloaded once drained",
@@ -174,6 +181,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        if not 0 < self.keep_alive_s <= 3600:
+            raise ValueError(f"keep_alive_s must be in (0, 3600] seconds, got {self.keep_alive_s}")
         if not 0 < self.write_timeout_s <= 3600:
             raise ValueError(
                 f"write_timeout_s must be in (0, 3600] seconds, got {self.write_timeout_s}"

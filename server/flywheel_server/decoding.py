@@ -79,6 +79,11 @@ class Decoder(Protocol):
         """Feed ids (one per row) to every row; return the logits of each row's next token."""
         ...
 
+    def prompt_logits(self, prompt: Sequence[int], adapter: str | None) -> torch.Tensor:
+        """The logits after every token of prompt on adapter, (tokens, vocab), leaving the
+        running rows as they were."""
+        ...
+
     def keep(self, keep: list[int]) -> list[int]:
         """Keep the rows at these ascending indices; return them in their new order."""
         ...
@@ -153,6 +158,10 @@ class GenericDecoder:
             mine.values = torch.cat(
                 [_left_pad(mine.values, width, dim=2), _left_pad(theirs.values, width, dim=2)]
             )
+
+    def prompt_logits(self, prompt: Sequence[int], adapter: str | None) -> torch.Tensor:
+        ids = torch.tensor([list(prompt)], device=self.device)
+        return self.forward([adapter], input_ids=ids, use_cache=False).logits[0]
 
     def step(self, ids: torch.Tensor, adapters: Sequence[str | None]) -> torch.Tensor:
         assert self.mask is not None and self.positions is not None

@@ -5,7 +5,7 @@ interface the service and the adapter lifecycle call. Both engines (`torch_engin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,10 +29,11 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's text and log-probability, and the most likely alternatives there."""
+    """A token's text and log-probability, and the most likely alternatives there (a prompt's
+    first token has none)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
     token_id: int = -1
 
@@ -54,8 +55,12 @@ class Engine(Protocol):
     vocab_size: int  # token ids a logit_bias may name
 
     def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
     def render_chat(self, messages: list[dict[str, str]]) -> str: ...
     def generate_batches(self, request: EngineRequest) -> AsyncIterator[list[TokenEvent]]: ...
+    async def prompt_logprobs(
+        self, prompt: tuple[int, ...], adapter: str | None, top: int
+    ) -> list[TokenLogprob]: ...
     async def score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]: ...
     async def load_adapter(self, adapter_id: str, path: str | Path, *, reward: bool) -> None: ...
     async def unload_adapter(self, adapter_id: str) -> None: ...

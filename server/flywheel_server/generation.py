@@ -26,10 +26,11 @@ def new_id(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class PromptInput:
-    """Raw text, or chat messages rendered with the model's chat template."""
+    """Raw text, chat messages rendered with the model's chat template, or token ids."""
 
     text: str | None = None
     messages: list[dict[str, str]] | None = None
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Generation:
     prompt_tokens: int
     completions: list[CompletionRecord]
     logprobs: list[tuple[TokenLogprob, ...]]  # per completion, where Sampling.logprobs asked
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # where the prompt was scored (echo)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,11 @@ class GenerationStream:
         prompt_ids: tuple[int, ...],
         sampling: Sampling,
         rows: list[Row],
+        *,
+        score_prompt: bool = False,
     ) -> None:
+        """score_prompt: first score the prompt's tokens (OpenAI's `echo` with logprobs), with
+        sampling.logprobs alternatives, into prompt_logprobs."""
         self.engine = engine
         self.registry = registry
         self.recorder = recorder
@@ -125,6 +131,8 @@ class GenerationStream:
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.rows = rows
+        self.score_prompt = score_prompt
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()
         self._batches: AsyncGenerator[list[StreamEvent], None] = self._run()
         self._buffer: collections.deque[StreamEvent] = collections.deque()
         self.result: Generation
@@ -169,7 +177,16 @@ class GenerationStream:
         finally:
             self._release()
 
+    async def _score_prompt(self) -> tuple[TokenLogprob, ...]:
+        """An entry for every prompt token, under the rows' policy: the first token has no
+        log-probability (nothing comes before it)."""
+        ids, adapter = self.prompt_ids, self.rows[0].adapter
+        rest = await self.engine.prompt_logprobs(ids, adapter, self.sampling.logprobs or 0)
+        return (TokenLogprob(self.engine.decode(ids[:1]), None, token_id=ids[0]), *rest)
+
     async def _events(self) -> AsyncGenerator[list[StreamEvent], None]:
+        if self.score_prompt:
+            self.prompt_logprobs = await self._score_prompt()
         groups: dict[str | None, list[Row]] = {}
         for row in self.rows:
             groups.setdefault(row.adapter, []).append(row)
@@ -203,8 +220,9 @@ class GenerationStream:
         await self.recorder.record(self.prompt, completions)
         metrics.generated(completions)
         self.result = Generation(
-            self.prompt.id, len(self.prompt_ids), completions, [r.logprobs for r in self.rows]
-        )
+            self.prompt.id, len(self.prompt_ids), completions, [r.logprobs for r in self.rows],
+            self.prompt_logprobs,
+        )  # fmt: skip
         if held:
             yield held
 

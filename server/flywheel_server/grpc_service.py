@@ -12,7 +12,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from flywheel_proto.v1 import flywheel_pb2 as pb
 from flywheel_server import domain, errors, metrics
 from flywheel_server.auth import Authenticator
+from flywheel_server.engine_api import TokenLogprob
 from flywheel_server.generation import PromptInput
 from flywheel_server.lifecycle import PublishHeader
 from flywheel_server.service import FlywheelService
@@ -204,10 +205,23 @@ def raw_sampling(s: pb.SamplingParams) -> RawSampling:
         opt("presence_penalty"),
         opt("frequency_penalty"),
         {str(token): bias for token, bias in s.logit_bias.items()},
+        opt("logprobs"),
     )
 
 
-def completion_pb(c: domain.CompletionRecord) -> pb.Completion:
+def logprobs_pb(entries: Sequence[TokenLogprob]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token=e.token, logprob=e.logprob, token_id=max(e.token_id, 0),
+            top=[pb.TopLogprob(token=t, logprob=lp) for t, lp in e.top],
+        )
+        for e in entries
+    ]  # fmt: skip
+
+
+def completion_pb(
+    c: domain.CompletionRecord, logprobs: Sequence[TokenLogprob] = ()
+) -> pb.Completion:
     return pb.Completion(
         id=c.id,
         index=c.index,
@@ -216,6 +230,7 @@ def completion_pb(c: domain.CompletionRecord) -> pb.Completion:
         policy=c.policy,
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
+        logprobs=logprobs_pb(logprobs),
     )
 
 
@@ -269,9 +284,15 @@ class Servicer:
             sampling=raw_sampling(request.sampling),
             policy=request.policy,
             user=request.user,
+            score_prompt=request.echo,
         )
         return pb.GenerateResponse(
-            prompt_id=result.prompt_id, completions=[completion_pb(c) for c in result.completions]
+            prompt_id=result.prompt_id,
+            completions=[
+                completion_pb(c, lp)
+                for c, lp in zip(result.completions, result.logprobs, strict=True)
+            ],
+            prompt_logprobs=logprobs_pb(result.prompt_logprobs),
         )
 
     async def GenerateStream(
@@ -283,7 +304,9 @@ class Servicer:
             sampling=raw_sampling(request.sampling),
             policy=request.policy,
             user=request.user,
+            score_prompt=request.echo,
         )
+        first = True
         async for e in stream:
             yield pb.GenerateChunk(
                 prompt_id=e.prompt_id,
@@ -292,9 +315,16 @@ class Servicer:
                 delta=e.delta,
                 finish_reason=e.finish_reason or "",
                 policy=e.policy,
+                logprobs=logprobs_pb(e.logprobs),
+                prompt_logprobs=logprobs_pb(stream.prompt_logprobs if first else ()),
             )
+            first = False
 
     async def Compare(self, request: pb.CompareRequest, context: Any) -> pb.CompareResponse:
+        if request.sampling.HasField("logprobs"):
+            raise errors.InvalidRequest(
+                "Compare returns no logprobs; leave them out", field="logprobs"
+            )
         result = await self.service.compare(
             prompt_input(request.prompt),
             k=request.k,

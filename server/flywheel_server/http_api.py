@@ -6,6 +6,7 @@ status codes in one place (`error_response`), in OpenAI's error shape.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ from starlette.routing import Route
 
 from flywheel_server import errors, metrics
 from flywheel_server.domain import AdapterVersion, ChallengeStatus
+from flywheel_server.engine_api import TokenLogprob
 from flywheel_server.generation import Generation, GenerationStream, PromptInput, StreamEvent
 from flywheel_server.openai_fields import unsupported
 from flywheel_server.openai_logprobs import chat_logprobs, completion_logprobs
@@ -39,6 +41,7 @@ STATUS: list[tuple[type[errors.FlywheelError], int, str]] = [
 
 
 DRAIN_FACTOR = 16
+MAX_PROMPTS = 64  # prompts of one unary /v1/completions request (a client's batch)
 
 
 class BodyTooLarge(errors.InvalidRequest):
@@ -132,8 +135,26 @@ class _OpenAI(_Sampling):
 
 
 class CompletionBody(_OpenAI):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one or several
     logprobs: int | None = None  # each token's log-probability and this many alternatives
+    echo: bool = False  # the prompt before the completion (with logprobs: its tokens' too)
+
+    def prompts(self) -> list[PromptInput]:
+        p = self.prompt
+        many: list[Any] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+        if not 1 <= len(many) <= MAX_PROMPTS:
+            raise errors.InvalidRequest(
+                f"prompt must hold 1 to {MAX_PROMPTS} prompts, got {len(many)}", field="prompt"
+            )
+        if len(many) > 1 and self.stream:
+            raise errors.InvalidRequest(
+                "a streamed completion takes one prompt; send the others in their own requests",
+                field="prompt",
+            )
+        return [
+            PromptInput(text=x) if isinstance(x, str) else PromptInput(token_ids=tuple(x))
+            for x in many
+        ]
 
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
@@ -284,20 +305,13 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
 
     @route("generate", CompletionBody)
     async def completions(service: FlywheelService, b: CompletionBody) -> Response:
-        prompt = b.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise errors.InvalidRequest(
-                    f"prompt must be one string (got a list of {len(prompt)})", field="prompt"
-                )
-            prompt = prompt[0]
-        return await _generate(service, b, PromptInput(text=prompt), chat=False)
+        return await _generate(service, b, b.prompts(), chat=False)
 
     @route("generate", ChatBody)
     async def chat_completions(service: FlywheelService, b: ChatBody) -> Response:
         if b.max_tokens is None and b.max_completion_tokens is not None:
             b = b.model_copy(update={"max_tokens": b.max_completion_tokens})
-        return await _generate(service, b, PromptInput(messages=b.messages), chat=True)
+        return await _generate(service, b, [PromptInput(messages=b.messages)], chat=True)
 
     @route("generate")
     async def models(service: FlywheelService, request: Request) -> Response:
@@ -466,50 +480,80 @@ def challenge_json(status: ChallengeStatus) -> dict[str, Any]:
 # -- OpenAI shapes -----------------------------------------------------------------------------
 
 
+# What `echo` puts before a completion: the prompt's text, and its tokens' entries (when
+# logprobs were asked).
+Echo = tuple[str, tuple[TokenLogprob, ...]]
+
+
 async def _generate(
-    service: FlywheelService, b: _OpenAI, prompt: PromptInput, *, chat: bool
+    service: FlywheelService, b: _OpenAI, prompts: list[PromptInput], *, chat: bool
 ) -> Response:
-    stream = service.generate_stream(
-        prompt, n=b.n, sampling=b.raw_sampling(), policy=b.model, user=b.user or ""
-    )
-    if b.stream:
+    echo = bool(getattr(b, "echo", False))
+    streams: list[GenerationStream] = []
+    try:
+        for prompt in prompts:
+            streams.append(
+                service.generate_stream(
+                    prompt, n=b.n, sampling=b.raw_sampling(), policy=b.model, user=b.user or "",
+                    score_prompt=echo and b.wanted_logprobs() is not None,
+                )
+            )  # fmt: skip
+    except BaseException:
+        for s in streams:
+            await s.aclose()
+        raise
+    if b.stream:  # one prompt (CompletionBody.prompts)
         # Pull the first events before answering, so overload and engine errors get a status code.
+        (stream,) = streams
         batches = stream.batches()
         first: list[StreamEvent] = await anext(batches, [])
         usage = bool((b.stream_options or {}).get("include_usage"))
+        echoed = (stream.prompt.text, stream.prompt_logprobs) if echo else None
         return StreamingResponse(
-            _sse(stream, batches, first, chat=chat, usage=usage), media_type="text/event-stream"
+            _sse(stream, batches, first, chat=chat, usage=usage, echo=echoed),
+            media_type="text/event-stream",
         )
-    return JSONResponse(_completion_json(await stream.finish(), chat=chat))
+    results = await asyncio.gather(*(s.finish() for s in streams))
+    echoes = [(s.prompt.text, s.prompt_logprobs) if echo else None for s in streams]
+    return JSONResponse(_completion_json(results, echoes, chat=chat))
 
 
-def _completion_json(result: Generation, *, chat: bool) -> dict[str, Any]:
+def _completion_json(
+    results: list[Generation], echoes: list[Echo | None], *, chat: bool
+) -> dict[str, Any]:
+    """One answer for the generations of a request's prompts; prompt p's completion i is
+    choice p * n + i, as OpenAI numbers them."""
     choices = []
-    for c, entries in zip(result.completions, result.logprobs, strict=True):
-        choice: dict[str, Any] = {
-            "index": c.index,
-            "finish_reason": c.finish_reason,
-            "completion_id": c.id,
-        }
-        wanted = c.sampling.logprobs is not None
-        if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
-            choice["logprobs"] = chat_logprobs(entries) if wanted else None
-        else:
-            choice |= {"text": c.text, "logprobs": completion_logprobs(entries) if wanted else None}
-        choices.append(choice)
-    generated = sum(c.completion_tokens for c in result.completions)
+    for p, (result, echo) in enumerate(zip(results, echoes, strict=True)):
+        n = len(result.completions)
+        for c, entries in zip(result.completions, result.logprobs, strict=True):
+            choice: dict[str, Any] = {
+                "index": p * n + c.index,
+                "finish_reason": c.finish_reason,
+                "completion_id": c.id,
+            }
+            wanted = c.sampling.logprobs is not None
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+                choice["logprobs"] = chat_logprobs(entries) if wanted else None
+            else:
+                text, before = echo or ("", ())
+                logprobs = completion_logprobs((*before, *entries)) if wanted else None
+                choice |= {"text": text + c.text, "logprobs": logprobs}
+            choices.append(choice)
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    generated = sum(c.completion_tokens for r in results for c in r.completions)
     return {
-        "id": result.prompt_id,
+        "id": results[0].prompt_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
-        "model": result.completions[0].policy,
-        "prompt_id": result.prompt_id,
+        "model": results[0].completions[0].policy,
+        "prompt_id": results[0].prompt_id,
         "choices": choices,
         "usage": {
-            "prompt_tokens": result.prompt_tokens,
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": generated,
-            "total_tokens": result.prompt_tokens + generated,
+            "total_tokens": prompt_tokens + generated,
         },
     }
 
@@ -529,6 +573,7 @@ async def _sse(
     *,
     chat: bool,
     usage: bool = False,
+    echo: Echo | None = None,
 ) -> AsyncIterator[bytes]:
     started: set[int] = set()
     offsets: dict[int, int] = {}  # characters streamed per completion, for text_offset
@@ -576,13 +621,19 @@ async def _sse(
         return head + json.dumps(e.delta).encode() + tail
 
     try:
+        if echo is not None:  # each completion starts with the prompt
+            text, entries = echo
+            yield b"".join(
+                chunk(StreamEvent(stream.prompt.id, r.id, r.index, text, None, r.policy, entries))
+                for r in stream.rows
+            )
         # One write per batch of ready events: under load a write carries several tokens.
         if first:
             yield b"".join(fast_chunk(e) for e in first)
         async for batch in batches:
             yield b"".join(fast_chunk(e) for e in batch)
         if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-            totals = _completion_json(stream.result, chat=chat)
+            totals = _completion_json([stream.result], [None], chat=chat)
             doc = {
                 "id": totals["id"],
                 "object": totals["object"],

@@ -246,6 +246,16 @@ class LlamaDecoder:
                 cache[dst, :width] = cache[src, :width]
         return logits.repeat_interleave(count, dim=0)
 
+    def prompt_logits(self, prompt: Sequence[int], adapter: str | None) -> torch.Tensor:
+        """The logits after every token of prompt, (tokens, vocab); the running rows go on as
+        they were (the prompt passes through the first free slot, which stays free)."""
+        device, width = self.embed.device, len(prompt)
+        self._reserve(len(self) + 1, width)
+        positions = torch.arange(width, device=device)[None]
+        slot = torch.tensor([len(self)], device=device)
+        ids = torch.tensor([list(prompt)], device=device)
+        return self._run(ids, positions, slot, positions, width, False, [adapter])[0]
+
     def step(self, ids: torch.Tensor, adapters: Sequence[str | None]) -> torch.Tensor:
         """Feed one token to every row (ids: (rows,)); the logits of each row's next token."""
         rows, lengths = len(self), self.lengths

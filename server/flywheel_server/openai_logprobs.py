@@ -4,7 +4,8 @@
     chat          {"content": [{"token", "logprob", "bytes", "top_logprobs": [{...}]}]}
 
 A streamed completion sends the entries of each chunk's tokens with that chunk; `text_offset`
-counts characters from the start of the completion's text.
+counts characters from the start of the completion's text. With `echo`, the prompt's tokens come
+first, its first token with a null log-probability (nothing comes before it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dic
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [dict(e.top) for e in entries],
+        "top_logprobs": [None if e.logprob is None else dict(e.top) for e in entries],
         "text_offset": offsets,
     }
 
@@ -39,5 +40,5 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def _token(token: str, logprob: float) -> dict[str, Any]:
+def _token(token: str, logprob: float | None) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}

@@ -69,8 +69,12 @@ class FlywheelService:
 
     def render(self, prompt: PromptInput) -> tuple[Literal["text", "chat"], str]:
         """(kind, prompt text the policy sees)."""
-        if (prompt.text is None) == (prompt.messages is None):
+        given = [x is not None for x in (prompt.text, prompt.messages, prompt.token_ids)]
+        if sum(given) != 1:
             raise InvalidRequest("give exactly one of prompt or messages", field="prompt")
+        if prompt.token_ids is not None:
+            ids = validation.token_ids("prompt", prompt.token_ids, self.engine.vocab_size)
+            return "text", self.engine.decode(ids)
         if prompt.text is not None:
             return "text", validation.text("prompt", prompt.text)
         return "chat", self.engine.render_chat(validation.messages(prompt.messages))
@@ -81,8 +85,8 @@ class FlywheelService:
         have taken the last places in between."""
         check_admission(False, self.engine.load["admitted"], self.config.max_pending)
 
-    def _encode_prompt(self, text: str, sampling: Sampling) -> tuple[int, ...]:
-        ids = self.engine.encode(text)
+    def _encode_prompt(self, prompt: PromptInput, text: str, sampling: Sampling) -> tuple[int, ...]:
+        ids = self.engine.encode(text) if prompt.token_ids is None else prompt.token_ids
         limit = min(self.config.max_prompt_tokens, self.engine.max_positions - sampling.max_tokens)
         if len(ids) > limit:
             raise InvalidRequest(
@@ -104,8 +108,11 @@ class FlywheelService:
         sampling: validation.RawSampling,
         policy: str = "",
         user: str = "",
+        score_prompt: bool = False,
     ) -> Generation:
-        stream = self.generate_stream(prompt, n=n, sampling=sampling, policy=policy, user=user)
+        stream = self.generate_stream(
+            prompt, n=n, sampling=sampling, policy=policy, user=user, score_prompt=score_prompt
+        )
         return await stream.finish()
 
     def generate_stream(
@@ -116,10 +123,13 @@ class FlywheelService:
         sampling: validation.RawSampling,
         policy: str = "",
         user: str = "",
+        score_prompt: bool = False,
     ) -> GenerationStream:
         """Validate now (errors raise before any event), then stream as the caller iterates.
         `sampling` comes as the transport read it; the service checks it. `user`: the end user
-        the caller asks for (OpenAI's field), stored with the prompt."""
+        the caller asks for (OpenAI's field), stored with the prompt. `score_prompt`: the
+        prompt's tokens' log-probabilities too (OpenAI's `echo`), in the stream's
+        prompt_logprobs once its first events came."""
         self._admit()
         checked = self._sampling(sampling)
         n = validation.integer("n", n, 1, self.config.max_n)
@@ -132,9 +142,10 @@ class FlywheelService:
             self.registry,
             self.recorder,
             PromptRecord(new_id("prm"), text, kind, user=_user(user)),
-            self._encode_prompt(text, checked),
+            self._encode_prompt(prompt, text, checked),
             checked,
             rows,
+            score_prompt=score_prompt,
         )
 
     async def compare(
@@ -174,7 +185,7 @@ class FlywheelService:
             PromptRecord(
                 new_id("prm"), text, kind, challenge=None if challenge is None else challenge.seq
             ),
-            self._encode_prompt(text, checked),
+            self._encode_prompt(prompt, text, checked),
             checked,
             rows,
         )

@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -163,6 +163,9 @@ class TorchEngine:
         )
         return str(rendered)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids)))
+
     def _decode_text(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
@@ -234,6 +237,13 @@ class TorchEngine:
             req.cancelled.set()
             with self._wake:
                 self._wake.notify()
+
+    async def prompt_logprobs(
+        self, prompt: tuple[int, ...], adapter: str | None, top: int
+    ) -> list[TokenLogprob]:
+        """The entry of each prompt token after the first (its log-probability given those
+        before it, under adapter, and its `top` alternatives), between two decode steps."""
+        return await self._call(lambda: self._prompt_logprobs(prompt, adapter, top))
 
     async def score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
         return await self._call(lambda: self.loaded.score(adapter, prompt, completions))
@@ -383,9 +393,23 @@ class TorchEngine:
     ) -> list[TokenLogprob | None]:
         """Each row's chosen token with its log-probability (and alternatives), where its
         request asked for them."""
-        wanted = [r.sampling.logprobs for r in rows]
+        return self._entries(logits, ids, [r.sampling.logprobs for r in rows])
+
+    @torch.inference_mode()
+    def _prompt_logprobs(
+        self, prompt: tuple[int, ...], adapter: str | None, top: int
+    ) -> list[TokenLogprob]:
+        self.loaded.check_loaded([adapter])
+        logits = self._decoder.prompt_logits(prompt, adapter)[:-1]
+        ids = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device)
+        return [e for e in self._entries(logits, ids, [top] * len(ids)) if e is not None]
+
+    def _entries(
+        self, logits: torch.Tensor, ids: torch.Tensor, wanted: list[int | None]
+    ) -> list[TokenLogprob | None]:
+        """Token ids[i]'s entry after logits[i] with wanted[i] alternatives (None: no entry)."""
         if all(w is None for w in wanted):
-            return [None] * len(rows)
+            return [None] * len(wanted)
         chosen, top, top_ids = token_logprobs(logits, ids, max(w or 0 for w in wanted))
         ids_l, chosen_l, top_l, top_ids_l = (t.tolist() for t in (ids, chosen, top, top_ids))
         return [
@@ -415,8 +439,8 @@ class TorchEngine:
                 req.alive = 0
                 events.setdefault(req, [])
                 continue
-            if logprobs[i] is not None and token != eos:  # the end adds no text, and no entry
-                row.logprobs.append(logprobs[i])
+            if (entry := logprobs[i]) is not None:  # the end's too: every sampled token's
+                row.logprobs.append(entry)
             delta, finish = row.advance(token, eos, self._decode_text)
             if delta or finish:
                 events.setdefault(req, []).append(

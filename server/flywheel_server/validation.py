@@ -136,6 +136,19 @@ def integer(field: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def token_ids(field: str, value: Any, vocab_size: int) -> tuple[int, ...]:
+    """A prompt given as token ids: a non-empty list of ids the model has."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InvalidRequest(f"{field} must be a non-empty list of token ids", field=field)
+    for i, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise InvalidRequest(
+                f"{field}[{i}] must be a token id between 0 and {vocab_size - 1}, got {token!r:.40}",
+                field=field,
+            )
+    return tuple(value)
+
+
 def text(
     field: str, value: Any, *, max_chars: int = MAX_TEXT_CHARS, allow_empty: bool = False
 ) -> str:
@@ -162,8 +175,23 @@ def messages(value: Any) -> list[dict[str, str]]:
                 f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role') if isinstance(m, dict) else m!r}",
                 field="messages",
             )
-        out.append({"role": m["role"], "content": text(f"messages[{i}].content", m.get("content"))})
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI's content parts; only text ones are served
+            content = "\n".join(_text_part(f"messages[{i}].content[{j}]", part)
+                                 for j, part in enumerate(content))  # fmt: skip
+        out.append({"role": m["role"], "content": text(f"messages[{i}].content", content)})
     return out
+
+
+def _text_part(field: str, part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind != "text":
+        raise InvalidRequest(
+            f"{field} must be a text part {{type: text, text}}; this server serves text only, "
+            f"got type {kind!r:.40}",
+            field="messages",
+        )
+    return text(f"{field}.text", part.get("text"), allow_empty=True)
 
 
 def ranking(tiers: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:

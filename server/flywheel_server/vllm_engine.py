@@ -13,7 +13,7 @@ import collections
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from flywheel_server.engine_api import (
     SMOKE_TOKENS,
     EngineRequest,
     TokenEvent,
+    TokenLogprob,
     check_admission,
     read_spec,
 )
@@ -77,8 +78,28 @@ class VllmEngine:
     def encode(self, text: str) -> list[int]:
         return self.scorer.encode(text)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.scorer.decode(ids)
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.scorer.render_chat(messages)
+
+    async def prompt_logprobs(
+        self, prompt: tuple[int, ...], adapter: str | None, top: int
+    ) -> list[TokenLogprob]:
+        """vLLM's own echo: its entries for the prompt's tokens after the first."""
+        if adapter is not None and adapter not in self._policies:
+            raise AdapterNotFound(f"adapter {adapter} is not loaded")
+        body = {"model": adapter or self.base_name, "prompt": list(prompt), "max_tokens": 1,
+                "temperature": 0, "echo": True, "logprobs": top}  # fmt: skip
+        response = await self._post("/v1/completions", body)
+        if response.status_code != 200:
+            raise _error(response.status_code, response.text)
+        try:
+            logprobs = response.json()["choices"][0]["logprobs"]
+            return list(token_logprobs(logprobs, prompt, top)[1 : len(prompt)])
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise Unavailable(f"the vLLM backend sent unreadable logprobs: {e!r}") from e
 
     async def score(self, adapter: str, prompt: str, completions: list[str]) -> list[float]:
         return await self.scorer.score(adapter, prompt, completions)
@@ -97,12 +118,6 @@ class VllmEngine:
         """Stream vLLM's chunks as token events. Closing the iterator closes the HTTP stream,
         and vLLM aborts the request."""
         model = request.adapter or self.base_name
-        if request.sampling.logprobs is not None:
-            raise InvalidRequest(
-                "logprobs are not served by the vLLM backend yet; leave logprobs out, or serve "
-                "with the torch backend",
-                field="logprobs",
-            )
         if request.adapter is not None and request.adapter not in self._policies:
             raise AdapterNotFound(f"adapter {request.adapter} is not loaded")
         check_admission(self._closed, self._admitted, self.max_pending)
@@ -119,7 +134,7 @@ class VllmEngine:
                     chunk = parse_sse(line)
                     if chunk is None:
                         continue
-                    events = token_events(chunk, tokens)
+                    events = token_events(chunk, tokens, request.sampling.logprobs)
                     if events:
                         yield events
         except httpx.HTTPError as e:
@@ -259,6 +274,8 @@ def completion_body(model: str, request: EngineRequest) -> dict[str, Any]:
         body["frequency_penalty"] = s.frequency_penalty
     if s.logit_bias:
         body["logit_bias"] = {str(t): b for t, b in s.logit_bias}
+    if s.logprobs is not None:
+        body["logprobs"] = s.logprobs
     return body
 
 
@@ -288,18 +305,42 @@ def parse_sse(line: str) -> dict[str, Any] | None:
     return chunk
 
 
-def token_events(chunk: dict[str, Any], tokens: list[int]) -> list[TokenEvent]:
-    """One event per choice in a chunk; `tokens` counts each choice's tokens so far."""
+def token_events(
+    chunk: dict[str, Any], tokens: list[int], top: int | None = None
+) -> list[TokenEvent]:
+    """One event per choice in a chunk; `tokens` counts each choice's tokens so far; `top`:
+    the alternatives asked for with each token's log-probability (None: none asked)."""
     events = []
     for choice in chunk.get("choices", []):
         index = int(choice["index"])
-        tokens[index] += len(choice.get("token_ids") or ())
+        ids = choice.get("token_ids") or ()
+        tokens[index] += len(ids)
         finish = choice.get("finish_reason")
         if finish is not None and finish not in FINISH_REASONS:
             raise Unavailable(f"vLLM ended completion {index} with {finish!r}")
-        if choice.get("text") or finish is not None:
-            events.append(TokenEvent(index, choice.get("text") or "", finish, tokens[index]))
+        entries = () if top is None else token_logprobs(choice.get("logprobs"), ids, top)
+        if choice.get("text") or finish is not None or entries:
+            text = choice.get("text") or ""
+            events.append(TokenEvent(index, text, finish, tokens[index], entries))
     return events
+
+
+def token_logprobs(
+    logprobs: dict[str, Any] | None, ids: Sequence[int], top: int
+) -> tuple[TokenLogprob, ...]:
+    """vLLM's completions-shaped logprobs as entries, each with its `top` best alternatives
+    (vLLM adds the chosen token's own when it is not among them); ids: the tokens' ids."""
+    if not logprobs:
+        return ()
+    columns = logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]
+    return tuple(
+        TokenLogprob(
+            token, logprob,
+            tuple(sorted((alternatives or {}).items(), key=lambda kv: -kv[1])[:top]),
+            ids[i] if i < len(ids) else -1,
+        )
+        for i, (token, logprob, alternatives) in enumerate(zip(*columns, strict=True))
+    )  # fmt: skip
 
 
 def check_finite_weights(adapter_id: str, path: Path) -> None:

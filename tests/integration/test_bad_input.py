@@ -766,7 +766,7 @@ def test_unknown_id_is_not_found_type(server, grpc_client):
 @pytest.mark.parametrize(
     ("extra", "field", "substring"),
     [
-        pytest.param({"echo": True}, "echo", "not supported", id="echo"),
+        pytest.param({"suffix": "!"}, "suffix", "not supported", id="suffix"),
         pytest.param({"presence_penalty": 2.5}, "presence_penalty", "between -2 and 2", id="penalty"),
         pytest.param(
             {"logit_bias": {"99999999": 5}}, "logit_bias", "token ids are 0 to", id="logit_bias"

@@ -75,3 +75,44 @@ def test_stream_matches_its_completion_ids(grpc_client):
     # A streamed completion is recorded and rankable as soon as its stream ends.
     receipt = grpc_client.rank(list(texts), labeler="stream-test")
     assert receipt.pairs == 1
+
+
+@pytest.mark.both_backends
+def test_logprobs_and_echo_over_grpc_equal_the_http_route(server, grpc_client):
+    """The same greedy completion through both SDK transports (and both HTTP routes) carries
+    the same log-probabilities; gRPC's echo scores the prompt as /v1/completions' does."""
+    from flywheel_client import HttpClient
+    from flywheel_proto.v1 import flywheel_pb2 as pb
+
+    asked = {"max_tokens": 5, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}
+    over_grpc = grpc_client.generate("reverse: abcdef", **asked).completions[0]
+    with HttpClient(server.http) as http:
+        over_http = http.generate("reverse: abcdef", **asked).completions[0]
+        streamed = [x for c in http.generate_stream("reverse: abcdef", **asked) for x in c.logprobs]
+        chat = http.generate(messages=[{"role": "user", "content": "sort: cba"}], **asked)
+    assert len(over_grpc.logprobs) == 5 and over_grpc.text == over_http.text
+    for a, b in zip(over_grpc.logprobs, over_http.logprobs, strict=True):
+        assert (a.token, a.top[0][0]) == (b.token, b.top[0][0])  # (HTTP's top is a dict)
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-6) and a.logprob == a.top[0][1]
+    assert [x.token for x in streamed] == [x.token for x in over_http.logprobs]
+    assert len(chat.completions[0].logprobs) == 5
+    streamed_grpc = [x for c in grpc_client.generate_stream("reverse: abcdef", **asked)
+                     for x in c.logprobs]  # fmt: skip
+    assert [x.token for x in streamed_grpc] == [x.token for x in over_grpc.logprobs]
+
+    request = pb.GenerateRequest(
+        prompt=pb.Prompt(text="reverse: abcdef"), echo=True,
+        sampling=pb.SamplingParams(max_tokens=1, temperature=0, logprobs=1),
+    )  # fmt: skip
+    reply = grpc_client._inference.Generate(request)  # the raw message: echo is not in the SDK
+    status, doc = server.post("/v1/completions", {
+        "prompt": "reverse: abcdef", "max_tokens": 1, "temperature": 0, "logprobs": 1,
+        "echo": True})  # fmt: skip
+    assert status == 200, doc
+    entries = doc["choices"][0]["logprobs"]
+    prompt = reply.prompt_logprobs
+    assert [e.token for e in prompt] == entries["tokens"][: len(prompt)]
+    assert not prompt[0].HasField("logprob") and entries["token_logprobs"][0] is None
+    assert [e.logprob for e in prompt[1:]] == pytest.approx(
+        entries["token_logprobs"][1 : len(prompt)]
+    )

@@ -181,6 +181,7 @@ def test_penalties_and_logit_bias_are_taken(server):
     assert result.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.both_backends
 def test_completion_logprobs_unary_and_streamed(server):
     """Each token with its log-probability and alternatives; the streamed chunks carry the same
     entries as the unary answer, their text offsets running on across chunks."""
@@ -191,7 +192,8 @@ def test_completion_logprobs_unary_and_streamed(server):
     [choice] = doc["choices"]
     lp = choice["logprobs"]
     tokens = doc["usage"]["completion_tokens"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == tokens > 0
+    ended = choice["finish_reason"] == "stop"  # by the end-of-sequence token, which has its entry
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == tokens + ended > 0
     assert "".join(lp["tokens"]).startswith(choice["text"])
     assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(tokens)]
     for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
@@ -213,6 +215,7 @@ def test_completion_logprobs_unary_and_streamed(server):
     )  # not asked, none given
 
 
+@pytest.mark.both_backends
 def test_chat_logprobs_with_top_alternatives(server):
     chat = client_for(server).chat.completions.create(
         model="policy", messages=[{"role": "user", "content": "sort: cba"}], max_tokens=6,
@@ -236,3 +239,163 @@ def test_chat_logprobs_with_top_alternatives(server):
         client_for(server).chat.completions.create(
             model="policy", messages=[{"role": "user", "content": "x"}], top_logprobs=2
         )
+
+
+def _completion(server: ServerProcess, **body) -> dict:
+    status, doc = server.post("/v1/completions", {"model": "policy", "temperature": 0} | body)
+    assert status == 200, doc
+    return doc
+
+
+@pytest.mark.both_backends
+def test_echo_gives_the_prompt_before_the_completion_with_its_logprobs(server):
+    """echo: the prompt's text before the completion's, and with logprobs its tokens' entries
+    first (the first token's null: nothing comes before it), text offsets running on; the
+    completion's own entries as without echo; streamed, the prompt comes in the first chunk."""
+    from transformers import AutoTokenizer
+
+    prompt = "reverse: abcdef"
+    ids = AutoTokenizer.from_pretrained(server.model)(prompt, add_special_tokens=False).input_ids
+    plain = _completion(server, prompt=prompt, max_tokens=4, logprobs=2, ignore_eos=True)
+    echoed = _completion(
+        server, prompt=prompt, max_tokens=4, logprobs=2, ignore_eos=True, echo=True
+    )
+    [p], [e] = plain["choices"], echoed["choices"]
+    assert e["text"] == prompt + p["text"]
+    lp = e["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 4 and "".join(lp["tokens"]).startswith(e["text"])
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x < 0 for x in lp["token_logprobs"][1 : len(ids)])  # the prompt scored
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(ids) + 4)]
+    for key in ("tokens", "token_logprobs", "top_logprobs"):
+        assert lp[key][len(ids) :] == p["logprobs"][key]
+    assert _completion(server, prompt=prompt, max_tokens=2, echo=True)["choices"][0][
+        "logprobs"] is None  # echo alone: the text, no logprobs  # fmt: skip
+
+    streamed: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                 "text_offset": []}  # fmt: skip
+    text = ""
+    body = {"model": "policy", "prompt": prompt, "max_tokens": 4, "logprobs": 2, "temperature": 0,
+            "ignore_eos": True, "echo": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{server.http}/v1/completions", json=body) as r:
+        chunks = [
+            json.loads(x[6:])["choices"][0] for x in r.iter_lines() if x.startswith("data: {")
+        ]
+    assert chunks[0]["text"] == prompt
+    for chunk in chunks:
+        text += chunk["text"]
+        for key, values in (chunk["logprobs"] or {}).items():
+            streamed[key] += values
+    assert (text, streamed) == (e["text"], lp)
+
+    status, doc = server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}], "echo": True})  # fmt: skip
+    assert status == 400 and doc["error"]["param"] == "echo"  # not a chat field
+
+
+@pytest.mark.both_backends
+def test_prompts_as_token_ids_and_several_prompts_in_one_request(server):
+    """What lm-eval's local-completions sends: prompts as lists of token ids, several in one
+    request, echoed, one token each; choice p * n + i is prompt p's completion i."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server.model)
+    texts = ["sort: cba", "reverse: flywheel"]
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    alone = [_completion(server, prompt=t, max_tokens=1, logprobs=1, echo=True) for t in texts]
+    both = _completion(server, prompt=ids, max_tokens=1, logprobs=1, echo=True, seed=1234)
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    for choice, one, prompt_ids in zip(both["choices"], alone, ids, strict=True):
+        [single] = one["choices"]
+        assert choice["text"] == single["text"]
+        assert choice["logprobs"] == single["logprobs"]
+        assert len(choice["logprobs"]["token_logprobs"]) == len(prompt_ids) + 1
+    assert both["usage"]["prompt_tokens"] == sum(map(len, ids))
+    two = _completion(server, prompt=[ids[0]], n=2, max_tokens=2, temperature=1.0, seed=3)
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+
+    vocab = len(tokenizer)
+    for bad, message in [([[]], "non-empty list of token ids"), ([[1, vocab]], "prompt[1]"),
+                         ([], "1 to 64 prompts"), ([ids[0]] * 65, "1 to 64 prompts")]:  # fmt: skip
+        status, doc = server.post("/v1/completions", {"prompt": bad, "max_tokens": 1})
+        assert status == 400 and message in doc["error"]["message"], (bad, doc)
+        assert doc["error"]["param"] == "prompt"
+    status, doc = server.post("/v1/completions", {"prompt": texts, "max_tokens": 1, "stream": True})
+    assert status == 400 and "one prompt" in doc["error"]["message"]
+
+
+def test_chat_content_as_text_parts(server):
+    """Content as OpenAI's list of text parts (what vLLM's benchmark client sends) is the same
+    as the joined string; any other part is refused by name."""
+
+    def ask(content: object) -> tuple[int, dict]:
+        return server.post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": content}], "max_tokens": 4,
+            "temperature": 0})  # fmt: skip
+
+    status, parts = ask([{"type": "text", "text": "sort: "}, {"type": "text", "text": "cba"}])
+    assert status == 200, parts
+    assert parts["choices"][0]["message"] == ask("sort: \ncba")[1]["choices"][0]["message"]
+    status, doc = ask([{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}])
+    assert status == 400 and "text only" in doc["error"]["message"]
+
+
+def test_logprobs_equal_a_transformers_forward_under_each_version(server, tmp_path):
+    """Through HTTP, on the base (policy-v0) and on a published LoRA version: the echoed
+    prompt's log-probabilities and a greedy chat answer's, unary and streamed, equal those of
+    transformers + peft on the same weights."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel_client import FlywheelClient
+    from flywheel_model import loading
+    from tests.support import make_adapter
+
+    adapter = make_adapter(server.model, tmp_path / "policy", seed=7)
+    with FlywheelClient(server.grpc) as client:  # published, not promoted: the alias stays
+        version = client.publish_adapter(
+            adapter, name="policy", base_model=loading.base_fingerprint(server.model)
+        ).id
+    tokenizer = AutoTokenizer.from_pretrained(server.model)
+    base = AutoModelForCausalLM.from_pretrained(server.model, dtype=torch.float32).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(server.model, dtype=torch.float32), adapter
+    ).eval()
+    messages = [{"role": "user", "content": "reverse: flywheel"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat_ids = tokenizer(rendered, add_special_tokens=False).input_ids  # as the server encodes
+    prompt_ids = tokenizer("sort: dcba", add_special_tokens=False).input_ids
+    for model, reference in (("policy-v0", base), (version, with_adapter)):
+        doc = _completion(server, model=model, prompt=[prompt_ids], max_tokens=1, logprobs=1,
+                          echo=True)  # fmt: skip
+        got = doc["choices"][0]["logprobs"]["token_logprobs"]
+        with torch.no_grad():
+            logp = reference(input_ids=torch.tensor([prompt_ids])).logits[0].log_softmax(-1)
+        want = [logp[i - 1, t].item() for i, t in enumerate(prompt_ids) if i]
+        assert got[1 : len(prompt_ids)] == pytest.approx(want, abs=1e-4)
+        assert got[-1] == pytest.approx(logp[-1].max().item(), abs=1e-4)  # the greedy token
+
+        ids, want_chat = list(chat_ids), []
+        for _ in range(4):  # transformers' own greedy loop
+            with torch.no_grad():
+                step = reference(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+            token = int(step.argmax())
+            want_chat.append((tokenizer.decode([token]), step[token].item()))
+            ids.append(token)
+        body = {"model": model, "messages": messages, "max_tokens": 4, "temperature": 0,
+                "ignore_eos": True, "logprobs": True}  # fmt: skip
+        status, chat = server.post("/v1/chat/completions", body)
+        assert status == 200, chat
+        entries = [(e["token"], e["logprob"]) for e in chat["choices"][0]["logprobs"]["content"]]
+        with httpx.stream("POST", f"{server.http}/v1/chat/completions",
+                          json=body | {"stream": True}) as r:  # fmt: skip
+            streamed = [
+                (e["token"], e["logprob"])
+                for line in r.iter_lines() if line.startswith("data: {")
+                for choice in json.loads(line[6:])["choices"]
+                for e in (choice["logprobs"] or {}).get("content", [])
+            ]  # fmt: skip
+        assert streamed == entries
+        assert [t for t, _ in entries] == [t for t, _ in want_chat]
+        assert [lp for _, lp in entries] == pytest.approx([lp for _, lp in want_chat], abs=1e-4)

@@ -68,9 +68,3 @@ def test_vllm_own_refusal_is_passed_on(vllm_server, tmp_path):
         with pytest.raises(Conflict, match="vLLM refused adapter policy-v"):
             client.publish_adapter(too_big, name="policy", base_model=base, promote=True)
         assert client.versions().live == live_before
-
-
-def test_logprobs_are_refused_by_name_until_the_vllm_backend_serves_them(vllm_server):
-    body = {"model": "policy", "prompt": "sort: cba", "max_tokens": 2, "logprobs": 1}
-    status, doc = vllm_server.post("/v1/completions", body)
-    assert status == 400 and doc["error"]["param"] == "logprobs", doc

@@ -575,7 +575,8 @@ async def test_logprobs_equal_a_transformers_forward_under_each_adapter(
         for i in range(2):
             entries = [x for e in evs if e.index == i for x in e.logprobs]
             last = finals(evs, 2)[i]
-            assert len(entries) == last.completion_tokens  # one per token of the text
+            ended = last.finish_reason == "stop"  # by the end-of-sequence token: its entry too
+            assert len(entries) == last.completion_tokens + ended  # one per sampled token
             assert "".join(x.token for x in entries).startswith(texts(evs, 2)[i])
             ids = torch.tensor([prompt + [x.token_id for x in entries]])
             with torch.inference_mode():
@@ -588,6 +589,47 @@ async def test_logprobs_equal_a_transformers_forward_under_each_adapter(
             for x, lps, tids in zip(entries, top.tolist(), top_ids.tolist(), strict=True):
                 assert [t for t, _ in x.top] == [fresh_engine.tokenizer.decode([t]) for t in tids]
                 torch.testing.assert_close([lp for _, lp in x.top], lps, atol=1e-4, rtol=1e-4)
+
+
+async def test_prompt_logprobs_equal_a_transformers_forward_under_each_adapter(
+    fresh_engine: TorchEngine, adapter_dir: Path
+) -> None:
+    """echo's entries: each prompt token after the first, its log-probability given those
+    before it under the adapter, with its alternatives; computed between the decode steps of
+    running rows, which go on as if alone."""
+    e = fresh_engine
+    await e.load_adapter("policy-v1", adapter_dir, reward=False)
+    prompt = tuple(e.encode("Hello there, general Kenobi"))
+    running = request(e, n=3, adapter="policy-v1", temperature=0, ignore_eos=True, max_tokens=40)
+    busy = asyncio.create_task(events(e, running))
+    got = {a: await e.prompt_logprobs(prompt, a, 3) for a in (None, "policy-v1")}
+    assert texts(await busy, 3) == texts(await events(e, running), 3)
+    ids = torch.tensor([prompt])
+    for adapter, entries in got.items():
+        assert [x.token_id for x in entries] == list(prompt[1:])
+        with torch.inference_mode():
+            logits = e.loaded.forward([adapter], input_ids=ids).logits[0, :-1]
+        logp = logits.float().log_softmax(-1)
+        want = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        got_lp = torch.tensor([x.logprob for x in entries])
+        torch.testing.assert_close(got_lp, want, atol=1e-4, rtol=1e-4)
+        top, top_ids = logp.topk(3, dim=-1)
+        for x, lps, tids in zip(entries, top.tolist(), top_ids.tolist(), strict=True):
+            assert [t for t, _ in x.top] == [e.tokenizer.decode([t]) for t in tids]
+            torch.testing.assert_close([lp for _, lp in x.top], lps, atol=1e-4, rtol=1e-4)
+    assert got[None] != got["policy-v1"]
+
+
+async def test_the_end_of_sequence_token_has_its_entry(engine: TorchEngine) -> None:
+    """Every sampled token has an entry, the end's too (it adds no text): a client that asks
+    for one token after an echoed prompt (lm-eval) finds exactly one entry after the prompt."""
+    eos = engine.tokenizer.eos_token_id
+    req = request(engine, temperature=0, logprobs=1, min_tokens=2, logit_bias=((eos, 100.0),))
+    evs = await events(engine, req)
+    [last] = finals(evs)
+    entries = [x for ev in evs for x in ev.logprobs]
+    assert (last.finish_reason, last.completion_tokens) == ("stop", 2)
+    assert [x.token_id for x in entries][2:] == [eos]
 
 
 async def test_no_logprobs_unless_asked(engine: TorchEngine) -> None:

@@ -5,7 +5,7 @@ Shared by the sync and async gRPC clients so the two differ only in how they cal
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from flywheel_client import types as t
 from flywheel_client.errors import InvalidArgument
@@ -45,6 +45,7 @@ def sampling(
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
     logit_bias: Mapping[int, float] | None = None,
+    logprobs: int | None = None,
 ) -> pb.SamplingParams:
     """Only the fields given are set, so the server's defaults apply to the rest."""
     params = pb.SamplingParams(
@@ -58,6 +59,7 @@ def sampling(
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
         logit_bias=dict(logit_bias or {}),
+        logprobs=logprobs,
     )
     if stop is not None:
         params.stop.extend([stop] if isinstance(stop, str) else stop)
@@ -101,6 +103,14 @@ def completion(c: pb.Completion) -> t.Completion:
         policy=c.policy,
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
+        logprobs=logprobs(c.logprobs),
+    )
+
+
+def logprobs(entries: Iterable[pb.TokenLogprob]) -> tuple[t.TokenLogprob, ...]:
+    return tuple(
+        t.TokenLogprob(e.token, e.logprob, tuple((x.token, x.logprob) for x in e.top))
+        for e in entries
     )
 
 
@@ -116,6 +126,7 @@ def chunk(c: pb.GenerateChunk) -> t.Chunk:
         delta=c.delta,
         finish_reason=c.finish_reason,
         policy=c.policy,
+        logprobs=logprobs(c.logprobs),
     )
 
 

@@ -48,8 +48,11 @@ def _sampling_fields(
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
     logit_bias: Mapping[int, float] | None = None,
+    logprobs: int | None = None,
+    chat: bool = False,
 ) -> Json:
-    """Only the fields given, so the server's defaults apply to the rest."""
+    """Only the fields given, so the server's defaults apply to the rest. `logprobs` as the
+    route spells it: completions `logprobs: N`, chat `logprobs: true, top_logprobs: N`."""
     fields: Json = {
         "temperature": temperature,
         "top_p": top_p,
@@ -63,6 +66,8 @@ def _sampling_fields(
         "frequency_penalty": frequency_penalty,
         "logit_bias": None if logit_bias is None else {str(t): b for t, b in logit_bias.items()},
     }
+    if logprobs is not None:
+        fields |= {"logprobs": True, "top_logprobs": logprobs} if chat else {"logprobs": logprobs}
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -79,7 +84,7 @@ def _generate_request(
         "model": policy or LIVE_POLICY,
         **_prompt_fields(prompt, messages),
         "n": n,
-        **_sampling_fields(**options),
+        **_sampling_fields(**options, chat=messages is not None),
         "stream": stream,
     }
     return path, body
@@ -105,6 +110,22 @@ def _text(choice: Json) -> str:
     return part.get("content") or ""
 
 
+def _logprobs(choice: Json) -> tuple[t.TokenLogprob, ...]:
+    """Either route's shape (completions: parallel lists; chat: a list of entries)."""
+    lp = choice.get("logprobs") or {}
+    if "content" in lp:
+        return tuple(
+            t.TokenLogprob(e["token"], e["logprob"],
+                           tuple((x["token"], x["logprob"]) for x in e.get("top_logprobs") or ()))
+            for e in lp["content"] or ()
+        )  # fmt: skip
+    columns = lp.get("tokens") or (), lp.get("token_logprobs") or (), lp.get("top_logprobs") or ()
+    return tuple(
+        t.TokenLogprob(token, logprob, tuple((top or {}).items()))
+        for token, logprob, top in zip(*columns, strict=True)
+    )
+
+
 def _generation(body: Json) -> t.Generation:
     choices = body.get("choices", [])
     usage = body.get("usage") or {}
@@ -119,6 +140,7 @@ def _generation(body: Json) -> t.Generation:
             policy=c.get("policy", body.get("model", "")),
             prompt_tokens=usage.get("prompt_tokens", 0),
             completion_tokens=c.get("completion_tokens", single),
+            logprobs=_logprobs(c),
         )
         for c in choices
     )
@@ -136,6 +158,7 @@ def _chunks(event: Json) -> list[t.Chunk]:
             delta=_text(c),
             finish_reason=c.get("finish_reason") or "",
             policy=c.get("policy", event.get("model", "")),
+            logprobs=_logprobs(c),
         )
         for c in event.get("choices", [])
     ]

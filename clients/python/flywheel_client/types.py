@@ -8,6 +8,16 @@ from typing import TypedDict
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (before temperature, penalties and
+    filters), and the most likely tokens at its place with theirs, best first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     """One completion the server issued; `id` is what `rank` accepts."""
 
@@ -18,6 +28,8 @@ class Completion:
     policy: str  # the version that produced it, e.g. "policy-v3"; "" in a blind challenge mix
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # With the `logprobs` option: one per token sampled (the end of sequence's too).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class Chunk:
     delta: str
     finish_reason: str  # "" until the completion ends
     policy: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind delta (`logprobs` option)
 
 
 @dataclass(frozen=True)
@@ -195,3 +208,4 @@ class SamplingOptions(TypedDict, total=False):
     presence_penalty: float
     frequency_penalty: float
     logit_bias: Mapping[int, float]  # token id -> bias
+    logprobs: int  # each token's log-probability, with this many alternatives (0 to 20)
