@@ -71,7 +71,8 @@ def write_task(model_dir: Path, questions: int, seed: int) -> None:
         choices = [example.answer, *rng.sample(wrong, 3)]
         rng.shuffle(choices)
         rows.append({
-            "prompt": chat_prompt(tokenizer, example.instruction),
+            "prompt": chat_prompt(tokenizer, example.instruction) if tokenizer.chat_template
+            else f"user: {example.instruction}\nassistant: ",  # a base model: plain lines
             "choices": choices,
             "label": choices.index(example.answer),
             "task": example.task,
@@ -80,12 +81,14 @@ def write_task(model_dir: Path, questions: int, seed: int) -> None:
     DATA.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def lm_eval(model: str, model_args: str, out: Path) -> tuple[dict[str, float], list[dict]]:
+def lm_eval(
+    model: str, model_args: str, out: Path, *extra: str
+) -> tuple[dict[str, float], list[dict]]:
     """Run lm-eval once; its (metrics, logged samples)."""
     command = [
         str(LM_EVAL), "--model", model, "--model_args", model_args, "--tasks", TASK,
         "--include_path", str(TASK_DIR), "--batch_size", "1", "--log_samples",
-        "--output_path", str(out),
+        "--output_path", str(out), *extra,
     ]  # fmt: skip
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, env={**os.environ, **OFFLINE}, check=True)
@@ -128,7 +131,11 @@ def main() -> None:
             server.stop()
     t0 = time.monotonic()
     direct, direct_samples = lm_eval(
-        "hf", f"pretrained={model_dir},dtype=float32,device=cpu,add_bos_token=False", runs / "hf"
+        "hf",
+        f"pretrained={model_dir},dtype=float32,add_bos_token=False",
+        runs / "hf",
+        "--device",
+        "cpu",
     )
     direct_s = time.monotonic() - t0
 
