@@ -18,6 +18,7 @@ from flywheel_server.domain import CompletionRecord, PromptRecord, Sampling
 from flywheel_server.engine_api import Engine, EngineRequest, TokenEvent, TokenLogprob
 from flywheel_server.registry import AdapterRegistry
 from flywheel_server.store import Store
+from flywheel_server.validation import printable
 
 
 def new_id(prefix: str) -> str:
@@ -233,6 +234,7 @@ class GenerationStream:
         return replace(s, seed=s.seed + first_index)
 
     def _apply(self, row: Row, event: TokenEvent) -> StreamEvent:
+        event = replace(event, delta=printable(event.delta))
         row.text += event.delta
         row.logprobs += event.logprobs
         row.tokens = event.completion_tokens

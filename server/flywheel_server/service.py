@@ -74,7 +74,7 @@ class FlywheelService:
             raise InvalidRequest("give exactly one of prompt or messages", field="prompt")
         if prompt.token_ids is not None:
             ids = validation.token_ids("prompt", prompt.token_ids, self.engine.vocab_size)
-            return "text", self.engine.decode(ids)
+            return "text", validation.printable(self.engine.decode(ids))
         if prompt.text is not None:
             return "text", validation.text("prompt", prompt.text)
         return "chat", self.engine.render_chat(validation.messages(prompt.messages))

@@ -160,7 +160,15 @@ def text(
         raise InvalidRequest(
             f"{field} must be at most {max_chars} characters, got {len(value)}", field=field
         )
+    if "\x00" in value:  # PostgreSQL text cannot hold it: refused on every store alike
+        raise InvalidRequest(f"{field} must not contain NUL (\\u0000) characters", field=field)
     return value
+
+
+def printable(text: str) -> str:
+    """Model output as stored and sent: a NUL a model may decode to (PostgreSQL text cannot
+    hold it) becomes U+FFFD, the replacement character."""
+    return text.replace("\x00", "\ufffd")
 
 
 def messages(value: Any) -> list[dict[str, str]]:

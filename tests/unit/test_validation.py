@@ -263,3 +263,12 @@ def test_penalties_and_logit_bias_are_checked_and_kept() -> None:
         with pytest.raises(InvalidRequest, match=message) as e:
             validation.sampling(bad, max_tokens_limit=16, vocab_size=8)
         assert e.value.field == field
+
+
+def test_text_with_a_nul_is_refused_and_model_output_made_printable() -> None:
+    """PostgreSQL text cannot hold NUL: input holding one is refused on every store alike,
+    and a NUL a model decodes to is stored and sent as U+FFFD."""
+    with pytest.raises(InvalidRequest, match="NUL") as e:
+        validation.text("prompt", "a\x00b")
+    assert e.value.field == "prompt"
+    assert validation.printable("\x00ok\x00") == "\ufffdok\ufffd"
