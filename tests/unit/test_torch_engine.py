@@ -559,6 +559,24 @@ async def test_a_bfloat16_engine_serves_the_base_and_an_adapter(
         e.close()
 
 
+def assert_entries_match_a_forward(
+    engine: TorchEngine, adapter: str | None, ids: list[int], start: int, entries: list[Any]
+) -> None:
+    """entries[i] is token ids[start + i] with its log-probability and its 3 best alternatives,
+    as transformers' forward of ids under the adapter gives them."""
+    tokens = torch.tensor([ids])
+    with torch.inference_mode():
+        logits = engine.loaded.forward([adapter], input_ids=tokens).logits[0]
+    logp = logits[start - 1 : -1].float().log_softmax(-1)
+    want = logp.gather(-1, tokens[0, start:, None]).squeeze(-1)
+    got = torch.tensor([x.logprob for x in entries])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    top, top_ids = logp.topk(3, dim=-1)
+    for x, lps, tids in zip(entries, top.tolist(), top_ids.tolist(), strict=True):
+        assert [t for t, _ in x.top] == [engine.tokenizer.decode([t]) for t in tids]
+        torch.testing.assert_close([lp for _, lp in x.top], lps, atol=1e-4, rtol=1e-4)
+
+
 async def test_logprobs_equal_a_transformers_forward_under_each_adapter(
     fresh_engine: TorchEngine, adapter_dir: Path
 ) -> None:
@@ -578,17 +596,8 @@ async def test_logprobs_equal_a_transformers_forward_under_each_adapter(
             ended = last.finish_reason == "stop"  # by the end-of-sequence token: its entry too
             assert len(entries) == last.completion_tokens + ended  # one per sampled token
             assert "".join(x.token for x in entries).startswith(texts(evs, 2)[i])
-            ids = torch.tensor([prompt + [x.token_id for x in entries]])
-            with torch.inference_mode():
-                logits = fresh_engine.loaded.forward([adapter], input_ids=ids).logits[0]
-            logp = logits[len(prompt) - 1 : -1].float().log_softmax(-1)
-            want = logp.gather(-1, ids[0, len(prompt) :].unsqueeze(-1)).squeeze(-1)
-            got = torch.tensor([x.logprob for x in entries])
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            top, top_ids = logp.topk(3, dim=-1)
-            for x, lps, tids in zip(entries, top.tolist(), top_ids.tolist(), strict=True):
-                assert [t for t, _ in x.top] == [fresh_engine.tokenizer.decode([t]) for t in tids]
-                torch.testing.assert_close([lp for _, lp in x.top], lps, atol=1e-4, rtol=1e-4)
+            ids = prompt + [x.token_id for x in entries]
+            assert_entries_match_a_forward(fresh_engine, adapter, ids, len(prompt), entries)
 
 
 async def test_prompt_logprobs_equal_a_transformers_forward_under_each_adapter(
@@ -604,19 +613,9 @@ async def test_prompt_logprobs_equal_a_transformers_forward_under_each_adapter(
     busy = asyncio.create_task(events(e, running))
     got = {a: await e.prompt_logprobs(prompt, a, 3) for a in (None, "policy-v1")}
     assert texts(await busy, 3) == texts(await events(e, running), 3)
-    ids = torch.tensor([prompt])
     for adapter, entries in got.items():
         assert [x.token_id for x in entries] == list(prompt[1:])
-        with torch.inference_mode():
-            logits = e.loaded.forward([adapter], input_ids=ids).logits[0, :-1]
-        logp = logits.float().log_softmax(-1)
-        want = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
-        got_lp = torch.tensor([x.logprob for x in entries])
-        torch.testing.assert_close(got_lp, want, atol=1e-4, rtol=1e-4)
-        top, top_ids = logp.topk(3, dim=-1)
-        for x, lps, tids in zip(entries, top.tolist(), top_ids.tolist(), strict=True):
-            assert [t for t, _ in x.top] == [e.tokenizer.decode([t]) for t in tids]
-            torch.testing.assert_close([lp for _, lp in x.top], lps, atol=1e-4, rtol=1e-4)
+        assert_entries_match_a_forward(e, adapter, list(prompt), 1, entries)
     assert got[None] != got["policy-v1"]
 
 
