@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from flywheel_server.domain import Sampling
 from flywheel_server.engine_api import TokenLogprob
@@ -132,6 +133,10 @@ class GenericDecoder:
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            # A full cache on every layer: rows are joined, padded and trimmed column by column,
+            # which a sliding layer's (it keeps its last window only) cannot follow. The model
+            # still masks its sliding layers to their window.
+            past_key_values=DynamicCache(),
             use_cache=True,
         )
         owner = torch.arange(len(prompts), device=self.device).repeat_interleave(
