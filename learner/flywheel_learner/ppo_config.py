@@ -53,6 +53,8 @@ class PPOConfig:
     max_tokens_per_microbatch: when > 0, micro-batches are sized in tokens instead
         (`token_budget.pack`: rows by length, count x longest within it, padding trimmed),
         for the PPO and the ptx forwards alike; micro_batches is then unused.
+    gradient_checkpointing: recompute each decoder layer's activations in the backward of the
+        policy, value and ptx forwards instead of keeping them (`flywheel_model.checkpointing`).
     rollout_batch: prompts sampled per step, one epoch over them in 4 minibatches of 64: near
         the paper's 512 / 64. On CPU sampling is cheap (32 responses in 0.06 s, scoring them
         0.14 s, against 1 s for 4 epochs of updates), so 8x the samples per step cost little:
@@ -94,6 +96,7 @@ class PPOConfig:
     minibatches: int = 4
     micro_batches: int = 1
     max_tokens_per_microbatch: int = 0
+    gradient_checkpointing: bool = False
     lr: float = 1e-3
     max_grad_norm: float = 1.0
     samples_per_prompt: int = 1

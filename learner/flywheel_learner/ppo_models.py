@@ -21,7 +21,7 @@ from flywheel_learner import token_budget
 from flywheel_learner.ppo_math import (
     ptx_loss,
 )
-from flywheel_model import adapters, llama, loading, scoring
+from flywheel_model import adapters, checkpointing, llama, loading, scoring
 from flywheel_model.precision import FLOAT32_CPU, Precision
 from flywheel_model.scoring import make_batch, reward_tokens, score_batch
 
@@ -92,6 +92,8 @@ class SharedBaseModels:
         base, tokenizer = loading.load_base(
             base_dir, device=precision.device, dtype=precision.dtype
         )
+        if config.gradient_checkpointing:
+            checkpointing.enable(base)
         norm_problem = _final_norm_problem(base) if config.final_norm_lr > 0 else "off"
         own_norm = norm_problem is None
         if config.final_norm_lr > 0 and not own_norm:
@@ -144,6 +146,7 @@ class SharedBaseModels:
                 position_ids=positions,
                 logits_to_keep=keep,
                 output_hidden_states=hidden,
+                use_cache=False,
             )
 
     def _logprobs(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
@@ -235,7 +238,7 @@ class SharedBaseModels:
         batch = PtxBatch(*(t.to(self.precision.device) for t in batch))
         with self.precision.autocast():
             logits = self.peft(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).logits
         return ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:])
 

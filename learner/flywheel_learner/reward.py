@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from flywheel_learner import distributed, prompt_sharing, token_budget
 from flywheel_learner.losses import pairwise_accuracy, ranking_loss
 from flywheel_learner.sft import warmup_cosine
-from flywheel_model import adapters, llama, scoring
+from flywheel_model import adapters, checkpointing, llama, scoring
 from flywheel_model.scoring import (
     Batch,
     EncodedRanking,
@@ -65,6 +65,8 @@ class RewardConfig:
     max_tokens_per_microbatch: when > 0, a step's rankings are forwarded in parts of at most
         this many (padded) tokens (`token_budget.pack`), their gradients accumulated with each
         part's share of the ranked prompts: the update of the whole batch in bounded memory.
+    gradient_checkpointing: recompute each decoder layer's activations in the backward
+        instead of keeping them (`flywheel_model.checkpointing`): less memory, one more forward.
     """
 
     steps: int = 300
@@ -82,6 +84,7 @@ class RewardConfig:
     eval_every: int = 0
     patience: int = 3
     max_tokens_per_microbatch: int = 0
+    gradient_checkpointing: bool = False
     probe_steps: int = 0
     probe_lr: float = 0.05
 
@@ -261,6 +264,8 @@ def fit_reward_model(
     else:
         train, held = list(rankings), list(held_out)
     torch.manual_seed(config.seed)
+    if config.gradient_checkpointing:
+        checkpointing.enable(model)
     peft_model = add_reward_adapter(model, config, adapter_name)
     device = next(peft_model.parameters()).device
     head = scoring.ScoreHead(peft_model.config.hidden_size).to(device)

@@ -27,6 +27,9 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as checkpoint_layer
+
+from flywheel_model import checkpointing
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin independent of sequence length
@@ -99,6 +102,7 @@ class Weights(NamedTuple):
     head_dim: int
     scaling: float
     rotary: Any  # the model's rotary embedding module: (x, position ids) -> (cos, sin)
+    checkpoint: bool = False  # activation checkpointing per layer (`checkpointing.enable`)
 
 
 def read(model: Any) -> Weights:
@@ -130,6 +134,7 @@ def read(model: Any) -> Weights:
         head_dim=attention.head_dim,
         scaling=attention.scaling,
         rotary=inner.rotary_emb,
+        checkpoint=checkpointing.enabled(base),
     )
 
 
@@ -182,6 +187,7 @@ def layer_loop(
     rotary: tuple[torch.Tensor, torch.Tensor],
     project: Project,
     attend: Attend,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """The decoder layers of a Llama-shaped model: h (rows, tokens, H) -> the last layer's
     residual stream, before the final norm.
@@ -189,12 +195,15 @@ def layer_loop(
     norms: each layer's (input, post-attention) RMSNorm weights; rotary: (cos, sin), each
     broadcastable to (rows, heads, tokens, head dim). `project` applies a layer's linear
     projections with whatever adapters the caller keeps; `attend` is the attention itself
-    (causal, masked, or over a cache the caller writes).
+    (causal, masked, or over a cache the caller writes). `checkpoint`: recompute each layer's
+    activations in the backward instead of keeping them (`checkpointing`; training only).
     """
     rows, tokens, hidden = h.shape
     cos, sin = rotary
     counts = (heads.heads, heads.kv_heads, heads.kv_heads)  # of q, k and v
-    for layer, (input_norm, post_attention_norm) in enumerate(norms):
+
+    def run_layer(layer: int, h: torch.Tensor) -> torch.Tensor:
+        input_norm, post_attention_norm = norms[layer]
         x = torch.rms_norm(h, [hidden], input_norm, eps)
         q, k, v = (
             y.view(rows, tokens, n, heads.head_dim).transpose(1, 2)
@@ -205,7 +214,15 @@ def layer_loop(
         h = h + project(out, layer, 3, 4)[0]
         x = torch.rms_norm(h, [hidden], post_attention_norm, eps)
         gate, up = project(x, layer, 4, 6)
-        h = h + project(F.silu(gate) * up, layer, 6, 7)[0]
+        return h + project(F.silu(gate) * up, layer, 6, 7)[0]
+
+    recompute = checkpoint and torch.is_grad_enabled()
+    for layer in range(len(norms)):
+        h = (
+            checkpoint_layer(run_layer, layer, h, use_reentrant=False)
+            if recompute
+            else run_layer(layer, h)
+        )
     return h
 
 
@@ -243,7 +260,8 @@ def final_hidden(
 
     norms = [(layer.input_norm, layer.post_attention_norm) for layer in weights.layers]
     heads = Heads(weights.heads, weights.kv_heads, weights.head_dim)
-    h = layer_loop(h, norms, weights.eps, heads, (cos[:, None], sin[:, None]), project, attend)
+    rotary = (cos[:, None], sin[:, None])
+    h = layer_loop(h, norms, weights.eps, heads, rotary, project, attend, weights.checkpoint)
     return torch.rms_norm(h, [hidden], weights.norm, weights.eps)
 
 

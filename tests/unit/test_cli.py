@@ -170,3 +170,19 @@ def test_console_script_help() -> None:
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "usage: flywheel" in result.stdout
+
+
+def test_learn_passes_the_memory_flags_to_both_fits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from flywheel_learner import loop
+
+    (tmp_path / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(loop, "run", lambda config, *a, **k: seen.append(config) or 0)
+    argv = ["learn", "--model", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+            "--gradient-checkpointing", "--max-tokens-per-microbatch", "512"]  # fmt: skip
+    assert run(argv) == 0
+    (config,) = seen
+    for fit in (config.ppo, config.reward):
+        assert fit.gradient_checkpointing is True and fit.max_tokens_per_microbatch == 512

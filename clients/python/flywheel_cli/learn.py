@@ -179,6 +179,12 @@ def add_learn(commands: Any, environ: Mapping[str, str]) -> None:
         "step's batch is split by length and its gradients accumulated, the same update in "
         "bounded memory (default: 0, no bound)",
     )
+    sub.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's activations in the backward of the reward refit "
+        "and of PPO-ptx instead of keeping them: less memory for one more forward per step",
+    )
     sub.add_argument("--seed", type=non_negative_int, default=0, help="default: %(default)s")
     sub.set_defaults(func=_learn)
 
@@ -218,9 +224,12 @@ def _learn(args: argparse.Namespace) -> int:
                 final_norm_lr=args.final_norm_lr,
                 kl_target=args.kl_target or args.max_kl / 2,
                 max_tokens_per_microbatch=args.max_tokens_per_microbatch,
+                gradient_checkpointing=args.gradient_checkpointing,
             ),
             reward=dataclasses.replace(
-                LEARNER_REWARD, max_tokens_per_microbatch=args.max_tokens_per_microbatch
+                LEARNER_REWARD,
+                max_tokens_per_microbatch=args.max_tokens_per_microbatch,
+                gradient_checkpointing=args.gradient_checkpointing,
             ),
             gate=GateThresholds(max_kl=args.max_kl),
             import_preferences=tuple(Path(p) for p in args.import_preferences),
