@@ -21,7 +21,7 @@ from flywheel_learner import token_budget
 from flywheel_learner.ppo_math import (
     ptx_loss,
 )
-from flywheel_model import adapters, checkpointing, llama, loading, scoring
+from flywheel_model import adapters, checkpointing, llama, lm_head, loading, scoring
 from flywheel_model.precision import FLOAT32_CPU, Precision
 from flywheel_model.scoring import make_batch, reward_tokens, score_batch
 
@@ -64,6 +64,12 @@ class SharedBaseModels:
         self.value_head = value_head.requires_grad_(True)
         self._heads = {REWARD: self.reward_head}
         self.config = config
+        # The LM head runs on final hidden states in bounded chunks (`lm_head`), where it
+        # reproduces the model's own logits; otherwise the forward's logits are used.
+        head = lm_head.head_of(peft_model)
+        self._head = (
+            head if lm_head.reproduces_forward(peft_model, head, precision.autocast) else None
+        )
         named = list(peft_model.named_parameters())
         self._policy = [p for n, p in named if f".{POLICY}." in n]
         self.policy_norm = [p for n, p in named if f"modules_to_save.{POLICY}." in n]
@@ -150,10 +156,19 @@ class SharedBaseModels:
             )
 
     def _logprobs(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
-        width = ids.shape[1] - start  # R
-        logits = self._forward(ids, attention, keep=width + 1).logits[:, :-1]  # (B, R, V)
-        logp = torch.log_softmax(logits.float() / self.config.temperature, dim=-1)  # (B, R, V)
-        return logp.gather(-1, ids[:, start:, None]).squeeze(-1)  # (B, R)
+        rows, width = ids.shape[0], ids.shape[1] - start  # B, R
+        temperature = self.config.temperature
+        if self._head is None:
+            logits = self._forward(ids, attention, keep=width + 1).logits[:, :-1]  # (B, R, V)
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
+            return logp.gather(-1, ids[:, start:, None]).squeeze(-1)  # (B, R)
+        out = self._forward(ids, attention, keep=1, hidden=True)
+        states = out.hidden_states[-1][:, start - 1 : -1].reshape(rows * width, -1)  # (B*R, H)
+        with self.precision.autocast():
+            logp = lm_head.token_logprobs(
+                self._head, states, ids[:, start:].reshape(-1), temperature
+            )
+        return logp.view(rows, width)
 
     def policy_logprobs(
         self, ids: torch.Tensor, attention: torch.Tensor, start: int
@@ -236,11 +251,21 @@ class SharedBaseModels:
         """Per-token NLL of a pretraining batch under the policy (the ptx term). -> scalar"""
         self.use(POLICY)
         batch = PtxBatch(*(t.to(self.precision.device) for t in batch))
+        labels, mask = batch.input_ids[:, 1:], batch.loss_mask[:, 1:]
         with self.precision.autocast():
-            logits = self.peft(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).logits
-        return ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:])
+            out = self.peft(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
+                output_hidden_states=self._head is not None,
+                logits_to_keep=1 if self._head is not None else 0,
+            )
+            if self._head is None:
+                return ptx_loss(out.logits[:, :-1], labels, mask)
+            states = out.hidden_states[-1][:, :-1].flatten(0, 1)  # (B*(T-1), H)
+            nll = -lm_head.token_logprobs(self._head, states, labels.flatten())
+        weights = mask.flatten().to(nll.dtype)
+        return (nll * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def _float32_trainables(model: torch.nn.Module) -> None:

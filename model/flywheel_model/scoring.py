@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flywheel_model import llama
+from flywheel_model import llama, lm_head
 from flywheel_model.adapters import LIKELIHOOD, SCORE_HEAD
 
 if TYPE_CHECKING:
@@ -120,9 +119,10 @@ def response_loglik(
 
 
 def token_logprobs(model: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) under the model's LM head from final states. (M, H), (M,) -> (M,)"""
-    lm_head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
-    return -F.cross_entropy(lm_head(states).float(), targets, reduction="none")
+    """log p(target) under the model's LM head from final states, in bounded chunks
+    (`lm_head.token_logprobs`). (M, H), (M,) -> (M,)"""
+    head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+    return lm_head.token_logprobs(head, states, targets)
 
 
 def score(
