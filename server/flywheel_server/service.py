@@ -41,6 +41,7 @@ from flywheel_server.generation import (
     Row,
     new_id,
 )
+from flywheel_server.labeling import Labeling
 from flywheel_server.lifecycle import AdapterLifecycle
 from flywheel_server.registry import AdapterRegistry
 from flywheel_server.store import Store
@@ -64,6 +65,7 @@ class FlywheelService:
         # Spends the caller's token budget (`auth.Authenticator.charge`; the app sets it).
         self.charge: Callable[[str, int], None] = lambda caller, tokens: None
         self._rng = random.Random()  # seats of a challenge's candidates
+        self.labeling = Labeling(self)
 
     # -- generation -------------------------------------------------------------------------
 

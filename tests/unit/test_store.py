@@ -581,7 +581,7 @@ def test_migrated_schema_matches_metadata(store: Store) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         head = MigrationContext.configure(conn).get_current_revision()
     assert diff == []
-    assert head == "0003"
+    assert head == "0004"
 
 
 def test_open_is_idempotent(db_url: str) -> None:

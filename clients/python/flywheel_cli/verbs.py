@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flywheel_cli import export
+from flywheel_cli import export, prompts
 from flywheel_cli.args import (
     UsageError,
     add_connection,
@@ -210,6 +210,18 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
         help="rankings per request (default: the server's page, 500)",
     )  # fmt: skip
     sub.set_defaults(func=_export)
+
+    sub = commands.add_parser(
+        "prompts", help="the labeling queue's prompts (admin key)", description=prompts.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    actions = sub.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = actions.add_parser(
+        "add", parents=[client], help="queue the prompts of a JSONL file for labelers",
+        description=prompts.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sub.add_argument("file", metavar="FILE.jsonl", type=Path)
+    sub.set_defaults(func=_add_prompts)
 
 
 # With auth on the server records feedback under the key's name, and refuses another unless
@@ -418,6 +430,22 @@ def _export(args: argparse.Namespace) -> int:
         partial.unlink(missing_ok=True)
     summary = {"rankings": rankings, "lines": written, "format": args.format, "out": str(out)}
     print(json.dumps(summary) if args.json else f"{rankings} rankings -> {written} lines in {out}")
+    return 0
+
+
+def _add_prompts(args: argparse.Namespace) -> int:
+    try:
+        texts = prompts.read_prompts(args.file)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    added = duplicates = 0
+    with _client(args) as client:
+        for start in range(0, len(texts), prompts.BATCH):
+            result = client.add_prompts(texts[start : start + prompts.BATCH])
+            added, duplicates = added + result.added, duplicates + result.duplicates
+    summary = {"added": added, "duplicates": duplicates, "file": str(args.file)}
+    print(json.dumps(summary) if args.json else
+          f"{added} prompts queued, {duplicates} already queued, from {args.file}")  # fmt: skip
     return 0
 
 

@@ -270,6 +270,12 @@ class FlywheelClient:
     def server_info(self) -> t.ServerInfo:
         return wire.server_info(self._call(self._learner.GetServerInfo, pb.ServerInfoRequest()))
 
+    def add_prompts(self, prompts: Sequence[str]) -> t.PromptsAdded:
+        """Queue prompts (user messages) for labelers; at most 1000 a call."""
+        request = pb.AddPromptsRequest(prompts=list(prompts))
+        response = self._call(self._learner.AddPrompts, request)
+        return t.PromptsAdded(response.added, response.duplicates)
+
 
 class AsyncFlywheelClient:
     """The same calls on grpc.aio; create it inside a running event loop.
@@ -482,3 +488,8 @@ class AsyncFlywheelClient:
     async def server_info(self) -> t.ServerInfo:
         request = pb.ServerInfoRequest()
         return wire.server_info(await self._call(self._learner.GetServerInfo, request))
+
+    async def add_prompts(self, prompts: Sequence[str]) -> t.PromptsAdded:
+        request = pb.AddPromptsRequest(prompts=list(prompts))
+        response = await self._call(self._learner.AddPrompts, request)
+        return t.PromptsAdded(response.added, response.duplicates)

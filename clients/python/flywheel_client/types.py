@@ -78,6 +78,12 @@ class RankingReceipt:
 
 
 @dataclass(frozen=True)
+class PromptsAdded:
+    added: int  # queued for labelers
+    duplicates: int  # already queued: not queued again
+
+
+@dataclass(frozen=True)
 class DemonstrationReceipt:
     demonstration_id: str
     duplicate: bool

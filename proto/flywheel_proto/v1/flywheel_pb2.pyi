@@ -464,6 +464,20 @@ class ChallengeRequest(_message.Message):
     stop: bool
     def __init__(self, version: _Optional[int] = ..., stop: _Optional[bool] = ...) -> None: ...
 
+class AddPromptsRequest(_message.Message):
+    __slots__ = ("prompts",)
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddPromptsResponse(_message.Message):
+    __slots__ = ("added", "duplicates")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    duplicates: int
+    def __init__(self, added: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -438,6 +438,11 @@ class LearnerStub:
                 request_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ExportRequest.SerializeToString,
                 response_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AuditRecord.FromString,
                 _registered_method=True)
+        self.AddPrompts = channel.unary_unary(
+                '/flywheel.v1.Learner/AddPrompts',
+                request_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AddPromptsRequest.SerializeToString,
+                response_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AddPromptsResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -497,6 +502,12 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddPrompts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -544,6 +555,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.ExportAudit,
                     request_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.ExportRequest.FromString,
                     response_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AuditRecord.SerializeToString,
+            ),
+            'AddPrompts': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPrompts,
+                    request_deserializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AddPromptsRequest.FromString,
+                    response_serializer=flywheel__proto_dot_v1_dot_flywheel__pb2.AddPromptsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -789,6 +805,33 @@ class Learner:
             '/flywheel.v1.Learner/ExportAudit',
             flywheel__proto_dot_v1_dot_flywheel__pb2.ExportRequest.SerializeToString,
             flywheel__proto_dot_v1_dot_flywheel__pb2.AuditRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPrompts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.Learner/AddPrompts',
+            flywheel__proto_dot_v1_dot_flywheel__pb2.AddPromptsRequest.SerializeToString,
+            flywheel__proto_dot_v1_dot_flywheel__pb2.AddPromptsResponse.FromString,
             options,
             channel_credentials,
             insecure,

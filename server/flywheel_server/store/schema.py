@@ -188,3 +188,47 @@ class AuditRow(Base):
     action: Mapped[str] = mapped_column(String(32))
     target: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text)
+
+
+class TaskRow(Base):
+    """A prompt waiting for labelers (`tasks`): from logged traffic, a prompt file, or typed.
+
+    `digest` (sha256 of kind and text) keeps one task per distinct prompt, so no prompt floods
+    the queue. `copies` is how many labelers rank it (2 for the share that measures agreement).
+    """
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint("source IN ('traffic', 'file', 'typed')", name="source"),
+        CheckConstraint("kind IN ('text', 'chat')", name="kind"),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(ID, unique=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    text: Mapped[str] = mapped_column(Text)  # chat: the user's message; text: the raw prompt
+    kind: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    copies: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class TaskClaimRow(Base):
+    """One labeler's hold on a task: reserved until a time, then ranked or skipped. `prompt_id`
+    is the comparison (the candidates) shown; the labelers of a shared task share one."""
+
+    __tablename__ = "task_claims"
+    __table_args__ = (
+        CheckConstraint("state IN ('reserved', 'ranked', 'skipped', 'all_bad')", name="state"),
+    )
+
+    task_id: Mapped[str] = mapped_column(ID, ForeignKey("tasks.id"), primary_key=True)
+    labeler: Mapped[str] = mapped_column(KEY, primary_key=True)
+    prompt_id: Mapped[str | None] = mapped_column(
+        ID, ForeignKey("prompts.id"), nullable=True, index=True
+    )
+    state: Mapped[str] = mapped_column(String(16))
+    reserved_until: Mapped[float] = mapped_column(Double)
+    ranking_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Double)

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, cast, get_args
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, select, text, true, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -55,6 +55,7 @@ from flywheel_server.store.schema import (
     RankingItemRow,
     RankingRow,
 )
+from flywheel_server.store.tasks import TaskQueue, finish_claim
 
 log = logging.getLogger("flywheel.store")
 
@@ -72,7 +73,7 @@ _COUNTED: tuple[type[Base], ...] = (
 )
 
 
-class Store:
+class Store(TaskQueue):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._writer = engine.execution_options(**{database.WRITE: True})
@@ -136,6 +137,16 @@ class Store:
             rows = s.scalars(select(CompletionRow).where(CompletionRow.id.in_(set(ids)))).all()
             return {row.id: _completion_record(row) for row in rows}
 
+    def comparison(self, prompt_id: str) -> list[CompletionRecord]:
+        """The candidates of a comparison, in the order they were shown."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(CompletionRow)
+                .where(CompletionRow.prompt_id == prompt_id)
+                .order_by(CompletionRow.index)
+            ).all()
+            return [_completion_record(row) for row in rows]
+
     # --- feedback ---------------------------------------------------------------------------
 
     def add_ranking(self, ranking: Ranking, prompt_id: str) -> RankingReceipt:
@@ -163,6 +174,7 @@ class Store:
                     for tier, ids in enumerate(ranking.tiers)
                     for cid in ids
                 )
+                finish_claim(s, prompt_id, ranking.labeler, row.id, row.created_at)
                 s.flush()
                 return _ranking_receipt(row, duplicate=False)
         except IntegrityError as e:
@@ -248,27 +260,36 @@ class Store:
     def export_rankings(self, after: int, limit: int) -> list[RankingExport]:
         _check_page(after, limit)
         with self._read() as s:
-            rows = s.execute(
-                select(RankingRow, PromptRow.text, PromptRow.user)
-                .join(PromptRow, PromptRow.id == RankingRow.prompt_id)
-                .where(RankingRow.seq > after)
-                .order_by(RankingRow.seq)
-                .limit(limit)
-            ).all()
-            ranked = self._ranked_completions(s, [r.id for r, _, _ in rows])
-            return [
-                RankingExport(
-                    cursor=r.seq,
-                    ranking_id=r.id,
-                    prompt_id=r.prompt_id,
-                    prompt=prompt_text,
-                    completions=tuple(ranked.get(r.id, [])),
-                    labeler=r.labeler,
-                    created_at=r.created_at,
-                    user=user,
-                )
-                for r, prompt_text, user in rows
-            ]
+            return self._rankings(s, RankingRow.seq > after, RankingRow.seq, limit)
+
+    def newest_rankings(self, limit: int) -> list[RankingExport]:
+        """The newest `limit` rankings, oldest first (the dashboard's window)."""
+        _check_page(0, limit)
+        with self._read() as s:
+            return self._rankings(s, true(), RankingRow.seq.desc(), limit)[::-1]
+
+    def _rankings(self, s: Session, where: Any, order: Any, limit: int) -> list[RankingExport]:
+        rows = s.execute(
+            select(RankingRow, PromptRow.text, PromptRow.user)
+            .join(PromptRow, PromptRow.id == RankingRow.prompt_id)
+            .where(where)
+            .order_by(order)
+            .limit(limit)
+        ).all()
+        ranked = self._ranked_completions(s, [r.id for r, _, _ in rows])
+        return [
+            RankingExport(
+                cursor=r.seq,
+                ranking_id=r.id,
+                prompt_id=r.prompt_id,
+                prompt=prompt_text,
+                completions=tuple(ranked.get(r.id, [])),
+                labeler=r.labeler,
+                created_at=r.created_at,
+                user=user,
+            )
+            for r, prompt_text, user in rows
+        ]
 
     @staticmethod
     def _ranked_completions(
