@@ -1,4 +1,4 @@
-"""The labeling page, under /ui/: static files shipped in the package (no script, style or font
+"""The labeling page (/ui/) and the dashboard (/ui/admin): static files shipped in the package (no script, style or font
 is fetched from elsewhere), and the little it needs to know of the server (`/ui/config.json`:
 whether auth is on, and the operator's guidelines). Everything else goes through /v1."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -24,9 +24,13 @@ def create_ui(get_runtime: Callable[[], Any]) -> Starlette:
         guidelines = Path(path).read_text(encoding="utf-8") if path else ""
         return JSONResponse({"auth": runtime.auth.enabled, "guidelines": guidelines})
 
+    async def dashboard(request: Request) -> Response:
+        return FileResponse(UI_DIR / "admin.html")
+
     return Starlette(
         routes=[
             Route("/config.json", config, methods=["GET"]),
+            Route("/admin", dashboard, methods=["GET"]),
             Mount("/", StaticFiles(directory=UI_DIR, html=True)),
         ]
     )

@@ -9,6 +9,7 @@ folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,12 @@ from typing import Any
 import pytest
 
 from bench.harness import ServerProcess
+from flywheel_cli.labelers import Labeler, demo_prompts, preference_from_spec
+from flywheel_client import FlywheelClient
+from flywheel_learner.gate import GateThresholds
+from flywheel_learner.loop import Learner
+from flywheel_learner.progress import Progress
+from tests.e2e.test_learn_loop import tiny_config
 from tests.support import LABELING_KEYS, labeling_server
 
 pytestmark = pytest.mark.e2e
@@ -63,8 +70,11 @@ def browser() -> Iterator[Any]:
         browser.close()
 
 
-def open_page(browser: Any, server: ServerProcess, key: str) -> tuple[Any, list[str]]:
-    """A signed-in labeling page; every request to a non-loopback host is aborted and noted."""
+def open_page(
+    browser: Any, server: ServerProcess, key: str, path: str = "", ready: str = "#candidates li"
+) -> tuple[Any, list[str]]:
+    """A signed-in page (the labeling page, or `path`); every request to a non-loopback host
+    is aborted and noted."""
     page = browser.new_context(viewport={"width": 1366, "height": 768}).new_page()
     blocked: list[str] = []
 
@@ -77,10 +87,10 @@ def open_page(browser: Any, server: ServerProcess, key: str) -> tuple[Any, list[
             route.abort()
 
     page.route("**/*", guard)
-    page.goto(f"{server.http}/ui/")
+    page.goto(f"{server.http}/ui/{path}")
     page.fill("#credential", key)
     page.keyboard.press("Enter")
-    page.wait_for_selector("#candidates li")
+    page.wait_for_selector(ready)
     return page, blocked
 
 
@@ -212,4 +222,45 @@ def test_a_second_labelers_other_order_moves_the_agreement(
     after = get(server, "/v1/stats/agreement")
     assert before["pairs"] == 0 and after["shared_comparisons"] == 1
     assert after["pairs"] == 3 and after["rate"] == 0.0
+    assert blocked == []
+
+
+def test_an_admin_sees_a_new_version_after_a_learner_round_and_rolls_it_back(
+    browser: Any, server: ServerProcess, tiny_model: Path, tmp_path: Path
+) -> None:
+    page, blocked = open_page(browser, server, ADMIN, "admin", "#board")
+    page.wait_for_function("document.getElementById('live').textContent.startsWith('live:')")
+    assert page.locator("#versions tbody tr").count() == 0  # no version but the base yet
+    with FlywheelClient(server.grpc, api_key=ADMIN, timeout=60) as client:
+        labeler = Labeler(client, preference_from_spec("longer"), name="ops", k=3, max_tokens=6)
+        assert labeler.run(demo_prompts(seed=3), count=32).submitted >= 16
+    config = dataclasses.replace(
+        tiny_config(server, tiny_model, tmp_path / "learner"), api_key=ADMIN,
+        gate=dataclasses.replace(GateThresholds(), min_reward_gain=-1e9,
+                                 min_greedy_reward_gain=-1e9, max_kl=1e9, max_ptx_rise=1e9,
+                                 min_judge_gain=-1e9, min_human_verdicts=10**9),
+    )  # fmt: skip
+    learner = Learner(config, progress=Progress(tty=False))
+    try:
+        learner.sync()
+        assert learner.run_round() is True  # refit, PPO-ptx, gate, published live
+    finally:
+        learner.close()
+
+    page.reload()  # the page also refreshes itself every 15 s
+    live = page.locator("#versions tbody tr.live")
+    live.wait_for()
+    version = live.get_attribute("data-version")
+    assert version is not None and version.startswith("policy-v")
+    assert f"live: {version}" in page.inner_text("#live")
+    page.screenshot(path=str(screenshots() / "dashboard.png"), full_page=True)
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#rollback")
+    page.wait_for_function(
+        "(v) => !document.querySelector(`#versions tr.live[data-version='${v}']`)", arg=version
+    )
+    policies = get(server, "/v1/policies")
+    assert policies["live"]["policy"] == "policy-v0"
+    assert f"live: {policies['live']['policy']}" in page.inner_text("#live")
     assert blocked == []
