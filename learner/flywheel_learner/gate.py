@@ -14,7 +14,7 @@ from the live policy's and a ranking holds both, the candidate must not lose mor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from flywheel_learner.anchor import NO_VERDICTS, Verdicts
 
@@ -42,6 +42,11 @@ class GateThresholds:
     max_ptx_rise: float = 0.1
     min_judge_gain: float = 0.0
     min_human_verdicts: int = 3
+
+    def as_metrics(self) -> dict[str, float]:
+        """The thresholds, published with a policy version (`gate_<name>`), so the dashboard
+        can say which checks a refused version failed."""
+        return {f"gate_{f.name}": float(getattr(self, f.name)) for f in fields(self)}
 
     def __post_init__(self) -> None:
         for name in ("min_reward_gain", "min_greedy_reward_gain", "min_judge_gain"):

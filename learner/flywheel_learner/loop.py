@@ -426,7 +426,8 @@ class Learner:
         )
         if not passed:
             log.warning(kv("gate_refused", round=number, reasons="; ".join(reasons)))
-        values = {**metrics.as_dict(), "gate_passed": float(passed),
+        values = {**metrics.as_dict(), **self.config.gate.as_metrics(),
+                  "gate_passed": float(passed),
                   "ppo_steps": float(self.config.ppo_steps_per_round)}  # fmt: skip
         challenge = passed and self.config.challenger
         version = self._publish("policy", directory, values, passed and not challenge, challenge)

@@ -415,6 +415,15 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
         challenge = None if status is None else challenge_json(status)
         return JSONResponse(stats.versions(versions, live, challenge))
 
+    @route("admin")
+    async def stats_reward_agreement(service: FlywheelService, request: Request) -> Response:
+        rankings = await asyncio.to_thread(service.store.newest_rankings, stats.REWARD_WINDOW)
+
+        async def score(prompt: str, completions: list[str]) -> list[float]:
+            return (await service.score(prompt, completions))[0]
+
+        return JSONResponse(await stats.reward_agreement(rankings, score))
+
     def stats_route(
         figures: Callable[[list[RankingExport]], dict[str, Any]],
     ) -> Callable[[Request], Awaitable[Response]]:
@@ -494,6 +503,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             Route("/stats/labelers", stats_route(stats.labelers), methods=["GET"]),
             Route("/stats/agreement", stats_route(stats.agreement), methods=["GET"]),
             Route("/stats/ratings", stats_route(stats.ratings), methods=["GET"]),
+            Route("/stats/reward-agreement", stats_reward_agreement, methods=["GET"]),
             Route("/tasks", add_tasks, methods=["POST"]),
             Route("/tasks/next", next_task, methods=["POST"]),
             Route("/tasks/typed", typed_task, methods=["POST"]),

@@ -59,6 +59,8 @@ OPERATIONS = (
     Operation("get", "/stats/labelers", "Rankings per labeler and day", "admin"),
     Operation("get", "/stats/agreement", "Labelers' agreement on shared tasks", "admin"),
     Operation("get", "/stats/ratings", "Policy versions rated from blind comparisons", "admin"),
+    Operation("get", "/stats/reward-agreement", "Each labeler's agreement with the reward model",
+              "admin"),
     Operation("post", "/tasks", "Queue prompts for labelers", "admin", api.AddTasksBody,
               created=True),
     Operation("post", "/tasks/next", "The labeler's next task: a prompt and its candidates",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from flywheel_server import stats_math
 from flywheel_server.domain import AdapterVersion, RankingExport
 
 WINDOW = 5000  # newest rankings the ranking figures read
+REWARD_WINDOW = 200  # newest rankings the reward model scores for its agreement with labelers
 DAY_S = 86400
 
 
@@ -61,6 +62,34 @@ def agreement(rankings: Sequence[RankingExport]) -> dict[str, Any]:
         "labelers": [
             {"labeler": name, "pairs": pairs, "rate": _finite(rate)}
             for name, (pairs, rate) in result.by_labeler.items()
+        ],
+    }
+
+
+async def reward_agreement(
+    rankings: Sequence[RankingExport], score: Callable[[str, list[str]], Awaitable[list[float]]]
+) -> dict[str, Any]:
+    """Each labeler's agreement with the reward model: the candidates of their rankings,
+    ordered by the reward model's scores (equal scores tie), against their own order."""
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rankings:
+        ids = [c.completion_id for c in r.completions]
+        scores = await score(r.prompt, [c.text for c in r.completions])
+        by_score: dict[float, list[str]] = defaultdict(list)
+        for cid, value in zip(ids, scores, strict=True):
+            by_score[value].append(cid)
+        model = [by_score[v] for v in sorted(by_score, reverse=True)]
+        same, pairs = stats_math.pair_agreement(tiers(r), model)
+        per[r.labeler][0] += same
+        per[r.labeler][1] += pairs
+    alike, compared = sum(a for a, _ in per.values()), sum(p for _, p in per.values())
+    return {
+        "window": len(rankings),
+        "pairs": compared,
+        "rate": _finite(alike / compared if compared else math.nan),
+        "labelers": [
+            {"labeler": name, "pairs": pairs, "rate": _finite(same / pairs if pairs else math.nan)}
+            for name, (same, pairs) in sorted(per.items())
         ],
     }
 

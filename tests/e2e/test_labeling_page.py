@@ -253,6 +253,10 @@ def test_an_admin_sees_a_new_version_after_a_learner_round_and_rolls_it_back(
     version = live.get_attribute("data-version")
     assert version is not None and version.startswith("policy-v")
     assert f"live: {version}" in page.inner_text("#live")
+    # the round's reward model, now live, scores the labelers' rankings
+    ops = page.locator("#agreement-table tbody tr", has_text="ops")
+    ops.wait_for()
+    assert "% of" in ops.locator("td").nth(2).inner_text()
     page.screenshot(path=str(screenshots() / "dashboard.png"), full_page=True)
 
     page.once("dialog", lambda dialog: dialog.accept())

@@ -65,3 +65,41 @@ def test_ratings_order_players_by_strength_with_intervals_that_hold_them() -> No
         assert r.low <= r.rating <= r.high
         assert r.low - 30 <= centred[r.player] <= r.high + 30
         assert r.games == 300
+
+
+def test_agreement_with_the_reward_model_orders_candidates_by_score() -> None:
+    import asyncio
+
+    from flywheel_server import stats
+    from flywheel_server.domain import RankedCompletion, RankingExport
+
+    def ranking(labeler: str, tiers: list[list[str]]) -> RankingExport:
+        completions = tuple(
+            RankedCompletion(completion_id=c, text=c, policy="policy-v0", tier=t)
+            for t, tier in enumerate(tiers)
+            for c in tier
+        )
+        return RankingExport(0, f"rnk-{labeler}", "prm", "prompt", completions, labeler, 0.0)
+
+    scores = {"a": 3.0, "b": 2.0, "c": 2.0}  # the model ties b and c
+
+    async def score(prompt: str, texts: list[str]) -> list[float]:
+        return [scores[t] for t in texts]
+
+    figures = asyncio.run(stats.reward_agreement(
+        [ranking("ann", [["a"], ["b"], ["c"]]), ranking("bob", [["c"], ["b", "a"]])], score
+    ))  # fmt: skip
+    by = {x["labeler"]: (x["pairs"], x["rate"]) for x in figures["labelers"]}
+    # ann: a>b, a>c agree, b>c against the model's tie: 2 of 3; bob: c>a, c>b, b=a: 0 of 3
+    assert by == {"ann": (3, 2 / 3), "bob": (3, 0.0)}
+    assert (figures["pairs"], figures["rate"]) == (6, 1 / 3)
+
+
+def test_a_policy_version_carries_the_gate_thresholds_it_was_judged_by() -> None:
+    from flywheel_learner.gate import GateThresholds
+
+    published = GateThresholds(max_kl=7.5).as_metrics()
+    assert published["gate_max_kl"] == 7.5 and published["gate_min_reward_gain"] == 0.0
+    assert set(published) == {"gate_min_reward_gain", "gate_min_greedy_reward_gain",
+                              "gate_max_kl", "gate_max_ptx_rise", "gate_min_judge_gain",
+                              "gate_min_human_verdicts"}  # fmt: skip

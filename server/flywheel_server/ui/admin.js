@@ -59,6 +59,36 @@ function row(cells) {
   return tr;
 }
 
+// The gate's checks, as the learner publishes them (metric, threshold, which side passes).
+const CHECKS = [
+  ["reward_gain", "gate_min_reward_gain", 1, "reward gain"],
+  ["greedy_reward_gain", "gate_min_greedy_reward_gain", 1, "greedy reward gain"],
+  ["kl_to_reference", "gate_max_kl", -1, "KL"],
+  ["ptx_rise", "gate_max_ptx_rise", -1, "pretraining loss rise"],
+  ["judge_gain", "gate_min_judge_gain", 1, "judge gain"],
+];
+
+// Why the gate refused a version: each check its published metrics fail.
+function why(m) {
+  const out = [];
+  for (const [key, limit, side, name] of CHECKS) {
+    if (m[limit] === undefined || m[limit] === null) continue;
+    const value = m[key];
+    if (value === undefined || value === null) {
+      if (key === "judge_gain") out.push("no validated judge scored it");
+      continue;
+    }
+    if (!(side * (value - m[limit]) >= 0)) {
+      out.push(`${name} ${fmt(value)} ${side > 0 ? "<" : ">"} ${fmt(m[limit])}`);
+    }
+  }
+  const wins = m.human_greedy_wins, losses = m.human_greedy_losses;
+  if (m.gate_min_human_verdicts !== undefined && wins + losses >= m.gate_min_human_verdicts && !(wins > losses)) {
+    out.push(`labelers ranked its greedy answers above ${wins}, below ${losses} times`);
+  }
+  return out;
+}
+
 async function act(path, body, question) {
   if (!window.confirm(question)) return;
   try {
@@ -94,7 +124,7 @@ async function refresh() {
       action.addEventListener("click", () => act("policies/promote", { name: "policy", version: v.version },
         `Make ${v.id} the live policy?`));
     }
-    const gate = v.metrics.gate_passed === 0 ? " (gate refused)" : "";
+    const gate = v.metrics.gate_passed === 0 ? ` (gate refused: ${why(v.metrics).join("; ") || "see the learner's log"})` : "";
     const tr = row([v.id, v.state + gate, fmt(v.metrics.reward_gain), fmt(v.metrics.kl_to_reference), fmt(v.metrics.ptx_loss),
       new Date(v.created_at * 1000).toISOString().slice(0, 16).replace("T", " "), action]);
     tr.dataset.version = v.id;
@@ -122,9 +152,14 @@ async function refresh() {
   $("agreement").textContent = agreement.pairs
     ? `${fmt(agreement.rate * 100, 1)}% of ${agreement.pairs} candidate pairs ordered alike on ${agreement.shared_comparisons} shared tasks`
     : "No shared task has two rankings yet.";
+  const withModel = await Flywheel.call("GET", "stats/reward-agreement").catch(() => null);
+  const model = Object.fromEntries((withModel ? withModel.labelers : []).map((l) => [l.labeler, l]));
+  const names = [...new Set([...agreement.labelers.map((l) => l.labeler), ...Object.keys(model)])].sort();
+  const others = Object.fromEntries(agreement.labelers.map((l) => [l.labeler, l]));
+  const pct = (l) => (l && l.pairs ? `${fmt(l.rate * 100, 1)}% of ${l.pairs}` : "–");
   const ab = $("agreement-table").querySelector("tbody");
   ab.innerHTML = "";
-  for (const l of agreement.labelers) ab.appendChild(row([l.labeler, l.pairs, `${fmt(l.rate * 100, 1)}%`]));
+  for (const name of names) ab.appendChild(row([name, pct(others[name]), pct(model[name])]));
 
   plot($("rating-plot"), [{ name: "rating", line: false, points: ratings.ratings.map((r, i) => ({
     x: i + 1, y: r.rating, low: r.low, high: r.high, text: r.policy, label: `${r.policy}: ${fmt(r.rating, 0)} (${fmt(r.low, 0)}–${fmt(r.high, 0)}), ${r.games} games` })) }]);
