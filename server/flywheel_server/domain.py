@@ -70,6 +70,7 @@ class PromptRecord:
     created_at: float = field(default_factory=now)
     challenge: int | None = None  # the challenge whose blind comparison this prompt is
     user: str = ""  # OpenAI's `user`: the end user the caller says it asks for
+    messages: list[dict[str, str]] | None = None  # a chat prompt's messages, before the template
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class RankingExport:
     labeler: str
     created_at: float
     user: str = ""  # of the prompt: the end user it was asked for
+    messages: list[dict[str, str]] | None = None  # of a chat prompt, before the template
 
 
 @dataclass(frozen=True)

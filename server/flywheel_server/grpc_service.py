@@ -387,6 +387,13 @@ class Servicer:
                 labeler=r.labeler,
                 created_at=r.created_at,
                 user=r.user,
+                chat=None
+                if r.messages is None
+                else pb.Chat(
+                    messages=[
+                        pb.ChatMessage(role=m["role"], content=m["content"]) for m in r.messages
+                    ]
+                ),
                 completions=[
                     pb.RankedCompletion(
                         completion_id=c.completion_id, text=c.text, policy=c.policy, tier=c.tier

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from flywheel_proto import datasets
 from flywheel_server import errors, metrics, stats
 from flywheel_server.domain import AdapterVersion, ChallengeStatus, RankingExport
 from flywheel_server.engine_api import TokenLogprob
@@ -470,6 +471,24 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
         )
 
     @route("admin")
+    async def export(service: FlywheelService, request: Request) -> Response:
+        """A page of rankings as a JSON Lines dataset (`flywheel_proto.datasets`); the cursor
+        to ask for the next page after is in the `flywheel-next` header."""
+        fmt = request.query_params.get("format", "pairs")
+        if fmt not in datasets.FORMATS:
+            raise errors.InvalidRequest(
+                f"format must be one of {', '.join(datasets.FORMATS)}, got {fmt[:40]!r}",
+                field="format",
+            )
+        after = _query_int(request, "after", 0)
+        page = await service.export_rankings(after, _query_int(request, "limit", 0))
+        body = "".join(datasets.jsonl(line) for line in datasets.lines(page, fmt))
+        cursor = page[-1].cursor if page else after
+        return Response(
+            body, media_type="application/jsonl", headers={"flywheel-next": str(cursor)}
+        )
+
+    @route("admin")
     async def audit(service: FlywheelService, request: Request) -> Response:
         after = _query_int(request, "after", 0)
         entries = await service.export_audit(after, _query_int(request, "limit", 0))
@@ -499,6 +518,7 @@ def create_app(get_runtime: Callable[[], Any]) -> Starlette:
             Route("/feedback", feedback, methods=["POST"]),
             Route("/demonstrations", demonstrations, methods=["POST"]),
             Route("/audit", audit, methods=["GET"]),
+            Route("/export", export, methods=["GET"]),
             Route("/stats/versions", stats_versions, methods=["GET"]),
             Route("/stats/labelers", stats_route(stats.labelers), methods=["GET"]),
             Route("/stats/agreement", stats_route(stats.agreement), methods=["GET"]),

@@ -27,6 +27,7 @@ class Operation:
     query: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, JSON schema)
     created: bool = False  # answers 201 when it stores something new, 200 for a replay
     stream: bool = False  # `stream: true` answers server-sent events
+    jsonl: bool = False  # answers JSON Lines, not one JSON object
 
 
 CURSOR = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
@@ -54,6 +55,9 @@ OPERATIONS = (
               api.DemonstrationBody, created=True),
     Operation("get", "/audit", "The audit trail, from a cursor", "admin",
               query=(("after", CURSOR), ("limit", CURSOR))),
+    Operation("get", "/export", "A page of rankings as a JSON Lines dataset", "admin",
+              query=(("format", {"enum": ["pairs", "rankings"]}), ("after", CURSOR),
+                     ("limit", CURSOR)), jsonl=True),
     Operation("get", "/stats/versions", "Versions, their metrics and states, for the dashboard",
               "admin"),
     Operation("get", "/stats/labelers", "Rankings per labeler and day", "admin"),
@@ -116,7 +120,11 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
-    ok = _json({"type": "object"})
+    ok = (
+        {"application/jsonl": {"schema": {"type": "string"}}}
+        if op.jsonl
+        else _json({"type": "object"})
+    )
     if op.stream:
         ok["text/event-stream"] = {"schema": SSE_EVENT}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}

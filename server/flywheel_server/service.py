@@ -143,7 +143,7 @@ class FlywheelService:
             self.engine,
             self.registry,
             self.recorder,
-            PromptRecord(new_id("prm"), text, kind, user=_user(user)),
+            PromptRecord(new_id("prm"), text, kind, user=_user(user), messages=_chat(prompt)),
             self._encode_prompt(prompt, text, checked),
             checked,
             rows,
@@ -185,7 +185,11 @@ class FlywheelService:
             self.registry,
             self.recorder,
             PromptRecord(
-                new_id("prm"), text, kind, challenge=None if challenge is None else challenge.seq
+                new_id("prm"),
+                text,
+                kind,
+                challenge=None if challenge is None else challenge.seq,
+                messages=_chat(prompt),
             ),
             self._encode_prompt(prompt, text, checked),
             checked,
@@ -287,6 +291,11 @@ class FlywheelService:
     @staticmethod
     def _page(limit: int) -> int:
         return validation.integer("limit", limit or EXPORT_PAGE, 1, 10 * EXPORT_PAGE)
+
+
+def _chat(prompt: PromptInput) -> list[dict[str, str]] | None:
+    """A chat prompt's messages as stored (validated already by `render`)."""
+    return None if prompt.messages is None else validation.messages(prompt.messages)
 
 
 def _user(user: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,3 +128,32 @@ def test_prompts_add_queues_a_jsonl_file_through_grpc(queue: ServerProcess, tmp_
     done = flywheel(str(bad))
     assert done.returncode == 2 and f"{bad}:2: expected a JSON string" in done.stderr
     assert stored(queue, "SELECT count(*) FROM tasks WHERE text = 'fine'") == [(0,)]
+
+
+def test_a_chat_ranking_leaves_with_its_messages_over_both_transports(
+    queue: ServerProcess,
+) -> None:
+    from flywheel_client import FlywheelClient
+
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "sort: zyx"}]  # fmt: skip
+    status, compared = call(queue, "/v1/compare", {"messages": messages, "k": 2, "max_tokens": 4},
+                            ADMIN)  # fmt: skip
+    assert status == 200
+    ids = [c["completion_id"] for c in compared["candidates"]]
+    assert call(queue, "/v1/feedback", {"ranking": ids}, ANN)[0] == 201
+
+    request = urllib.request.Request(f"{queue.http}/v1/export?format=rankings&limit=1000",
+                                     headers={"authorization": f"Bearer {ADMIN}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as r:
+        lines = [json.loads(line) for line in r.read().decode().splitlines()]
+        assert int(r.headers["flywheel-next"]) >= len(lines)
+    [mine] = [x for x in lines if x.get("messages") == messages]
+    assert mine["labeler"] == "ann" and len(mine["ranking"]) == 2
+    assert "sort: zyx" in mine["prompt"]  # the text the policy saw, template applied
+    with FlywheelClient(queue.grpc, api_key=ADMIN) as client:
+        records = client.export_rankings(0, 1000)
+    assert [list(r.messages) for r in records if r.ranking_id == mine["ranking_id"]] == [messages]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get(queue, "/v1/export?format=csv", ADMIN)
+    assert refused.value.code == 400 and json.load(refused.value)["error"]["param"] == "format"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flywheel_cli.export import jsonl, lines
 from flywheel_client.types import RankedCompletion, RankingRecord
 from flywheel_learner.preference_data import read_preferences
+from flywheel_proto.datasets import jsonl, lines
 
 pytestmark = pytest.mark.unit
 
@@ -74,3 +74,17 @@ def test_import_names_a_malformed_ranking_line(tmp_path: Path) -> None:
     path.write_text(json.dumps({"prompt": "Q?", "ranking": [["a"], []]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: 'ranking' must be a list of at least 2"):
         read_preferences(path)
+
+
+def test_a_chat_prompts_lines_carry_its_messages_and_still_import_back(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    chat = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"})
+    ranked = replace(record(("a", 0), ("b", 1)), messages=chat)
+    for fmt in ("pairs", "rankings"):
+        [line] = lines([ranked], fmt)
+        assert line["messages"] == list(map(dict, chat)) and line["prompt"] == "Q?"
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text(jsonl(line))
+        assert read_preferences(path) == [("Q?", (("a",), ("b",)))]
+    assert "messages" not in next(iter(lines([record(("a", 0), ("b", 1))], "pairs")))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flywheel_cli import export, prompts
+from flywheel_cli import prompts
 from flywheel_cli.args import (
     UsageError,
     add_connection,
@@ -30,6 +30,7 @@ from flywheel_client.errors import InvalidArgument
 from flywheel_client.grpc_client import FlywheelClient
 from flywheel_client.ranking import TIE, parse_tiers
 from flywheel_client.types import Chunk, Completion, SamplingOptions
+from flywheel_proto import datasets
 
 
 def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
@@ -197,10 +198,10 @@ def add_verbs(commands: Any, environ: Mapping[str, str]) -> None:
         "export",
         parents=[client],
         help="write the rankings as a JSONL dataset (admin key)",
-        description=export.__doc__,
+        description=datasets.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("--format", choices=export.FORMATS, default="pairs", help="(default: pairs)")
+    sub.add_argument("--format", choices=datasets.FORMATS, default="pairs", help="(default: pairs)")
     sub.add_argument("--out", required=True, metavar="FILE", help="the JSONL file to write")
     sub.add_argument(
         "--after", type=non_negative_int, default=0, metavar="CURSOR", help="rankings after this"
@@ -422,8 +423,8 @@ def _export(args: argparse.Namespace) -> int:
             while page := client.export_rankings(after, args.page):  # page by page, to the end
                 after = page[-1].cursor
                 rankings += len(page)
-                for line in export.lines(page, args.format):
-                    f.write(export.jsonl(line))
+                for line in datasets.lines(page, args.format):
+                    f.write(datasets.jsonl(line))
                     written += 1
         partial.replace(out)
     finally:

@@ -206,6 +206,7 @@ def ranking_record(r: pb.RankingRecord) -> t.RankingRecord:
         labeler=r.labeler,
         created_at=r.created_at,
         user=r.user,
+        messages=tuple({"role": m.role, "content": m.content} for m in r.chat.messages),
     )
 
 

@@ -157,6 +157,7 @@ class RankingRecord:
     labeler: str
     created_at: float
     user: str = ""  # the end user the prompt was asked for (OpenAI's `user`)
+    messages: tuple[dict[str, str], ...] = ()  # a chat prompt's messages, before the template
 
 
 @dataclass(frozen=True)

@@ -344,7 +344,7 @@ class RankedCompletion(_message.Message):
     def __init__(self, completion_id: _Optional[str] = ..., text: _Optional[str] = ..., policy: _Optional[str] = ..., tier: _Optional[int] = ...) -> None: ...
 
 class RankingRecord(_message.Message):
-    __slots__ = ("cursor", "ranking_id", "prompt_id", "prompt", "completions", "labeler", "created_at", "user")
+    __slots__ = ("cursor", "ranking_id", "prompt_id", "prompt", "completions", "labeler", "created_at", "user", "chat")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     RANKING_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +353,7 @@ class RankingRecord(_message.Message):
     LABELER_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     ranking_id: str
     prompt_id: str
@@ -361,7 +362,8 @@ class RankingRecord(_message.Message):
     labeler: str
     created_at: float
     user: str
-    def __init__(self, cursor: _Optional[int] = ..., ranking_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[RankedCompletion, _Mapping]]] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ..., user: _Optional[str] = ...) -> None: ...
+    chat: Chat
+    def __init__(self, cursor: _Optional[int] = ..., ranking_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[RankedCompletion, _Mapping]]] = ..., labeler: _Optional[str] = ..., created_at: _Optional[float] = ..., user: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ...) -> None: ...
 
 class PromptRecord(_message.Message):
     __slots__ = ("cursor", "prompt_id", "prompt", "created_at", "user")

@@ -50,6 +50,7 @@ class PromptRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[float] = mapped_column(Double)
     user: Mapped[str] = mapped_column(KEY, server_default="")
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True)
 
 
 class CompletionRow(Base):

@@ -270,13 +270,13 @@ class Store(TaskQueue):
 
     def _rankings(self, s: Session, where: Any, order: Any, limit: int) -> list[RankingExport]:
         rows = s.execute(
-            select(RankingRow, PromptRow.text, PromptRow.user)
+            select(RankingRow, PromptRow.text, PromptRow.user, PromptRow.messages)
             .join(PromptRow, PromptRow.id == RankingRow.prompt_id)
             .where(where)
             .order_by(order)
             .limit(limit)
         ).all()
-        ranked = self._ranked_completions(s, [r.id for r, _, _ in rows])
+        ranked = self._ranked_completions(s, [r.id for r, _, _, _ in rows])
         return [
             RankingExport(
                 cursor=r.seq,
@@ -287,8 +287,9 @@ class Store(TaskQueue):
                 labeler=r.labeler,
                 created_at=r.created_at,
                 user=user,
+                messages=messages,
             )
-            for r, prompt_text, user in rows
+            for r, prompt_text, user, messages in rows
         ]
 
     @staticmethod
@@ -596,7 +597,8 @@ def _outage() -> Iterator[None]:
 
 
 def _prompt_row(p: PromptRecord) -> PromptRow:
-    return PromptRow(id=p.id, text=p.text, kind=p.kind, created_at=p.created_at, user=p.user)
+    return PromptRow(id=p.id, text=p.text, kind=p.kind, created_at=p.created_at, user=p.user,
+                     messages=p.messages)  # fmt: skip
 
 
 def _completion_row(c: CompletionRecord) -> CompletionRow:

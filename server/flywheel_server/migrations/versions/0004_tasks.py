@@ -1,4 +1,5 @@
-"""The labeling queue: tasks (prompts waiting for labelers) and each labeler's claim on one.
+"""The labeling queue: tasks (prompts waiting for labelers) and each labeler's claim on one;
+and a chat prompt's messages, kept so rankings leave as chat datasets.
 
 Revision ID: 0004
 Revises: 0003
@@ -17,6 +18,7 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.add_column("prompts", sa.Column("messages", sa.JSON(), nullable=True))
     op.create_table(
         "tasks",
         sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
@@ -56,6 +58,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_column("prompts", "messages")
     op.drop_index("ix_task_claims_prompt_id", table_name="task_claims")
     op.drop_table("task_claims")
     op.drop_table("tasks")
