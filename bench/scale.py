@@ -176,6 +176,7 @@ def part_ppo(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
 
     import torch
 
+    from bench.harness import held_bytes
     from flywheel_demo.task import pretraining_texts
     from flywheel_learner.ppo import ppo_step
     from flywheel_learner.ppo_config import PPOConfig
@@ -195,10 +196,6 @@ def part_ppo(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
                        gradient_checkpointing=variant == "checkpointing")  # fmt: skip
     rss_start = current_rss()
     models = SharedBaseModels.build(directory, reward_dir, config, precision)
-    base_bytes = weight_bytes(models.peft.get_base_model()) - sum(
-        p.numel() * p.element_size() for n, p in models.peft.named_parameters()
-        if ".lora_" in n or "modules_to_save" in n
-    )  # fmt: skip
     optimizer = make_optimizer(models, config)
     rng = random.Random(0)
     ptx = ptx_batches(models.tokenizer, pretraining_texts(rng, 64), config.ptx_batch,
@@ -209,11 +206,7 @@ def part_ppo(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     start = time.perf_counter()
     steps = [ppo_step(models, optimizer, batch, next(ptx), config, kl) for _ in range(2)]
     seconds = time.perf_counter() - start
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    # float32 weights + gradients + AdamW's two moments
-    train_bytes = sum(p.numel() * 4 * 4 for p in trainable) + sum(
-        p.numel() * 4 for p in models.reward_head.parameters()
-    )
+    base_bytes, train_bytes = held_bytes(models, optimizer)
     held = base_bytes + train_bytes
     peak = step_peak_rss()
     return {"ppo_samples_s": 2 * args.batch / seconds, "ppo_step_s": seconds / 2,

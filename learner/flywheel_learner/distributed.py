@@ -53,15 +53,15 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of `x` over ranks (a new tensor); `x` itself when run alone."""
     if world()[1] == 1:
         return x
-    total = x.detach().clone()
+    total = x.detach().to(_wire(x), copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    return total.to(x.device)
 
 
 def global_mean(x: torch.Tensor) -> float:
     """Mean of the rows of `x` (N,) over every rank's rows."""
     sums = all_sum(
-        torch.stack([x.double().sum(), torch.tensor(float(x.numel()), dtype=torch.double)])
+        torch.stack([x.double().sum(), x.new_tensor(float(x.numel()), dtype=torch.double)])
     )
     return float(sums[0] / sums[1])
 
@@ -78,8 +78,18 @@ def row_offset(rows: int) -> tuple[int, int]:
 def from_rank0(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's value of `x` on every rank (in place); `x` when run alone."""
     if world()[1] > 1:
-        dist.broadcast(x, src=0)
+        sent = x.to(_wire(x))
+        dist.broadcast(sent, src=0)
+        x.copy_(sent)
     return x
+
+
+def _wire(x: torch.Tensor) -> torch.device:
+    """Where a collective can take `x`: NCCL takes CUDA tensors only, so a CPU tensor (a count,
+    a metric, a permutation) travels through this rank's GPU; gloo takes it where it is."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter], share: float = 1.0) -> None:

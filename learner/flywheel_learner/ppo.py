@@ -147,7 +147,7 @@ def sample_responses(
         padding=True,
         padding_side="left",
         return_tensors="pt",
-    )
+    ).to(models.precision.device)
     out = models.policy_generate(batch["input_ids"], batch["attention_mask"], greedy=greedy)
     start = batch["input_ids"].shape[1]
     mask = response_mask(out[:, start:], tok.eos_token_id)  # (B, R)

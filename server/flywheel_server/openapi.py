@@ -120,7 +120,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
-    ok = (
+    ok: dict[str, Any] = (
         {"application/jsonl": {"schema": {"type": "string"}}}
         if op.jsonl
         else _json({"type": "object"})
