@@ -11,7 +11,6 @@ GPT-NeoX) decode with transformers' own forward, which the server names in its l
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,7 @@ from flywheel_cli.labelers import Labeler, demo_prompts, preference_from_spec
 from flywheel_client import FlywheelClient
 from flywheel_demo.model import _task_texts
 from flywheel_demo.tokenizer import train_tokenizer
-from flywheel_learner.gate import GateThresholds
-from flywheel_learner.loop import Learner
-from flywheel_learner.progress import Progress
-from tests.e2e.test_learn_loop import tiny_config
+from tests.e2e.test_learn_loop import one_round, tiny_config
 from tests.support import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -122,19 +118,8 @@ def test_a_family_serves_ranks_learns_and_swaps(family: str, tmp_path: Path) -> 
             labeler = Labeler(client, preference_from_spec("longer"), name=f"e2e-{family}",
                               k=3, max_tokens=6)  # fmt: skip
             assert labeler.run(demo_prompts(seed=3), count=32).submitted >= 16
-            config = dataclasses.replace(
-                tiny_config(server, model, tmp_path / "learner"),
-                gate=dataclasses.replace(GateThresholds(), min_reward_gain=-1e9,
-                                         min_greedy_reward_gain=-1e9, max_kl=1e9,
-                                         max_ptx_rise=1e9, min_judge_gain=-1e9,
-                                         min_human_verdicts=10**9),
-            )  # fmt: skip
-            learner = Learner(config, progress=Progress(tty=False))
-            try:
-                learner.sync()
-                assert learner.run_round() is True  # refit, PPO-ptx, gate, published live
-            finally:
-                learner.close()
+            config = tiny_config(server, model, tmp_path / "learner")
+            assert one_round(config) is True  # refit, PPO-ptx, the open gate, published live
             live = client.versions().live["policy"]
         assert live != "policy-v0"
         assert chat(server, "sort: cba")["model"] == live  # the swapped-in adapter answers
