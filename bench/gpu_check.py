@@ -10,6 +10,9 @@ speed and memory at Qwen2.5-1.5B's shape, as one table.
 (b) decode: the torch engine in-process, --concurrency requests at once of --tokens tokens each
     (ignore_eos), tokens/s; beside it transformers' `generate` on one static batch of as many
     rows, on the same device and model.
+    Then what the learner shipped, served: the PPO step's policy LoRA and the reward model
+    loaded into the engine (each smoke-checked as a hot swap is), half the rows decoded on the
+    policy, a ranking scored by the reward model.
 (c) learner: reward-refit steps and one PPO-ptx step on that model (with and without
     --gradient-checkpointing), samples/s, with the peak memory of each (CUDA max allocated;
     peak RSS on CPU) and, for PPO, that peak over the bytes the step holds.
@@ -26,12 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import random
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,7 @@ from flywheel_demo.task import pretraining_texts  # noqa: E402
 from flywheel_demo.tokenizer import train_tokenizer  # noqa: E402
 from flywheel_learner.ppo import collect_rollout, optimise, ppo_step  # noqa: E402
 from flywheel_learner.ppo_config import PPOConfig  # noqa: E402
-from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer  # noqa: E402
+from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer, save_policy  # noqa: E402
 from flywheel_learner.ptx_data import ptx_batches  # noqa: E402
 from flywheel_learner.reward import RewardConfig, fit_reward_model  # noqa: E402
 from flywheel_learner.reward_refit import score_saved  # noqa: E402
@@ -195,32 +199,57 @@ def model_rows(shape: dict[str, Any], device: str, dtype: torch.dtype, out: Path
     return [(f"{label} {name}: base weights", f"{weights / 2**30:.2f} GiB", "-", "")]
 
 
-def engine_tokens_per_s(model_dir: Path, device: str, dtype: str, rows: int, tokens: int) -> float:
-    from flywheel_server.domain import Sampling
-    from flywheel_server.engine_api import EngineRequest
+def open_engine(model_dir: Path, device: str, dtype: torch.dtype, rows: int) -> Any:
     from flywheel_server.torch_engine import TorchEngine
 
-    engine = TorchEngine(model_dir, device=device, dtype=dtype, max_batch=max(rows, 1),
-                         max_pending=rows + 1)  # fmt: skip
+    name = str(dtype).removeprefix("torch.")
+    return TorchEngine(model_dir, device=device, dtype=name, max_batch=max(rows, 1),
+                       max_pending=rows + 1)  # fmt: skip
+
+
+def engine_tokens_per_s(engine: Any, rows: int, tokens: int,
+                        adapters: Sequence[str | None] = (None,)) -> float:  # fmt: skip
+    """Tokens/s of `rows` requests at once, row i on adapters[i % len(adapters)] (after one
+    warm-up burst: kernels, caches)."""
+    from flywheel_server.domain import Sampling
+    from flywheel_server.engine_api import EngineRequest
+
     prompt = tuple(engine.encode(chat_prompt(engine.tokenizer, "reverse: flywheel")))
     sampling = Sampling(max_tokens=tokens, temperature=1.0, ignore_eos=True)
 
-    async def one() -> int:
+    async def one(adapter: str | None) -> int:
         done = 0
-        async for e in engine.generate(EngineRequest(prompt, 1, sampling, None)):
+        async for e in engine.generate(EngineRequest(prompt, 1, sampling, adapter)):
             done = max(done, e.completion_tokens)
         return done
 
     async def burst() -> int:
-        return sum(await asyncio.gather(*(one() for _ in range(rows))))
+        return sum(await asyncio.gather(*(one(adapters[i % len(adapters)]) for i in range(rows))))
 
+    asyncio.run(burst())
+    start = time.perf_counter()
+    generated = asyncio.run(burst())
+    return generated / (time.perf_counter() - start)
+
+
+def served_adapters(model_dir: Path, device: str, dtype: torch.dtype, label: str, rows: int,
+                    tokens: int) -> list[Row]:  # fmt: skip
+    """What the learner shipped, in the engine: the PPO policy and the reward model loaded
+    (each smoke-checked), half the rows decoded on the policy, a ranking scored."""
+    engine = open_engine(model_dir, device, dtype, rows)
     try:
-        asyncio.run(burst())  # warm-up: kernels, caches
-        start = time.perf_counter()
-        generated = asyncio.run(burst())
-        return generated / (time.perf_counter() - start)
+        asyncio.run(engine.load_adapter("policy-v1", model_dir.parent / "policy", reward=False))
+        asyncio.run(engine.load_adapter("reward-v1", model_dir.parent / "rm", reward=True))
+        speed = engine_tokens_per_s(engine, rows, tokens, ("policy-v1", None))
+        prompt = chat_prompt(engine.tokenizer, "reverse: abc")
+        scores = asyncio.run(engine.score("reward-v1", prompt, ["cba", "abc", "x"]))
     finally:
         engine.close()
+    finite = all(math.isfinite(x) for x in scores) and len(scores) == 3
+    return [(f"decode {label}, {rows} at once, half on the PPO policy's LoRA: engine tok/s",
+             f"{speed:.0f}", "-", ""),
+            ("reward model in the engine: a ranking of 3 scored", " ".join(f"{x:.3g}" for x in scores),
+             "finite", "ok" if finite else "FAIL")]  # fmt: skip
 
 
 def generate_tokens_per_s(model_dir: Path, device: str, dtype: torch.dtype, rows: int,
@@ -281,6 +310,7 @@ def ppo_speed(model_dir: Path, device: str, dtype: torch.dtype, tiny: bool,
     reset_peak(device)
     stats = ppo_step(models, optimizer, batch, ptx, ppo, ppo.kl_controller())
     peak, held = memory.peak_bytes(device), sum(held_bytes(models, optimizer))
+    save_policy(models, model_dir.parent / "policy", model_dir)  # for served_adapters
     how = "PPO-ptx step" + (" + checkpointing" if checkpointing else "")
     return [(f"{how} ({ppo.rollout_batch} x {ppo.max_new_tokens} tokens): samples/s",
              f"{stats.samples_per_second:.1f}", "-", ""),
@@ -305,7 +335,11 @@ def section(rows: list[Row], name: str, run: Callable[[], list[Row]]) -> None:
 def decode(model_dir: Path, device: str, dtype: torch.dtype, label: str, rows: int,
            tokens: int) -> list[Row]:  # fmt: skip
     name = str(dtype).removeprefix("torch.")
-    ours = engine_tokens_per_s(model_dir, device, name, rows, tokens)
+    engine = open_engine(model_dir, device, dtype, rows)
+    try:
+        ours = engine_tokens_per_s(engine, rows, tokens)
+    finally:
+        engine.close()
     theirs = generate_tokens_per_s(model_dir, device, dtype, rows, tokens)
     return [(f"decode {label} {name}, {rows} at once: engine tok/s", f"{ours:.0f}",
              f"generate {theirs:.0f}", f"{ours / theirs:.2f}x")]  # fmt: skip
@@ -335,6 +369,8 @@ def main() -> None:
                 "PPO-ptx" + " + checkpointing" * ckpt,
                 partial(ppo_speed, model_dir, args.device, dtype, args.tiny, ckpt),
             )
+        section(rows, "served adapters", partial(served_adapters, model_dir, args.device, dtype,
+                                                 label, concurrency[len(concurrency) // 2], tokens))  # fmt: skip
         for c in concurrency:
             section(
                 rows,

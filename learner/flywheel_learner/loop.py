@@ -32,7 +32,7 @@ from flywheel_learner.config import LearnerConfig
 from flywheel_learner.gate import EvalMetrics, gate
 from flywheel_learner.judge import fit_judge
 from flywheel_learner.ppo import ppo_step, sample_responses
-from flywheel_learner.ppo_math import kl_k1, ptx_loss
+from flywheel_learner.ppo_math import kl_k1
 from flywheel_learner.ppo_models import POLICY, SharedBaseModels, make_optimizer, save_policy
 from flywheel_learner.preference_data import read_preferences
 from flywheel_learner.progress import Progress, kv
@@ -513,9 +513,8 @@ class Learner:
 def pretraining_losses(models: SharedBaseModels, batch: PtxBatch) -> tuple[float, float]:
     """(candidate, base) per-token NLL of one pretraining batch."""
     candidate = float(models.pretraining_nll(batch))
-    with models.peft.disable_adapter():
-        logits = models.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        base = float(ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:]))
+    with models.peft.disable_adapter():  # the base: every adapter and the policy's norm off
+        base = float(models.pretraining_nll(batch))
     return candidate, base
 
 

@@ -22,6 +22,8 @@ def test_the_gpu_check_runs_on_cpu_tiny() -> None:
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     parity = [line for line in table if line.startswith("| parity")]
     assert len(parity) == 6 and all(line.endswith("| ok |") for line in parity), table
+    assert any(line.startswith("| reward model in the engine") and line.endswith("| ok |")
+               for line in table), table  # fmt: skip
     for check in (
         "1 at once",
         "4 at once",
@@ -30,5 +32,6 @@ def test_the_gpu_check_runs_on_cpu_tiny() -> None:
         "PPO-ptx step (16 x 16 tokens): samples/s",
         "PPO-ptx step: peak memory",
         "PPO-ptx step + checkpointing: peak memory",
+        "half on the PPO policy's LoRA",
     ):
         assert any(check in line for line in table), check

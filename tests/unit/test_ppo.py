@@ -380,3 +380,24 @@ def test_ptx_scores_whole_documents_but_only_the_continuation_of_pairs(base_dir:
 def test_config_rejects_bad_values(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PPOConfig(**fields)
+
+
+def test_the_gate_s_pretraining_losses_are_the_policy_s_and_the_bare_base_s(
+    base_dir: Path, reward_dir: Path
+) -> None:
+    """After a PPO-ptx step has moved the policy (LoRA and its own final norm), the gate's base
+    figure is the NLL of the base model loaded alone, and its candidate figure the policy's."""
+    from flywheel_learner.loop import pretraining_losses
+    from flywheel_learner.ppo_math import ptx_loss
+
+    models = build(base_dir, reward_dir)
+    batch = ptx_batch(models)
+    run_step(models, CONFIG, batch)
+    candidate, base = pretraining_losses(models, batch)
+    bare, _ = loading.load_base(base_dir)
+    with torch.no_grad():
+        logits = bare(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    alone = float(ptx_loss(logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:]))
+    assert base == pytest.approx(alone, rel=1e-5)
+    assert candidate == pytest.approx(float(models.pretraining_nll(batch)), rel=1e-6)
+    assert abs(candidate - base) > 1e-4  # the step moved the policy off the base
