@@ -139,31 +139,28 @@ class SharedBaseModels:
         Found once, when the models are built, not on every minibatch."""
         return self._policy, self._value
 
-    def _forward(
-        self, ids: torch.Tensor, attention: torch.Tensor, keep: int, hidden: bool = False
-    ) -> Any:
+    def _inputs(self, ids: torch.Tensor, attention: torch.Tensor) -> dict[str, torch.Tensor]:
         """ids, attention: (B, L). Position ids follow the attention mask, as in generate, so
         left-padded prompts see the same positions when sampled and when scored."""
         positions = (attention.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        return {"input_ids": ids, "attention_mask": attention, "position_ids": positions}
+
+    def _states(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Final hidden states under the active adapter. (B, L) -> (B, L, H)"""
         with self.precision.autocast():
-            return self.peft(
-                input_ids=ids,
-                attention_mask=attention,
-                position_ids=positions,
-                logits_to_keep=keep,
-                output_hidden_states=hidden,
-                use_cache=False,
-            )
+            return lm_head.final_states(self.peft, **self._inputs(ids, attention))
 
     def _logprobs(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
         rows, width = ids.shape[0], ids.shape[1] - start  # B, R
         temperature = self.config.temperature
         if self._head is None:
-            logits = self._forward(ids, attention, keep=width + 1).logits[:, :-1]  # (B, R, V)
+            with self.precision.autocast():
+                out = self.peft(**self._inputs(ids, attention), logits_to_keep=width + 1,
+                                use_cache=False)  # fmt: skip
+            logits = out.logits[:, :-1]  # (B, R, V)
             logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V)
             return logp.gather(-1, ids[:, start:, None]).squeeze(-1)  # (B, R)
-        out = self._forward(ids, attention, keep=1, hidden=True)
-        states = out.hidden_states[-1][:, start - 1 : -1].reshape(rows * width, -1)  # (B*R, H)
+        states = self._states(ids, attention)[:, start - 1 : -1].reshape(rows * width, -1)
         with self.precision.autocast():
             logp = lm_head.token_logprobs(
                 self._head, states, ids[:, start:].reshape(-1), temperature
@@ -212,8 +209,7 @@ class SharedBaseModels:
     def values(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
         """V of the state before each token of ids[:, start:]. (B, L) -> (B, R)."""
         self.use(VALUE)
-        out = self._forward(ids, attention, keep=1, hidden=True)
-        states = out.hidden_states[-1][:, start - 1 : -1]  # (B, R, H)
+        states = self._states(ids, attention)[:, start - 1 : -1]  # (B, R, H)
         return self.value_head(states.float())  # (B, R), in float32 as the head
 
     def add_scorer(self, name: str, directory: Path) -> None:
@@ -252,17 +248,11 @@ class SharedBaseModels:
         self.use(POLICY)
         batch = PtxBatch(*(t.to(self.precision.device) for t in batch))
         labels, mask = batch.input_ids[:, 1:], batch.loss_mask[:, 1:]
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         with self.precision.autocast():
-            out = self.peft(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                use_cache=False,
-                output_hidden_states=self._head is not None,
-                logits_to_keep=1 if self._head is not None else 0,
-            )
             if self._head is None:
-                return ptx_loss(out.logits[:, :-1], labels, mask)
-            states = out.hidden_states[-1][:, :-1].flatten(0, 1)  # (B*(T-1), H)
+                return ptx_loss(self.peft(**inputs, use_cache=False).logits[:, :-1], labels, mask)
+            states = lm_head.final_states(self.peft, **inputs)[:, :-1].flatten(0, 1)  # (B*(T-1), H)
             nll = -lm_head.token_logprobs(self._head, states, labels.flatten())
         weights = mask.flatten().to(nll.dtype)
         return (nll * weights).sum() / weights.sum().clamp(min=1.0)

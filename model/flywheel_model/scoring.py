@@ -163,7 +163,9 @@ def final_hidden(
             pass
         else:
             return llama.final_hidden(weights, input_ids)
-    out = model(
+    if not model_kwargs:
+        return lm_head.final_states(model, input_ids=input_ids, attention_mask=attention_mask)
+    out = model(  # peft's per-row adapter names go through its own forward
         input_ids=input_ids,
         attention_mask=attention_mask,
         output_hidden_states=True,

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from flywheel_demo.model import chat_prompt
 from flywheel_learner.ppo import ppo_step
 from flywheel_learner.ppo_models import SharedBaseModels, make_optimizer
-from flywheel_model import lm_head
+from flywheel_model import adapters, lm_head
 from flywheel_model.precision import FLOAT32_CPU
+from tests.e2e.test_families import FAMILIES
 from tests.unit import test_ppo
 from tests.unit.test_checkpointing import saved_bytes
 from tests.unit.test_ppo import CONFIG, ptx_batch
@@ -103,3 +104,40 @@ def test_cross_entropy_of_a_chunk_is_reduced_in_float32() -> None:
     got = lm_head.token_logprobs(head, states, targets)
     want = -F.cross_entropy(head(states).float(), targets, reduction="none")
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_final_states_are_the_forwards_last_hidden_states_in_every_family(family: str) -> None:
+    """The decoder stack alone gives what the whole model reports as its final hidden states
+    (the states its head reads), with a LoRA adapter on and padding in the mask."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, _, extra = FAMILIES[family]
+    config = AutoConfig.for_model(model_type, vocab_size=96, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    lora = LoraConfig(r=4, target_modules=adapters.peft_targets(adapters.ALL_LINEAR, base),
+                      init_lora_weights=False)  # fmt: skip
+    model = get_peft_model(base, lora).eval()
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        mine = lm_head.final_states(model, input_ids=ids, attention_mask=mask)
+    assert torch.allclose(mine, whole.hidden_states[-1], atol=1e-6)
+
+
+def test_the_value_model_never_runs_the_lm_head(base_dir: Path, reward_dir: Path) -> None:
+    """Values read hidden states only. A causal LM's forward ran its head on the last position
+    anyway, and on CPU in bfloat16 that matmul copied the head's weight once per row."""
+    models = SharedBaseModels.build(base_dir, reward_dir, CONFIG)
+    calls: list[int] = []
+    head = models.peft.get_base_model().get_output_embeddings()
+    head.register_forward_hook(lambda *_: calls.append(1))
+    ids = models.tokenizer([chat_prompt(models.tokenizer, "reverse: abc")] * 2,
+                           return_tensors="pt")["input_ids"]  # fmt: skip
+    with torch.no_grad():
+        values = models.values(ids, torch.ones_like(ids), ids.shape[1] - 2)
+    assert values.shape == (2, 2) and calls == []

@@ -51,13 +51,13 @@ def test_a_budgeted_ppo_step_is_the_unsplit_one_in_bounded_forwards(
         prompts = [chat_prompt(models.tokenizer, i) for i in (LONG, "add: 1 + 2", "sort: cba",
                                                                "capitalise: hi")]  # fmt: skip
         seen: list[int] = []
-        forward = models._forward
+        inputs = models._inputs  # every rollout forward (policy, reference, value) starts here
 
-        def counted(ids, attention, keep, hidden=False, forward=forward, seen=seen):  # type: ignore[no-untyped-def]
+        def counted(ids, attention, inputs=inputs, seen=seen):  # type: ignore[no-untyped-def]
             seen.append(ids.numel())
-            return forward(ids, attention, keep, hidden)
+            return inputs(ids, attention)
 
-        models._forward = counted  # type: ignore[method-assign]
+        models._inputs = counted  # type: ignore[method-assign]
         torch.manual_seed(0)
         stats = ppo_step(models, make_optimizer(models, step), prompts, ptx_batch(models), step,
                          step.kl_controller())  # fmt: skip
