@@ -141,11 +141,19 @@ def part_load(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
 
 
 def part_serve(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
-    from bench.gpu_check import engine_tokens_per_s
+    import torch
+
+    from bench.gpu_check import engine_tokens_per_s, open_engine
 
     directory = model_dir(args.size)
-    return {f"decode_tok_s_{c}": engine_tokens_per_s(directory, "cpu", dtype, c, args.new_tokens)
-            for c in args.concurrency}  # fmt: skip
+    out = {}
+    for c in args.concurrency:
+        engine = open_engine(directory, "cpu", getattr(torch, dtype), c)
+        try:
+            out[f"decode_tok_s_{c}"] = engine_tokens_per_s(engine, c, args.new_tokens)
+        finally:
+            engine.close()
+    return out
 
 
 def part_reward(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
