@@ -46,7 +46,7 @@ from transformers.utils.logging import disable_progress_bar
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import held_bytes, random_reward_model  # noqa: E402
+from bench.harness import held_bytes, random_reward_model, weight_bytes  # noqa: E402
 from flywheel_demo.model import _task_texts, build_tiny_model, chat_prompt  # noqa: E402
 from flywheel_demo.task import pretraining_texts  # noqa: E402
 from flywheel_demo.tokenizer import train_tokenizer  # noqa: E402
@@ -185,7 +185,7 @@ def shaped_model(shape: dict[str, Any], device: str, dtype: torch.dtype, out: Pa
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     del model
@@ -230,6 +230,16 @@ def engine_tokens_per_s(engine: Any, rows: int, tokens: int,
     start = time.perf_counter()
     generated = asyncio.run(burst())
     return generated / (time.perf_counter() - start)
+
+
+def decode_tokens_per_s(model_dir: Path, device: str, dtype: torch.dtype, rows: int,
+                        tokens: int) -> float:  # fmt: skip
+    """The engine's tokens/s on the bare base, in an engine of its own."""
+    engine = open_engine(model_dir, device, dtype, rows)
+    try:
+        return engine_tokens_per_s(engine, rows, tokens)
+    finally:
+        engine.close()
 
 
 def served_adapters(model_dir: Path, device: str, dtype: torch.dtype, label: str, rows: int,
@@ -335,11 +345,7 @@ def section(rows: list[Row], name: str, run: Callable[[], list[Row]]) -> None:
 def decode(model_dir: Path, device: str, dtype: torch.dtype, label: str, rows: int,
            tokens: int) -> list[Row]:  # fmt: skip
     name = str(dtype).removeprefix("torch.")
-    engine = open_engine(model_dir, device, dtype, rows)
-    try:
-        ours = engine_tokens_per_s(engine, rows, tokens)
-    finally:
-        engine.close()
+    ours = decode_tokens_per_s(model_dir, device, dtype, rows, tokens)
     theirs = generate_tokens_per_s(model_dir, device, dtype, rows, tokens)
     return [(f"decode {label} {name}, {rows} at once: engine tok/s", f"{ours:.0f}",
              f"generate {theirs:.0f}", f"{ours / theirs:.2f}x")]  # fmt: skip

@@ -92,18 +92,22 @@ def random_reward_model(model_dir: Path, out_dir: Path) -> Path:
     )
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of a model's parameters, a tied embedding counted once."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
 def held_bytes(models: Any, optimizer: Any) -> tuple[int, int]:
     """(base weights, trainable state): the bytes a PPO step cannot do without. The base counts
     a tied embedding once and no adapter; the trainable state is every optimised parameter in
     float32 with its gradient and AdamW's two moments, plus the frozen reward head."""
     lora = sum(p.numel() * p.element_size() for n, p in models.peft.named_parameters()
                if ".lora_" in n or "modules_to_save" in n)  # fmt: skip
-    unique = {p.data_ptr(): p.numel() * p.element_size()
-              for p in models.peft.get_base_model().parameters()}  # fmt: skip
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     train = sum(p.numel() * 4 * 4 for p in trainable)
     train += sum(p.numel() * 4 for p in models.reward_head.parameters())
-    return sum(unique.values()) - lora, train
+    return weight_bytes(models.peft.get_base_model()) - lora, train
 
 
 class ServerProcess:

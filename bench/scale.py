@@ -114,12 +114,6 @@ def prompts(tokenizer: Any, n: int) -> list[str]:
     return [chat_prompt(tokenizer, INSTRUCTIONS[i % len(INSTRUCTIONS)]) for i in range(n)]
 
 
-def weight_bytes(model: Any) -> int:
-    """Bytes of a model's parameters, a tied embedding counted once."""
-    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    return sum(seen.values())
-
-
 # -- the parts, each in its own process ---------------------------------------------------------
 
 
@@ -128,6 +122,7 @@ def part_load(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  # imports, untimed
     from transformers.models.qwen2 import modeling_qwen2  # noqa: F401
 
+    from bench.harness import weight_bytes
     from flywheel_model import loading
 
     directory = model_dir(args.size)
@@ -143,17 +138,12 @@ def part_load(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
 def part_serve(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     import torch
 
-    from bench.gpu_check import engine_tokens_per_s, open_engine
+    from bench.gpu_check import decode_tokens_per_s
 
     directory = model_dir(args.size)
-    out = {}
-    for c in args.concurrency:
-        engine = open_engine(directory, "cpu", getattr(torch, dtype), c)
-        try:
-            out[f"decode_tok_s_{c}"] = engine_tokens_per_s(engine, c, args.new_tokens)
-        finally:
-            engine.close()
-    return out
+    return {f"decode_tok_s_{c}": decode_tokens_per_s(directory, "cpu", getattr(torch, dtype), c,
+                                                     args.new_tokens)
+            for c in args.concurrency}  # fmt: skip
 
 
 def part_reward(args: argparse.Namespace, dtype: str) -> dict[str, Any]:

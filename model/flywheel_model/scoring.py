@@ -156,23 +156,18 @@ def final_hidden(
     (`llama.final_hidden`, the same values with fewer ops); any other model, or extra model
     arguments (such as peft's per-row adapter names), take transformers' forward.
     """
-    if not model_kwargs and bool((attention_mask.long().diff(dim=1) <= 0).all()):
+    if model_kwargs:  # peft's per-row adapter names go through its own forward
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    output_hidden_states=True, logits_to_keep=1, **model_kwargs)  # fmt: skip
+        return out.hidden_states[-1]
+    if bool((attention_mask.long().diff(dim=1) <= 0).all()):
         try:
             weights = llama.read(model)
         except llama.Unsupported:
             pass
         else:
             return llama.final_hidden(weights, input_ids)
-    if not model_kwargs:
-        return lm_head.final_states(model, input_ids=input_ids, attention_mask=attention_mask)
-    out = model(  # peft's per-row adapter names go through its own forward
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        **model_kwargs,
-    )
-    return out.hidden_states[-1]
+    return lm_head.final_states(model, input_ids=input_ids, attention_mask=attention_mask)
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
